@@ -1,0 +1,296 @@
+"""Stage one: run the frozen teacher once over every shard, V views per image, into Zarr.
+
+The driver samples every view up front from one seeded generator, creates (or resumes) the
+store, and hands each unfinished WebDataset tar to a worker as one task. A worker decodes
+its tar in one read, replays the views, runs the teacher and writes exactly the rows of its
+own Zarr shard, then flags the shard done. A killed run therefore resumes with the shards
+whose flag is unset, and a half-written shard is never flagged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.cache.store import SplitSpec, StoreSpec, create_store, finalize, open_for_resume, write_rows
+from pipeline.data.shards import Manifest, read_shard
+from pipeline.data.views import render_views, sample_views
+from pipeline.models import (
+    ImageClassifier,
+    library_versions,
+    load_model,
+    logits_from_embedding_check,
+    state_dict_sha256,
+)
+from schemas import layout as L
+from schemas.config import EmbedConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@torch.inference_mode()
+def teacher_outputs(
+    model: ImageClassifier,
+    images: torch.Tensor,
+    views: torch.Tensor,
+    *,
+    preprocess: Preprocess,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (n, V, D) and logits (n, V, C), float32, of uint8 ``images`` (n, C, H, W)
+    under ``views`` (n, V, 5). Runs on the device of ``images``."""
+    n, v = views.shape[:2]
+    rows = torch.arange(n, device=images.device).repeat_interleave(v)  # (n*V,)
+    flat_views = views.reshape(n * v, -1).to(images.device)
+    embs, logits = [], []
+    for start in range(0, n * v, batch_size):
+        sel = slice(start, start + batch_size)
+        x = render_views(images[rows[sel]], flat_views[sel], out_size=preprocess.image_size,
+                         mean=preprocess.mean, std=preprocess.std)
+        e = model.embed(x)
+        embs.append(e.float())
+        logits.append(model.classify(e).float())
+    emb = torch.cat(embs).view(n, v, -1) if embs else torch.zeros(n, v, model.embed_dim)
+    lg = torch.cat(logits).view(n, v, -1) if logits else torch.zeros(n, v, model.num_classes)
+    return emb, lg
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_teacher(path: str, sha256: str, device: str) -> tuple[ImageClassifier, dict[str, Any]]:
+    model, meta = load_model(path)
+    return model.to(device).eval(), meta
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything one worker needs to fill one Zarr shard (picklable)."""
+
+    store: str
+    split: str
+    shard_file: str
+    start: int
+    stop: int
+    channels: int
+    hashes: tuple[str, ...]
+    views: np.ndarray  # (n, V, 5) float32
+    teacher: str
+    teacher_sha256: str
+    preprocess: Preprocess
+    batch_size: int
+    logits_dtype: str
+    device: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    split: str
+    start: int
+    stop: int
+    seconds: float
+
+
+def embed_shard(task: ShardTask) -> ShardResult:
+    """Worker body: decode one tar, run the teacher on all its views, write its rows."""
+    began = time.perf_counter()
+    torch.set_num_threads(task.threads)
+    device = resolve_device(task.device)
+    model, _ = _load_teacher(task.teacher, task.teacher_sha256, str(device))
+    block = read_shard(task.shard_file, channels=task.channels, start=task.start, stop=task.stop,
+                       expected_hashes=task.hashes)
+    images = torch.from_numpy(block.images).to(device, non_blocking=True)
+    views = torch.from_numpy(task.views)
+    emb, logits = teacher_outputs(model, images, views, preprocess=task.preprocess, batch_size=task.batch_size)
+    rows = {
+        L.EMBEDDINGS: emb.cpu().numpy().astype(np.float16),
+        L.LOGITS: logits.cpu().numpy().astype(task.logits_dtype),
+        L.VIEWS: task.views.astype(np.float32),
+        L.LABELS: block.labels,
+        L.INDEX: block.index,
+    }
+    group = zarr.open_group(task.store, mode="r+", use_consolidated=False)[task.split]
+    write_rows(group, task.start, task.stop, rows)  # type: ignore[arg-type]
+    return ShardResult(task.split, task.start, task.stop, time.perf_counter() - began)
+
+
+@dataclass
+class EmbedReport:
+    resumed_shards: int = 0
+    written_shards: int = 0
+    written_rows: int = 0
+    teacher_forwards: int = 0  # (image, view) pairs the teacher ran on in this run
+    seconds: float = 0.0
+    classifier_reproduces_logits: bool = False
+    per_split_rows: dict[str, int] = field(default_factory=dict)
+
+
+def build_provenance(
+    *, model: ImageClassifier, spec: dict[str, Any], sha256: str, manifest: Manifest,
+    settings: EmbedConfig, check: tuple[bool, float],
+) -> dict[str, Any]:
+    return {
+        "teacher": {
+            "model": spec["name"],
+            "model_kwargs": spec.get("model_kwargs", {}),
+            "state_dict_sha256": sha256,
+            "source_weights_sha256": spec.get("source_weights_sha256"),
+            "num_classes": model.num_classes,
+            "embed_dim": model.embed_dim,
+            "in_chans": spec.get("in_chans"),
+            "library_versions": library_versions(),
+        },
+        "preprocess": spec["preprocess"],
+        "views": {
+            "num_views": settings.views,
+            "fields": list(L.VIEW_FIELDS),
+            "policy": {"kind": settings.policy.kind, "scale": list(settings.policy.scale),
+                       "ratio": list(settings.policy.ratio), "pad": settings.policy.pad,
+                       "flip": settings.policy.flip},
+            "seed": settings.seed,
+            "view0": "clean: whole image, no flip",
+        },
+        "dataset": {
+            "manifest_sha256": manifest.sha256,
+            "classes": manifest.classes,
+            "image_shape": list(manifest.image_shape),
+            "num_samples": {s: manifest.split(s)["num_samples"] for s in L.SPLITS},
+        },
+        "dtypes": {L.EMBEDDINGS: "float16", L.LOGITS: settings.logits_dtype, L.VIEWS: "float32"},
+        "classifier_check": {"reproduces_logits": check[0], "max_abs_err": round(check[1], 6)},
+    }
+
+
+def _run_tasks(tasks: list[ShardTask], settings: EmbedConfig, on_done: Callable[[ShardResult], None]) -> None:
+    if settings.scheduler == "synchronous":
+        for task in tasks:
+            on_done(embed_shard(task))
+        return
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if settings.scheduler == "local":
+        cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        client = Client(cluster)
+    else:
+        cluster = None
+        client = Client(settings.scheduler)
+    try:
+        futures = client.map(embed_shard, tasks, pure=False)
+        for future in as_completed(futures):
+            on_done(future.result())  # re-raises a worker's error; finished shards stay done
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def run_embed(
+    *,
+    settings: EmbedConfig,
+    manifest: Manifest,
+    teacher_path: Path,
+    store_path: Path,
+    progress: Callable[[int, str], Any] | None = None,
+    splits: Iterable[str] = L.SPLITS,
+) -> EmbedReport:
+    """Fill (or resume) the teacher cache at ``store_path``; returns what this run did.
+
+    ``progress(num_images, description)`` is called once with the total and then after each
+    shard with the number of images it held (wire it to a progress bar).
+    """
+    began = time.perf_counter()
+    device = resolve_device(settings.device)
+    model, spec = load_model(str(teacher_path))
+    model = model.eval()
+    sha = state_dict_sha256(model)
+    preprocess = Preprocess(image_size=int(spec["preprocess"]["image_size"]),
+                            mean=tuple(spec["preprocess"]["mean"]), std=tuple(spec["preprocess"]["std"]))
+    channels, height, width = manifest.image_shape
+    splits = list(splits)
+
+    # Does classifier(embedding) reproduce the logits? Checked on a few clean views.
+    first = manifest.split(splits[0])["shards"][0]
+    probe = read_shard(manifest.root / first["file"], channels=channels, start=first["start"], stop=first["stop"])
+    x = render_views(torch.from_numpy(probe.images[:16]), sample_views(
+        num_images=min(16, len(probe.images)), num_views=1, height=height, width=width,
+        policy=settings.policy, generator=torch.Generator().manual_seed(0))[:, 0],
+        out_size=preprocess.image_size, mean=preprocess.mean, std=preprocess.std)
+    check = logits_from_embedding_check(model, x)
+
+    provenance = build_provenance(model=model, spec=spec, sha256=sha, manifest=manifest,
+                                  settings=settings, check=check)
+    root = open_for_resume(store_path, provenance)
+    report = EmbedReport(classifier_reproduces_logits=check[0])
+    if root is None:
+        spec_ = StoreSpec(
+            num_views=settings.views, embed_dim=model.embed_dim, num_classes=model.num_classes,
+            shard_rows=int(manifest.data["samples_per_shard"]), chunk_rows=settings.chunk_rows,
+            logits_dtype=settings.logits_dtype,
+            splits=tuple(SplitSpec(name=s, num_rows=manifest.split(s)["num_samples"],
+                                   shard_bounds=tuple((e["start"], e["stop"]) for e in manifest.split(s)["shards"]))
+                         for s in splits),
+        )
+        create_store(store_path, spec_, provenance=provenance,
+                     sources={"teacher": str(teacher_path), "shards": str(manifest.root)})
+        root = zarr.open_group(store_path, mode="r+", use_consolidated=False)
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    tasks: list[ShardTask] = []
+    for split in splits:
+        entry = manifest.split(split)
+        views = sample_views(num_images=entry["num_samples"], num_views=settings.views, height=height,
+                             width=width, policy=settings.policy, generator=generator).numpy()
+        done = np.asarray(root[split][L.DONE][:])
+        report.per_split_rows[split] = entry["num_samples"]
+        for i, shard in enumerate(entry["shards"]):
+            if done[i]:
+                report.resumed_shards += 1
+                continue
+            a, b = shard["start"], shard["stop"]
+            tasks.append(ShardTask(
+                store=str(store_path), split=split, shard_file=str(manifest.root / shard["file"]),
+                start=a, stop=b, channels=channels, hashes=tuple(entry["sample_sha256"][a:b]),
+                views=views[a:b], teacher=str(teacher_path), teacher_sha256=sha, preprocess=preprocess,
+                batch_size=settings.batch_size, logits_dtype=settings.logits_dtype, device=str(device),
+                threads=settings.threads_per_worker,
+            ))
+    total = sum(t.stop - t.start for t in tasks)
+    if progress is not None:
+        progress(total, f"embed {len(tasks)} shards ({report.resumed_shards} already done)")
+
+    def on_done(result: ShardResult) -> None:
+        rows = result.stop - result.start
+        report.written_shards += 1
+        report.written_rows += rows
+        report.teacher_forwards += rows * settings.views
+        if progress is not None:
+            progress(rows, "")
+
+    if tasks:
+        _run_tasks(tasks, settings, on_done)
+    finalize(store_path)
+    report.seconds = time.perf_counter() - began
+    return report

@@ -1,0 +1,112 @@
+"""``prepare``: a source becomes byte-stable WebDataset shards plus a manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.shards import validate_samples, write_manifest, write_split
+from pipeline.data.sources import (
+    RawSample,
+    SourceSplit,
+    digits_source,
+    imagefolder_source,
+    webdataset_source,
+)
+from schemas.config import PrepareConfig
+from schemas.layout import MANIFEST_NAME, SPLITS
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    manifest_sha256: str
+    num_samples: dict[str, int]
+    num_skipped: dict[str, int]
+    num_classes: int
+
+
+def _load(cfg: PrepareConfig, path: str) -> SourceSplit:
+    if cfg.source == "imagefolder":
+        return imagefolder_source(path, cfg.classes)
+    return webdataset_source(path, cfg.classes)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of the validation rows: ``fraction`` of every class, seeded."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        take = int(round(fraction * len(rows)))
+        mask[rng.permutation(rows)[:take]] = True
+    return mask
+
+
+def _subset(samples: list[RawSample], limit: int | None, rng: np.random.Generator) -> list[RawSample]:
+    if limit is None or limit >= len(samples):
+        return samples
+    labels = np.asarray([s.label for s in samples])
+    keep = stratified_split(labels, limit / len(samples), rng)
+    return [s for s, k in zip(samples, keep) if k]
+
+
+def split_source(cfg: PrepareConfig) -> tuple[dict[str, list[RawSample]], list[str]]:
+    """Resolve the configured source into train/val sample lists and class names."""
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.source == "digits":
+        train = digits_source()
+        val = None
+    else:
+        assert cfg.train is not None  # checked by PrepareConfig.check
+        train = _load(cfg, cfg.train)
+        val = _load(cfg, cfg.val) if cfg.val is not None else None
+    classes = list(cfg.classes) if cfg.classes is not None else train.classes
+    if val is None:
+        labels = np.asarray([s.label for s in train.samples])
+        is_val = stratified_split(labels, cfg.val_fraction, rng)
+        splits = {
+            "train": [s for s, v in zip(train.samples, is_val) if not v],
+            "val": [s for s, v in zip(train.samples, is_val) if v],
+        }
+    else:
+        if val.classes != classes and cfg.source == "imagefolder":
+            raise ValueError(
+                f"validation source classes {val.classes} differ from train classes {classes}; "
+                "set prepare.classes to fix the order"
+            )
+        splits = {"train": train.samples, "val": val.samples}
+    splits["train"] = _subset(splits["train"], cfg.limit_train, rng)
+    splits["val"] = _subset(splits["val"], cfg.limit_val, rng)
+    return splits, classes
+
+
+def prepare_dataset(cfg: PrepareConfig, out_dir: Path) -> PrepareReport:
+    """Validate every image, write the shards of each split and the manifest."""
+    splits, classes = split_source(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("*.tar"), out_dir / MANIFEST_NAME]:
+        stale.unlink(missing_ok=True)
+    entries, skipped, shape = {}, {}, None
+    for split in SPLITS:
+        checked = validate_samples(splits[split], on_corrupt=cfg.on_corrupt,
+                                   max_corrupt_fraction=cfg.max_corrupt_fraction, split=split)
+        if shape is not None and checked.image_shape != shape:
+            raise ValueError(f"split {split} images are {checked.image_shape}, train images are {shape}")
+        shape = checked.image_shape
+        entries[split] = write_split(out_dir, split, checked.samples, samples_per_shard=cfg.samples_per_shard)
+        entries[split]["skipped"] = checked.skipped
+        skipped[split] = len(checked.skipped)
+    sha = write_manifest(out_dir, {
+        "source": cfg.to_dict(),
+        "classes": classes,
+        "image_shape": list(shape or ()),
+        "samples_per_shard": cfg.samples_per_shard,
+        "splits": entries,
+    })
+    return PrepareReport(
+        manifest_sha256=sha,
+        num_samples={k: v["num_samples"] for k, v in entries.items()},
+        num_skipped=skipped,
+        num_classes=len(classes),
+    )

@@ -1,0 +1,268 @@
+"""WebDataset shards and their manifest: writing (``prepare``) and block reading.
+
+Each split is stored as ``{split}-{index:06d}.tar`` holding ``samples_per_shard`` samples
+(the last one may hold fewer). A sample has ``__key__`` = zero-padded global row index,
+``cls`` = the integer label, and one image member. ``manifest.json`` records, per split,
+shard → row range and file sha256, the class names, the image shape, and a content hash
+per sample; its own sha256 identifies the dataset in every cache made from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.data.sources import RawSample, iter_tar_samples
+from schemas.layout import (
+    IMAGE_EXTS,
+    KEY_DIGITS,
+    LABEL_EXT,
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
+    SHARD_PATTERN,
+    sample_key,
+)
+
+
+class CorruptSampleError(ValueError):
+    """An image cannot be decoded, or a sample does not match its manifest."""
+
+
+class ManifestError(ValueError):
+    """The shard manifest is missing, malformed, or disagrees with the shards."""
+
+
+@dataclass(frozen=True)
+class ShardBlock:
+    """The decoded samples of one or more shards, row-aligned."""
+
+    index: np.ndarray  # (n,) int64 global row index
+    labels: np.ndarray  # (n,) int64
+    images: np.ndarray  # (n, C, H, W) uint8
+
+
+def content_hash(data: bytes) -> str:
+    """Per-sample content hash recorded in the manifest (sha256, 128-bit hex prefix)."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decode_image(data: bytes, *, channels: int | None, where: str) -> np.ndarray:
+    """Decode image bytes to uint8 (C, H, W); 1 channel for grayscale, else RGB."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if channels is None:
+                channels = 1 if img.mode in ("L", "I", "I;16", "1") else 3
+            img = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CorruptSampleError(f"{where}: cannot decode image ({exc})") from exc
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class ValidatedSplit:
+    samples: list[RawSample]
+    skipped: list[dict[str, str]]
+    image_shape: tuple[int, int, int]  # (C, H, W)
+
+
+def validate_samples(
+    samples: Sequence[RawSample], *, on_corrupt: str, max_corrupt_fraction: float, split: str
+) -> ValidatedSplit:
+    """Decode every image once: corrupt images fail (naming the sample) or are skipped and
+    counted; more skips than ``max_corrupt_fraction`` fail. All images must share a shape."""
+    kept: list[RawSample] = []
+    skipped: list[dict[str, str]] = []
+    shape: tuple[int, int, int] | None = None
+    for sample in samples:
+        try:
+            array = decode_image(sample.image, channels=None, where=f"{split} sample {sample.origin}")
+        except CorruptSampleError as exc:
+            if on_corrupt == "error":
+                raise CorruptSampleError(
+                    f"{exc}. Fix or remove the file, or set prepare.on_corrupt: skip to skip and "
+                    "count corrupt images"
+                ) from exc
+            skipped.append({"origin": sample.origin, "error": str(exc)})
+            continue
+        if shape is None:
+            shape = tuple(array.shape)  # type: ignore[assignment]
+        elif tuple(array.shape) != shape:
+            raise CorruptSampleError(
+                f"{split} sample {sample.origin} has shape {tuple(array.shape)} (C, H, W) but earlier "
+                f"images have {shape}; all images of a dataset must share one size: resize the source"
+            )
+        kept.append(sample)
+    total = len(samples)
+    if total and len(skipped) / total > max_corrupt_fraction:
+        raise CorruptSampleError(
+            f"{split}: {len(skipped)} of {total} images are corrupt, more than "
+            f"prepare.max_corrupt_fraction = {max_corrupt_fraction}; first: {skipped[0]['error']}"
+        )
+    if shape is None:
+        raise CorruptSampleError(f"{split}: no readable images")
+    return ValidatedSplit(samples=kept, skipped=skipped, image_shape=shape)
+
+
+def write_split(
+    out_dir: Path, split: str, samples: Sequence[RawSample], *, samples_per_shard: int
+) -> dict[str, Any]:
+    """Write ``samples`` as shards; return the split's manifest entry."""
+    shards = []
+    hashes = []
+    labels = []
+    for shard_index, start in enumerate(range(0, len(samples), samples_per_shard)):
+        stop = min(start + samples_per_shard, len(samples))
+        name = SHARD_PATTERN.format(split=split, index=shard_index)
+        with open(out_dir / name, "wb") as handle:
+            writer = wds.TarWriter(handle, mtime=0, user="cifd", group="cifd", encoder=False)
+            for row in range(start, stop):
+                sample = samples[row]
+                ext = "jpg" if sample.ext == "jpeg" else sample.ext
+                writer.write({"__key__": sample_key(row), LABEL_EXT: str(sample.label).encode(),
+                              ext: sample.image})
+                hashes.append(content_hash(sample.image))
+                labels.append(sample.label)
+            writer.close()
+        shards.append({"file": name, "start": start, "stop": stop, "sha256": file_sha256(out_dir / name)})
+    return {
+        "num_samples": len(samples),
+        "shards": shards,
+        "class_counts": np.bincount(np.asarray(labels, dtype=np.int64)).tolist() if labels else [],
+        "sample_sha256": hashes,
+    }
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> str:
+    """Write ``manifest.json`` canonically (sorted keys); return its sha256."""
+    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **manifest}
+    text = json.dumps(manifest, sort_keys=True, indent=1) + "\n"
+    (out_dir / MANIFEST_NAME).write_text(text)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A loaded shard manifest and its sha256 (the dataset's identity)."""
+
+    root: Path
+    data: dict[str, Any]
+    sha256: str
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data["classes"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.data["image_shape"])  # type: ignore[return-value]
+
+    def split(self, name: str) -> dict[str, Any]:
+        splits = self.data["splits"]
+        if name not in splits:
+            raise ManifestError(f"manifest {self.root / MANIFEST_NAME} has no split '{name}'; has {sorted(splits)}")
+        return splits[name]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.root / s["file"] for s in self.split(split)["shards"]]
+
+
+def load_manifest(shards_dir: str | Path) -> Manifest:
+    root = Path(shards_dir)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_NAME} in {root}; run `cifd prepare` (dvc repro prepare) first")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    version = data.get("schema_version")
+    if version != MANIFEST_SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path} has schema_version {version}, expected {MANIFEST_SCHEMA_VERSION}; rerun `cifd prepare`"
+        )
+    return Manifest(root=root, data=data, sha256=hashlib.sha256(text.encode()).hexdigest())
+
+
+def read_shard(
+    path: str | Path,
+    *,
+    channels: int,
+    start: int,
+    stop: int,
+    expected_hashes: Sequence[str] | None = None,
+) -> ShardBlock:
+    """Decode one whole shard (one read per tar). Checks that keys are exactly rows
+    ``start..stop-1`` in order and, when given, that image bytes match the manifest hashes."""
+    path = Path(path)
+    index, labels, images = [], [], []
+    for position, sample in enumerate(iter_tar_samples(path)):
+        key = str(sample["__key__"])
+        where = f"shard {path.name} sample {key}"
+        row = start + position
+        if len(key) != KEY_DIGITS or not key.isdigit() or int(key) != row:
+            raise CorruptSampleError(
+                f"{where}: expected key {sample_key(row)} at position {position}; the shard does not "
+                "match its manifest row range. Rerun `cifd prepare`"
+            )
+        exts = [e for e in sample if e in IMAGE_EXTS]
+        if len(exts) != 1 or LABEL_EXT not in sample:
+            raise CorruptSampleError(f"{where}: expected one image and a '.{LABEL_EXT}' member, got {sorted(sample)}")
+        data = sample[exts[0]]
+        assert isinstance(data, bytes)
+        if expected_hashes is not None and content_hash(data) != expected_hashes[position]:
+            raise CorruptSampleError(
+                f"{where}: image bytes do not match the manifest content hash (file changed after "
+                "`cifd prepare`). Rerun `cifd prepare` to rebuild the shards"
+            )
+        images.append(decode_image(data, channels=channels, where=where))
+        label = sample[LABEL_EXT]
+        assert isinstance(label, bytes)
+        labels.append(int(label))
+        index.append(row)
+    if start + len(index) != stop:
+        raise CorruptSampleError(
+            f"shard {path.name} holds {len(index)} samples, manifest says rows {start}..{stop - 1} "
+            f"({stop - start}); the shard is truncated or altered. Rerun `cifd prepare`"
+        )
+    return ShardBlock(
+        index=np.asarray(index, dtype=np.int64),
+        labels=np.asarray(labels, dtype=np.int64),
+        images=np.stack(images) if images else np.zeros((0, channels, 0, 0), np.uint8),
+    )
+
+
+def load_split(manifest: Manifest, split: str, *, verify_hashes: bool = False) -> ShardBlock:
+    """Decode every shard of a split into memory (for CIFAR-sized data), in row order."""
+    entry = manifest.split(split)
+    channels = manifest.image_shape[0]
+    hashes = entry["sample_sha256"] if verify_hashes else None
+    blocks = [
+        read_shard(manifest.root / s["file"], channels=channels, start=s["start"], stop=s["stop"],
+                   expected_hashes=hashes[s["start"]:s["stop"]] if hashes else None)
+        for s in entry["shards"]
+    ]
+    return ShardBlock(
+        index=np.concatenate([b.index for b in blocks]),
+        labels=np.concatenate([b.labels for b in blocks]),
+        images=np.concatenate([b.images for b in blocks]),
+    )

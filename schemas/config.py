@@ -1,0 +1,208 @@
+"""One frozen config dataclass per stage. Defaults live here and only here.
+
+``params.yaml`` has one section per stage (same name as the ``dvc.yaml`` stage and the
+``cifd`` subcommand) plus ``paths``; :func:`load_stage` reads ``paths`` and one section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from schemas.base import ConfigError, StrictConfig, require
+
+C = TypeVar("C", bound=StrictConfig)
+
+DEVICE_RULE = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def _check_device(section: str, value: str) -> None:
+    ok = value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+    require(ok, section, "device", value, DEVICE_RULE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths(StrictConfig):
+    """Every artifact path of the pipeline, relative to the project root."""
+
+    shards: str = "data/shards"
+    teacher: str = "models/teacher.pt"
+    cache: str = "cache/teacher.zarr"
+    rdm_models: str = "models/rdm.pt"
+    rdm_cache: str = "cache/rdm.zarr"
+    students: str = "models/students"
+    metrics: str = "metrics"
+    plots: str = "plots"
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewPolicyConfig(StrictConfig):
+    """How augmented views are drawn. View 0 is always the clean, uncropped image.
+
+    ``rrc``: random-resized crop (area fraction in ``scale``, aspect ratio in ``ratio``);
+    ``pad_crop``: the CIFAR crop, a full-size box shifted by up to ``pad`` pixels (zero
+    padding); ``none``: every view is the clean view (only flips, if enabled).
+    """
+
+    kind: Literal["rrc", "pad_crop", "none"] = "rrc"
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    pad: int = 4
+    flip: bool = True
+
+    def check(self, section: str) -> None:
+        lo, hi = self.scale
+        require(0.0 < lo <= hi <= 1.0, section, "scale", self.scale, "expected 0 < min <= max <= 1")
+        lo, hi = self.ratio
+        require(0.0 < lo <= hi, section, "ratio", self.ratio, "expected 0 < min <= max")
+        require(self.pad >= 0, section, "pad", self.pad, "expected >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig(StrictConfig):
+    """Source → WebDataset shards (``cifd prepare``)."""
+
+    source: Literal["digits", "imagefolder", "webdataset"] = "digits"
+    train: str | None = None
+    val: str | None = None
+    val_fraction: float = 0.2
+    limit_train: int | None = None
+    limit_val: int | None = None
+    classes: tuple[str, ...] | None = None
+    samples_per_shard: int = 256
+    on_corrupt: Literal["error", "skip"] = "error"
+    max_corrupt_fraction: float = 0.01
+    seed: int = 0
+
+    def check(self, section: str) -> None:
+        if self.source == "digits":
+            require(self.train is None, section, "train", self.train, "must be null for source 'digits'")
+        else:
+            require(self.train is not None, section, "train", self.train,
+                    f"source '{self.source}' needs a path (directory, tar, or shard glob)")
+        require(0.0 < self.val_fraction < 1.0, section, "val_fraction", self.val_fraction,
+                "expected 0 < val_fraction < 1 (used when 'val' is null)")
+        for name in ("limit_train", "limit_val"):
+            value = getattr(self, name)
+            require(value is None or value > 0, section, name, value, "expected null or > 0")
+        require(self.samples_per_shard > 0, section, "samples_per_shard", self.samples_per_shard,
+                "expected > 0")
+        require(0.0 <= self.max_corrupt_fraction <= 1.0, section, "max_corrupt_fraction",
+                self.max_corrupt_fraction, "expected 0 <= x <= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig(StrictConfig):
+    """What the teacher expects: view output size and per-channel normalisation."""
+
+    image_size: int = 32
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    def check(self, section: str) -> None:
+        require(self.image_size > 0, section, "image_size", self.image_size, "expected > 0")
+        require(len(self.mean) == len(self.std), section, "std", self.std,
+                f"expected as many values as mean ({len(self.mean)})")
+        require(all(s > 0 for s in self.std), section, "std", self.std, "expected all > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig(StrictConfig):
+    """The frozen teacher (``cifd teacher``): build, optionally fine-tune, evaluate, freeze.
+
+    ``model`` is a timm model name or ``package.module:function`` (see README, "Your own
+    teacher"). ``epochs: 0`` freezes the given weights without training.
+    """
+
+    model: str = "resnet10t"
+    weights: str | None = None
+    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    in_chans: int = 1
+    preprocess: PreprocessConfig = PreprocessConfig()
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    label_smoothing: float = 0.0
+    augment: ViewPolicyConfig = ViewPolicyConfig(kind="pad_crop", pad=2, flip=False)
+    device: str = "auto"
+    seed: int = 0
+
+    def check(self, section: str) -> None:
+        require(bool(self.model), section, "model", self.model, "expected a timm name or module:function")
+        require(self.in_chans in (1, 3) or self.in_chans > 0, section, "in_chans", self.in_chans, "expected > 0")
+        require(len(self.preprocess.mean) == self.in_chans, f"{section}.preprocess", "mean",
+                self.preprocess.mean, f"expected {self.in_chans} values (one per input channel)")
+        require(self.epochs >= 0, section, "epochs", self.epochs, "expected >= 0 (0 = no fine-tune)")
+        require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
+        require(self.lr > 0 and math.isfinite(self.lr), section, "lr", self.lr, "expected a finite value > 0")
+        require(self.weight_decay >= 0, section, "weight_decay", self.weight_decay, "expected >= 0")
+        require(0 <= self.label_smoothing < 1, section, "label_smoothing", self.label_smoothing,
+                "expected 0 <= x < 1")
+        _check_device(section, self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig(StrictConfig):
+    """Stage one (``cifd embed``): teacher outputs for V views per image into Zarr.
+
+    ``scheduler``: ``local`` starts a dask LocalCluster of ``workers`` processes;
+    ``synchronous`` runs in this process (debugging); anything else is the address of an
+    existing dask scheduler (``tcp://host:8786``).
+    """
+
+    views: int = 4
+    policy: ViewPolicyConfig = ViewPolicyConfig()
+    batch_size: int = 256
+    logits_dtype: Literal["float16", "float32"] = "float32"
+    chunk_rows: int = 64
+    scheduler: str = "local"
+    workers: int = 1
+    threads_per_worker: int = 2
+    device: str = "auto"
+    seed: int = 0
+
+    def check(self, section: str) -> None:
+        require(self.views >= 1, section, "views", self.views, "expected >= 1 (view 0 is the clean view)")
+        require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
+        require(self.chunk_rows > 0, section, "chunk_rows", self.chunk_rows, "expected > 0")
+        require(self.workers >= 1, section, "workers", self.workers, "expected >= 1")
+        require(self.threads_per_worker >= 1, section, "threads_per_worker", self.threads_per_worker,
+                "expected >= 1")
+        require(bool(self.scheduler), section, "scheduler", self.scheduler,
+                "expected 'local', 'synchronous' or a scheduler address")
+        _check_device(section, self.device)
+
+
+STAGES: dict[str, type[StrictConfig]] = {
+    "prepare": PrepareConfig,
+    "teacher": TeacherConfig,
+    "embed": EmbedConfig,
+}
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """Read a params file; a missing or malformed file is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}. Run from the project root or pass --params.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_stage(path: str | Path, stage: str, cls: type[C]) -> tuple[Paths, C]:
+    """Return ``(paths, config)`` for one stage from a params file."""
+    data = read_params(path)
+    paths = Paths.from_mapping(data.get("paths"), section="paths")
+    return paths, cls.from_mapping(data.get(stage), section=stage)

@@ -1,0 +1,30 @@
+"""Metric file names and keys written by each stage (read by ``dvc metrics show``)."""
+
+from __future__ import annotations
+
+PREPARE = "prepare.json"
+TEACHER = "teacher.json"
+EMBED = "embed.json"
+
+# prepare.json
+NUM_TRAIN = "num_train"
+NUM_VAL = "num_val"
+NUM_CLASSES = "num_classes"
+SKIPPED_TRAIN = "skipped_train"
+SKIPPED_VAL = "skipped_val"
+
+# teacher.json
+VAL_TOP1 = "val_top1"
+TRAIN_TOP1 = "train_top1"
+EPOCHS = "epochs"
+
+# embed.json
+TEACHER_FORWARDS = "teacher_forwards"
+VIEWS = "views"
+VIEW0_TOP1 = "view0_top1"  # per split: top-1 of the cached view-0 logits
+BYTES_PER_SAMPLE_VIEW = "bytes_per_sample_view"
+COMPRESSION_RATIO = "compression_ratio"
+CLASSIFIER_REPRODUCES_LOGITS = "classifier_reproduces_logits"
+
+# teacher training curve (DVC plot)
+TEACHER_CURVE = "teacher_curve.csv"

@@ -1,0 +1,153 @@
+"""The ``cifd`` command line: one subcommand per ``dvc.yaml`` stage, plus ``cache`` tools.
+
+Hyperparameters live in ``params.yaml`` (one section per stage), not in flags: every stage
+takes only ``--params``. Run stages through DVC (``dvc repro``) to get caching and
+provenance; run them directly to debug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from stages._io import setup_logging
+
+PARAMS = click.option("--params", "params", type=click.Path(path_type=Path), default=Path("params.yaml"),
+                      show_default=True, help="Params file with a 'paths' section and one section per stage.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.cache.store import CacheError
+    from pipeline.data.shards import CorruptSampleError, ManifestError
+    from pipeline.data.sources import SourceError
+    from pipeline.models import ModelError
+    from schemas.base import ConfigError
+
+    return (ConfigError, CacheError, CorruptSampleError, ManifestError, SourceError, ModelError)
+
+
+def _run(fn: Callable[[], None]) -> None:
+    """Run a stage; a user-caused error prints one clear line and exits 2, not a traceback."""
+    setup_logging()
+    try:
+        fn()
+    except _user_errors() as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """cifd: CIFD knowledge distillation on a sharded Zarr cache of teacher outputs.
+
+    Pipeline: prepare → teacher → embed → rdm → distill → evaluate. `uv run dvc repro`
+    runs it end to end; each subcommand runs one stage with the params in params.yaml.
+    """
+
+
+@main.command()
+@PARAMS
+def prepare(params: Path) -> None:
+    """Source (digits, ImageFolder dir/tar, or WebDataset) → byte-stable WebDataset shards.
+
+    Writes paths.shards/{train,val}-NNNNNN.tar and manifest.json (row ranges, classes,
+    a content hash per sample). Corrupt images fail, or are skipped and counted when
+    prepare.on_corrupt is 'skip'.
+    """
+    from stages import prepare as stage
+
+    _run(lambda: stage.run(params))
+
+
+@main.command()
+@PARAMS
+def teacher(params: Path) -> None:
+    """Build the teacher (timm name or module:function + weights), optionally fine-tune
+    it on the train shards (teacher.epochs > 0), report val top-1, and freeze it to
+    paths.teacher."""
+    from stages import teacher as stage
+
+    _run(lambda: stage.run(params))
+
+
+@main.command()
+@PARAMS
+def embed(params: Path) -> None:
+    """Stage one: run the frozen teacher once over V views of every image and write
+    embeddings, logits and the exact view parameters to the sharded Zarr store at
+    paths.cache. Parallel over tar shards with dask; resumable: a killed run redoes only
+    the shards it had not finished."""
+    from stages import embed as stage
+
+    _run(lambda: stage.run(params))
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and verify a teacher cache."""
+
+
+@cache.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
+def cache_info_cmd(path: Path, as_json: bool) -> None:
+    """Print teacher, N, V, D, C, dtypes, bytes per sample per view, compression ratio."""
+    from pipeline.cache.inspect import cache_info
+
+    def show() -> None:
+        info = cache_info(path)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        click.echo(f"cache      {info['path']}")
+        click.echo(f"teacher    {info['teacher']}  (weights sha256 {info['teacher_state_dict_sha256'][:16]}…)")
+        click.echo(f"dataset    manifest sha256 {info['dataset_manifest_sha256'][:16]}…, {len(info['classes'])} classes")
+        click.echo(f"views      {info['views']['num_views']} per image, policy {info['views']['policy']}")
+        click.echo(f"dtypes     {info['dtypes']}")
+        click.echo(f"classifier(embedding) reproduces logits: {info['classifier_check']}")
+        for name, s in info["splits"].items():
+            click.echo(f"{name:<10} N={s['N']} V={s['V']} D={s['D']} C={s['C']} shards={s['shards']} "
+                       f"bytes/sample/view raw={s['bytes_per_sample_view_raw']} "
+                       f"stored={s['bytes_per_sample_view_stored']}")
+        click.echo(f"compression ratio {info['compression_ratio']}")
+
+    _run(show)
+
+
+@cache.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--teacher", type=click.Path(path_type=Path), default=None,
+              help="Frozen teacher file (default: the one the cache names).")
+@click.option("--shards", type=click.Path(path_type=Path), default=None,
+              help="Shard directory (default: the one the cache names).")
+@click.option("--samples", default=256, show_default=True, help="Random (row, view) pairs to re-run.")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val"]))
+@click.option("--tolerance", default=1e-2, show_default=True,
+              help="Max error relative to the largest cached magnitude.")
+@click.option("--seed", default=0, show_default=True)
+def cache_verify_cmd(path: Path, teacher: Path | None, shards: Path | None, samples: int, split: str,
+                     tolerance: float, seed: int) -> None:
+    """Re-run the live teacher on a random subset and compare with the cache: max abs
+    error, cosine and top-1 agreement. Exits 1 past the tolerance."""
+    from pipeline.cache.inspect import verify_cache
+    from pipeline.cache.reader import open_cache
+
+    def check() -> None:
+        sources = open_cache(path).attrs.get("sources", {})
+        report = verify_cache(path, teacher=teacher or sources["teacher"], shards=shards or sources["shards"],
+                              samples=samples, seed=seed, tolerance=tolerance, split=split)
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        if not report.ok:
+            click.echo("verify: FAILED (cache and live teacher disagree beyond tolerance)", err=True)
+            sys.exit(1)
+        click.echo("verify: ok")
+
+    _run(check)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""``cifd teacher``: build the teacher, optionally fine-tune it, evaluate, freeze it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.cache.embed import resolve_device
+from pipeline.data.shards import load_manifest, load_split
+from pipeline.models import build_model, file_sha256, save_model
+from pipeline.train.supervised import EpochLog, TrainSettings, predict, top1, train_classifier
+from schemas import metrics as M
+from schemas.base import ConfigError
+from schemas.config import TeacherConfig, load_stage
+from stages._io import write_csv, write_json
+
+
+def run(params: Path) -> None:
+    paths, cfg = load_stage(params, "teacher", TeacherConfig)
+    manifest = load_manifest(paths.shards)
+    channels = manifest.image_shape[0]
+    if channels != cfg.in_chans:
+        raise ConfigError(
+            f"params 'teacher.in_chans' = {cfg.in_chans}: the shards hold {channels}-channel images; "
+            f"set teacher.in_chans: {channels} and give preprocess.mean/std {channels} values"
+        )
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # timm initialisers draw from the global generator
+    model = build_model(cfg.model, num_classes=len(manifest.classes), in_chans=cfg.in_chans,
+                        weights=cfg.weights, model_kwargs=dict(cfg.model_kwargs)).to(device)
+    train = load_split(manifest, "train")
+    val = load_split(manifest, "val")
+    train_x, train_y = torch.from_numpy(train.images).to(device), torch.from_numpy(train.labels).to(device)
+    val_x, val_y = torch.from_numpy(val.images).to(device), torch.from_numpy(val.labels).to(device)
+    pre = cfg.preprocess
+    settings = TrainSettings(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
+        image_size=pre.image_size, mean=pre.mean, std=pre.std, seed=cfg.seed,
+    )
+    curve: list[dict[str, float]] = []
+
+    def on_epoch(log: EpochLog) -> None:
+        curve.append({"epoch": log.epoch, "train_loss": round(log.train_loss, 5), "val_top1": round(log.val_top1, 5)})
+        print(f"teacher epoch {log.epoch}/{cfg.epochs}: loss {log.train_loss:.4f} val top-1 {log.val_top1:.4f}")
+
+    began = time.perf_counter()
+    train_classifier(model, train_images=train_x, train_labels=train_y, val_images=val_x, val_labels=val_y,
+                     settings=settings, on_epoch=on_epoch)
+    kwargs = dict(image_size=pre.image_size, mean=pre.mean, std=pre.std)
+    val_top1 = top1(predict(model, val_x, **kwargs), val_y)
+    train_top1 = top1(predict(model, train_x, **kwargs), train_y)
+    spec = {
+        "name": cfg.model, "num_classes": len(manifest.classes), "in_chans": cfg.in_chans,
+        "model_kwargs": dict(cfg.model_kwargs), "preprocess": pre.to_dict(),
+        "source_weights_sha256": file_sha256(cfg.weights) if cfg.weights else None,
+        "fine_tune_epochs": cfg.epochs, "classes": manifest.classes, "dataset_manifest_sha256": manifest.sha256,
+    }
+    sha = save_model(paths.teacher, model.cpu().eval(), spec=spec)
+    write_json(Path(paths.metrics) / M.TEACHER, {M.VAL_TOP1: round(val_top1, 5), M.TRAIN_TOP1: round(train_top1, 5),
+                                                 M.EPOCHS: cfg.epochs})
+    write_csv(Path(paths.plots) / M.TEACHER_CURVE, curve)
+    print(f"teacher: val top-1 {val_top1:.4f} (train {train_top1:.4f}) after {cfg.epochs} epochs "
+          f"in {time.perf_counter() - began:.1f}s; weights sha256 {sha[:12]} → {paths.teacher}")
