@@ -46,8 +46,16 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
 def _subset(samples: list[RawSample], limit: int | None, rng: np.random.Generator) -> list[RawSample]:
     if limit is None or limit >= len(samples):
         return samples
+    # Exactly ``limit`` rows, stratified: per-class quotas by largest remainder (rounding each
+    # class on its own could give more or fewer rows than the limit, even none).
     labels = np.asarray([s.label for s in samples])
-    keep = stratified_split(labels, limit / len(samples), rng)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * (limit / len(samples))
+    take = np.floor(quota).astype(np.int64)
+    take[np.argsort(take - quota, kind="stable")[: limit - int(take.sum())]] += 1
+    keep = np.zeros(len(labels), dtype=bool)
+    for label, count in zip(classes, take):
+        keep[rng.permutation(np.flatnonzero(labels == label))[:count]] = True
     return [s for s, k in zip(samples, keep) if k]
 
 

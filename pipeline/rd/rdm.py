@@ -176,8 +176,9 @@ class RDMBank(nn.Module):
             dtype=p.dtype,
         )
         rows = torch.tensor(idx, device=p.device)
-        channels = (rows[:, None] * self.hidden + torch.arange(self.hidden, device=p.device))
-        channels = channels.reshape(-1)  # bottleneck channels of the chosen RDMs, in order
+        # Bottleneck channels of the chosen RDMs, in order: RDM m owns [m*h, (m+1)*h).
+        offsets = torch.arange(self.hidden, device=p.device)
+        channels = (rows[:, None] * self.hidden + offsets).reshape(-1)  # (len(idx) * h,)
         own = self.state_dict()
         new = {}
         for key in out.state_dict():

@@ -1,0 +1,311 @@
+"""``prepare``: source → byte-stable WebDataset shards + manifest, and the strict configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.shards import (
+    CorruptSampleError,
+    ManifestError,
+    content_hash,
+    file_sha256,
+    load_manifest,
+    load_split,
+    read_shard,
+)
+from pipeline.data.sources import SourceError, iter_tar_samples
+from schemas.base import ConfigError
+from schemas.config import STAGES, EmbedConfig, PrepareConfig, TeacherConfig, load_stage
+from schemas.layout import KEY_DIGITS, MANIFEST_NAME, SPLITS, sample_key
+
+
+def shard_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def source_hash_to_label(tiny) -> dict[str, int]:
+    """content hash → class index (sorted folder names) of every source image."""
+    return {content_hash(data): tiny.class_names.index(name.split("/")[1])
+            for name, data in tiny.members().items()}
+
+
+# Manifest and shards ---------------------------------------------------------------------
+
+
+def test_manifest_row_ranges_are_contiguous_and_cover_every_split(manifest, tiny) -> None:
+    total = tiny.num_classes * tiny.per_class
+    assert sum(manifest.split(s)["num_samples"] for s in SPLITS) == total
+    assert manifest.classes == list(tiny.class_names)
+    assert manifest.image_shape == (3, tiny.image_size, tiny.image_size)
+    for split in SPLITS:
+        entry = manifest.split(split)
+        shards = entry["shards"]
+        assert len(shards) >= 3, "the fixture should make several shards per split"
+        assert shards[0]["start"] == 0
+        assert shards[-1]["stop"] == entry["num_samples"]
+        for prev, nxt in zip(shards, shards[1:]):
+            assert prev["stop"] == nxt["start"]
+        sizes = [s["stop"] - s["start"] for s in shards]
+        assert all(size == tiny.samples_per_shard for size in sizes[:-1])
+        assert 0 < sizes[-1] <= tiny.samples_per_shard
+        assert [s["file"] for s in shards] == [f"{split}-{i:06d}.tar" for i in range(len(shards))]
+        assert len(entry["sample_sha256"]) == entry["num_samples"]
+        for shard in shards:
+            assert file_sha256(manifest.root / shard["file"]) == shard["sha256"]
+
+
+def test_shard_keys_hashes_and_labels_match_the_manifest(manifest, tiny) -> None:
+    labels_of = source_hash_to_label(tiny)
+    seen = []
+    for split in SPLITS:
+        entry = manifest.split(split)
+        labels = []
+        for shard in entry["shards"]:
+            samples = list(iter_tar_samples(manifest.root / shard["file"]))
+            assert len(samples) == shard["stop"] - shard["start"]
+            for row, sample in zip(range(shard["start"], shard["stop"]), samples):
+                assert sample["__key__"] == sample_key(row) == f"{row:0{KEY_DIGITS}d}"
+                assert set(sample) == {"__key__", "cls", "jpg"}
+                image = sample["jpg"]
+                assert content_hash(image) == entry["sample_sha256"][row]
+                label = int(sample["cls"])
+                assert label == labels_of[content_hash(image)], "label is not the image's class folder"
+                labels.append(label)
+                seen.append(content_hash(image))
+        assert np.bincount(labels, minlength=tiny.num_classes).tolist() == entry["class_counts"]
+    # image bytes are passed through unchanged, every source image exactly once
+    assert sorted(seen) == sorted(labels_of)
+
+
+def test_read_shard_and_load_split_decode_rows_in_order(manifest, tiny) -> None:
+    block = load_split(manifest, "train", verify_hashes=True)
+    n = manifest.split("train")["num_samples"]
+    assert block.images.shape == (n, 3, tiny.image_size, tiny.image_size) and block.images.dtype == np.uint8
+    assert block.index.tolist() == list(range(n))
+    shard = manifest.split("train")["shards"][1]
+    with pytest.raises(CorruptSampleError, match="expected key"):  # wrong row range
+        read_shard(manifest.root / shard["file"], channels=3, start=shard["start"] + 1, stop=shard["stop"] + 1)
+    with pytest.raises(CorruptSampleError, match="truncated or altered"):
+        read_shard(manifest.root / shard["file"], channels=3, start=shard["start"], stop=shard["stop"] + 1)
+
+
+def test_shards_are_byte_stable_across_runs(tmp_path, prepare_config, shards_dir) -> None:
+    first = shard_files(shards_dir)
+    out = tmp_path / "again"
+    prepare_dataset(prepare_config, out)
+    assert shard_files(out) == first  # tars and manifest, byte for byte
+    # Rerunning into a directory with stale shards replaces them.
+    (out / "train-000099.tar").write_bytes(b"stale")
+    (out / "val-000000.tar").write_bytes(b"stale")
+    report = prepare_dataset(prepare_config, out)
+    assert shard_files(out) == first
+    assert report.manifest_sha256 == load_manifest(out).sha256
+
+
+def test_val_split_is_stratified_and_seeded(manifest, tiny, prepare_config, tmp_path) -> None:
+    per_class_val = round(tiny.val_fraction * tiny.per_class)
+    assert manifest.split("val")["class_counts"] == [per_class_val] * tiny.num_classes
+    assert manifest.split("train")["class_counts"] == [tiny.per_class - per_class_val] * tiny.num_classes
+    train, val = (set(manifest.split(s)["sample_sha256"]) for s in SPLITS)
+    assert not train & val
+    other = dataclasses.replace(prepare_config, seed=1)
+    prepare_dataset(other, tmp_path)
+    assert set(load_manifest(tmp_path).split("val")["sample_sha256"]) != val
+
+
+def test_limit_train_takes_a_stratified_subset(prepare_config, manifest, tiny, tmp_path) -> None:
+    cfg = dataclasses.replace(prepare_config, limit_train=12, limit_val=3)
+    report = prepare_dataset(cfg, tmp_path)
+    assert report.num_samples == {"train": 12, "val": 3}
+    limited = load_manifest(tmp_path)
+    assert limited.split("train")["class_counts"] == [4] * tiny.num_classes
+    assert limited.split("val")["class_counts"] == [1] * tiny.num_classes
+    assert set(limited.split("train")["sample_sha256"]) <= set(manifest.split("train")["sample_sha256"])
+    assert set(limited.split("val")["sample_sha256"]) <= set(manifest.split("val")["sample_sha256"])
+    assert limited.split("val")["sample_sha256"] != manifest.split("val")["sample_sha256"][:3]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 10, 26])
+def test_limit_train_gives_exactly_the_limit(prepare_config, tiny, tmp_path, limit) -> None:
+    # 27 train rows in 3 classes of 9: per-class rounding alone gives 0, 3, 9 and 27 rows.
+    report = prepare_dataset(dataclasses.replace(prepare_config, limit_train=limit), tmp_path)
+    assert report.num_samples["train"] == limit
+    counts = load_manifest(tmp_path).split("train")["class_counts"]
+    counts += [0] * (tiny.num_classes - len(counts))
+    assert max(counts) - min(counts) <= 1  # as balanced as the limit allows
+
+
+def test_webdataset_source_round_trips(shards_dir, manifest, tmp_path) -> None:
+    cfg = PrepareConfig(source="webdataset", train=str(shards_dir / "train-*.tar"),
+                        val=str(shards_dir / "val-*.tar"), samples_per_shard=manifest.data["samples_per_shard"])
+    out = tmp_path / "same"
+    report = prepare_dataset(cfg, out)
+    again = load_manifest(out)
+    assert report.num_samples == {s: manifest.split(s)["num_samples"] for s in SPLITS}
+    assert again.classes == ["0", "1", "2"]  # class names are not stored in shards
+    for split in SPLITS:
+        assert again.split(split)["sample_sha256"] == manifest.split(split)["sample_sha256"]
+        for shard in manifest.split(split)["shards"]:
+            assert (out / shard["file"]).read_bytes() == (shards_dir / shard["file"]).read_bytes()
+    # Re-sharding keeps every row in place.
+    resharded = prepare_dataset(dataclasses.replace(cfg, samples_per_shard=5), tmp_path / "five")
+    assert resharded.num_samples == report.num_samples
+    five = load_manifest(tmp_path / "five")
+    for split in SPLITS:
+        assert five.split(split)["sample_sha256"] == manifest.split(split)["sample_sha256"]
+        assert {s["stop"] - s["start"] for s in five.split(split)["shards"][:-1]} == {5}
+
+
+def test_webdataset_source_without_shards_fails(tmp_path) -> None:
+    with pytest.raises(SourceError, match="matches no .tar files"):
+        prepare_dataset(PrepareConfig(source="webdataset", train=str(tmp_path / "*.tar")), tmp_path / "out")
+
+
+def test_load_manifest_errors(tmp_path, shards_dir) -> None:
+    with pytest.raises(ManifestError, match="cifd prepare"):
+        load_manifest(tmp_path)
+    data = json.loads((shards_dir / MANIFEST_NAME).read_text())
+    data["schema_version"] = 99
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="schema_version 99"):
+        load_manifest(tmp_path)
+
+
+# Corrupt and odd images ------------------------------------------------------------------
+
+BAD = "train/dog/0003.jpg"
+BAD2 = "train/frog/0007.jpg"
+
+
+def corrupt_variants(tiny) -> dict[str, bytes]:
+    good = tiny.members()[BAD]
+    return {"garbage": b"\xff\xd8\xff\xe0 this is not a jpeg", "truncated": good[: len(good) // 2]}
+
+
+@pytest.mark.parametrize("variant", ["garbage", "truncated"])
+def test_corrupt_image_fails_naming_the_sample(variant, tiny, make_imagefolder_tar, tmp_path) -> None:
+    tar = make_imagefolder_tar(tmp_path / "src.tar", overrides={BAD: corrupt_variants(tiny)[variant]})
+    cfg = PrepareConfig(source="imagefolder", train=str(tar), samples_per_shard=4)
+    with pytest.raises(CorruptSampleError) as info:
+        prepare_dataset(cfg, tmp_path / "out")
+    message = str(info.value)
+    assert f"src.tar:{BAD}" in message and "cannot decode" in message and "on_corrupt" in message
+
+
+def test_corrupt_image_is_skipped_and_counted(tiny, make_imagefolder_tar, tmp_path) -> None:
+    tar = make_imagefolder_tar(tmp_path / "src.tar", overrides={BAD: b"garbage"})
+    cfg = PrepareConfig(source="imagefolder", train=str(tar), samples_per_shard=4, on_corrupt="skip",
+                        max_corrupt_fraction=0.2)
+    report = prepare_dataset(cfg, tmp_path / "out")
+    total = tiny.num_classes * tiny.per_class
+    assert sum(report.num_skipped.values()) == 1
+    assert sum(report.num_samples.values()) == total - 1
+    manifest = load_manifest(tmp_path / "out")
+    skipped = [s for split in SPLITS for s in manifest.split(split)["skipped"]]
+    assert [s["origin"] for s in skipped] == [f"src.tar:{BAD}"]
+    assert "cannot decode" in skipped[0]["error"]
+    good = load_split(manifest, "train")  # what was written all decodes
+    assert len(good.index) == manifest.split("train")["num_samples"]
+
+
+def test_too_many_corrupt_images_fail_even_when_skipping(tiny, make_imagefolder_tar, tmp_path) -> None:
+    tar = make_imagefolder_tar(tmp_path / "src.tar", overrides={BAD: b"garbage", BAD2: b"junk"})
+    cfg = PrepareConfig(source="imagefolder", train=str(tar), samples_per_shard=4, on_corrupt="skip",
+                        max_corrupt_fraction=0.01)
+    with pytest.raises(CorruptSampleError, match="max_corrupt_fraction"):
+        prepare_dataset(cfg, tmp_path / "out")
+
+
+def test_image_of_another_size_fails_clearly(tiny, make_imagefolder_tar, tmp_path) -> None:
+    small = tiny.encode_image(np.zeros((10, 10, 3), np.uint8), "jpg")
+    tar = make_imagefolder_tar(tmp_path / "src.tar", overrides={BAD: small})
+    with pytest.raises(CorruptSampleError) as info:
+        prepare_dataset(PrepareConfig(source="imagefolder", train=str(tar)), tmp_path / "out")
+    message = str(info.value)
+    assert f"src.tar:{BAD}" in message and "(3, 10, 10)" in message and "one size" in message
+
+
+def test_png_source_and_image_outside_a_class_folder(tiny, tmp_path) -> None:
+    members = tiny.members(fmt="png", per_class=4)
+    tar = tiny.write_tar(tmp_path / "png.tar", members)
+    report = prepare_dataset(PrepareConfig(source="imagefolder", train=str(tar), val_fraction=0.25,
+                                           samples_per_shard=3), tmp_path / "out")
+    assert report.num_samples == {"train": 9, "val": 3}
+    loose = tiny.write_tar(tmp_path / "loose.tar", {"0001.png": next(iter(members.values()))})
+    with pytest.raises(SourceError, match="class folder"):
+        prepare_dataset(PrepareConfig(source="imagefolder", train=str(loose)), tmp_path / "out2")
+
+
+# Configs ---------------------------------------------------------------------------------
+
+
+def test_prepare_config_rejects_unknown_keys_naming_them() -> None:
+    with pytest.raises(ConfigError) as info:
+        PrepareConfig.from_mapping({"source": "digits", "samples_per_shrd": 8}, section="prepare")
+    message = str(info.value)
+    assert "'prepare'" in message and "samples_per_shrd" in message and "did you mean 'samples_per_shard'" in message
+
+
+@pytest.mark.parametrize(("data", "field", "rule"), [
+    ({"val_fraction": 1.5}, "prepare.val_fraction", "0 < val_fraction < 1"),
+    ({"source": "folder"}, "prepare.source", "expected one of"),
+    ({"on_corrupt": "ignore"}, "prepare.on_corrupt", "expected one of"),
+    ({"samples_per_shard": 0}, "prepare.samples_per_shard", "> 0"),
+    ({"samples_per_shard": "8"}, "prepare.samples_per_shard", "expected an integer"),
+    ({"samples_per_shard": True}, "prepare.samples_per_shard", "expected an integer"),
+    ({"limit_train": -1}, "prepare.limit_train", "null or > 0"),
+    ({"max_corrupt_fraction": 2}, "prepare.max_corrupt_fraction", "0 <= x <= 1"),
+    ({"source": "imagefolder"}, "prepare.train", "needs a path"),
+    ({"train": "x.tar"}, "prepare.train", "must be null"),
+    ({"classes": "cat"}, "prepare.classes", "expected"),
+])
+def test_prepare_config_bad_values_name_the_field(data, field, rule) -> None:
+    with pytest.raises(ConfigError) as info:
+        PrepareConfig.from_mapping(data, section="prepare")
+    message = str(info.value)
+    assert f"'{field}'" in message and rule in message
+
+
+def test_configs_are_frozen_and_round_trip() -> None:
+    cfg = PrepareConfig.from_mapping({"source": "imagefolder", "train": "a.tar", "classes": ["b", "a"]},
+                                     section="prepare")
+    assert cfg.classes == ("b", "a")  # YAML lists become tuples
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3  # type: ignore[misc]
+    assert PrepareConfig.from_mapping(cfg.to_dict(), section="prepare") == cfg
+    embed = EmbedConfig.from_mapping({"policy": {"kind": "pad_crop", "pad": 2}}, section="embed")
+    assert embed.policy.kind == "pad_crop" and embed.policy.pad == 2
+    assert EmbedConfig.from_mapping(embed.to_dict(), section="embed") == embed
+
+
+def test_load_stage_reads_a_params_file_and_fails_early(tmp_path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("paths:\n  shards: s\nprepare:\n  source: digits\n  val_fraction: 0.5\n"
+                      "embed:\n  policy:\n    scale: [0.9, 0.1]\nteacher:\n  in_chans: 3\n  preprocess:\n"
+                      "    mean: [0.5]\n    std: [0.5]\n")
+    paths, cfg = load_stage(params, "prepare", PrepareConfig)
+    assert paths.shards == "s" and paths.cache == "cache/teacher.zarr" and cfg.val_fraction == 0.5
+    with pytest.raises(ConfigError, match=r"'embed\.policy\.scale' = \(0\.9, 0\.1\)"):
+        load_stage(params, "embed", EmbedConfig)
+    with pytest.raises(ConfigError, match=r"'teacher\.preprocess\.mean'.*3 values"):
+        load_stage(params, "teacher", TeacherConfig)
+    params.write_text("paths:\n  shard: s\n")
+    with pytest.raises(ConfigError, match="did you mean 'shards'"):
+        load_stage(params, "prepare", PrepareConfig)
+    params.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_stage(params, "prepare", PrepareConfig)
+    with pytest.raises(ConfigError, match="not found"):
+        load_stage(tmp_path / "missing.yaml", "prepare", PrepareConfig)
+
+
+def test_project_params_file_loads() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for stage, cls in STAGES.items():
+        load_stage(root / "params.yaml", stage, cls)

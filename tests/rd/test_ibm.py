@@ -1,0 +1,71 @@
+"""InformationBottleneck: identity at eval, bounded noise in training, projection, rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.rd import IBMOutput, InformationBottleneck
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_eval_is_identity() -> None:
+    ibm = InformationBottleneck(6, generator=_gen()).eval()
+    w = torch.randn(5, 6, generator=_gen()) * 3
+    out = ibm(w)
+    assert isinstance(out, IBMOutput)
+    assert out.noisy is w
+    torch.testing.assert_close(out.projected, w, rtol=0, atol=0)
+    assert out.bits.shape == (5,) and (out.bits >= 0).all()
+
+
+def test_training_noise_is_bounded_and_reproducible() -> None:
+    ibm = InformationBottleneck(6, generator=_gen()).train()
+    w = torch.randn(32, 6, generator=_gen()) * 3
+    a, b = ibm(w, generator=_gen(4)), ibm(w, generator=_gen(4))
+    torch.testing.assert_close(a.noisy, b.noisy, rtol=0, atol=0)
+    assert (a.noisy - w).abs().max() <= 0.5
+    assert (a.noisy - w).abs().mean() > 0.1
+    assert a.bits.shape == (32,) and (a.bits >= 0).all() and a.bits.dtype == torch.float32
+
+
+def test_projection_shape_and_identity_when_same_width() -> None:
+    ibm = InformationBottleneck(6, out_dim=10, generator=_gen())
+    assert isinstance(ibm.projection, nn.Linear)
+    out = ibm(torch.randn(4, 6, generator=_gen()), generator=_gen())
+    assert out.noisy.shape == (4, 6) and out.projected.shape == (4, 10)
+    assert isinstance(InformationBottleneck(6, out_dim=6).projection, nn.Identity)
+    assert isinstance(InformationBottleneck(6).projection, nn.Identity)
+
+
+def test_gradients_reach_input_projection_and_entropy_model() -> None:
+    ibm = InformationBottleneck(4, out_dim=3, generator=_gen()).train()
+    w = torch.randn(8, 4, generator=_gen()).requires_grad_()
+    out = ibm(w, generator=_gen())
+    (out.projected.square().mean() + 0.01 * out.bits.mean()).backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    for name, p in ibm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_dtypes_noisy_keeps_input_dtype_rate_is_float32() -> None:
+    ibm = InformationBottleneck(4, out_dim=3, generator=_gen()).train()
+    w = torch.randn(8, 4, generator=_gen())
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = ibm(w.bfloat16(), generator=_gen())
+    assert out.noisy.dtype == torch.bfloat16
+    assert out.projected.dtype == torch.bfloat16
+    assert out.bits.dtype == torch.float32
+    assert (out.noisy.float() - w).abs().max() <= 0.5 + 0.05  # bf16 rounding of w + u
+
+
+def test_bad_shapes_fail_clearly() -> None:
+    ibm = InformationBottleneck(4)
+    with pytest.raises(ValueError, match=r"\(B, 4\).*\(2, 5\)"):
+        ibm(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="dim"):
+        InformationBottleneck(0)
