@@ -180,10 +180,56 @@ class EmbedConfig(StrictConfig):
         _check_device(section, self.device)
 
 
+@dataclasses.dataclass(frozen=True)
+class RdmConfig(StrictConfig):
+    """Stage two (``cifd rdm``): M Rate-Distortion Modules trained on the cache alone.
+
+    One RDM per entry of ``rate_weights`` (R). The loss weighs R × (squared error summed
+    over the D embedding dims) against the rate in bits; with ``scale_embeddings`` the
+    embeddings are first divided by their train RMS, so R means the same for any teacher
+    (see README, "Choosing R"): per-dim distortion ≈ 1 / (2 ln2 · R) where the embedding
+    carries that much signal. Larger R → more bits, less distortion, a stronger assistant.
+    """
+
+    rate_weights: tuple[float, ...] = (16.0, 4.0, 1.0)
+    hidden: int = 512
+    scale_embeddings: bool = True
+    init_scale: float = 1.0
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 1e-3
+    density_lr_factor: float = 10.0
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    temperature: float = 2.0
+    distortion: Literal["mse", "smooth_l1"] = "mse"
+    chunk_rows: int = 64
+    device: str = "auto"
+    threads: int = 1
+    seed: int = 0
+
+    def check(self, section: str) -> None:
+        require(len(self.rate_weights) >= 1 and all(r > 0 for r in self.rate_weights), section,
+                "rate_weights", self.rate_weights, "expected one or more values > 0 (one RDM each)")
+        require(self.hidden > 0, section, "hidden", self.hidden, "expected > 0")
+        require(self.init_scale > 0, section, "init_scale", self.init_scale, "expected > 0")
+        require(self.density_lr_factor > 0, section, "density_lr_factor", self.density_lr_factor, "expected > 0")
+        require(self.epochs >= 1, section, "epochs", self.epochs, "expected >= 1")
+        require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
+        require(self.lr > 0 and math.isfinite(self.lr), section, "lr", self.lr, "expected a finite value > 0")
+        for name in ("ce_weight", "kl_weight"):
+            require(getattr(self, name) >= 0, section, name, getattr(self, name), "expected >= 0")
+        require(self.temperature > 0, section, "temperature", self.temperature, "expected > 0")
+        require(self.chunk_rows > 0, section, "chunk_rows", self.chunk_rows, "expected > 0")
+        require(self.threads >= 1, section, "threads", self.threads, "expected >= 1")
+        _check_device(section, self.device)
+
+
 STAGES: dict[str, type[StrictConfig]] = {
     "prepare": PrepareConfig,
     "teacher": TeacherConfig,
     "embed": EmbedConfig,
+    "rdm": RdmConfig,
 }
 
 

@@ -40,3 +40,11 @@ ATTR_PROVENANCE = "provenance"
 ATTR_FINGERPRINT = "fingerprint"
 ATTR_COMPLETE = "complete"
 ATTR_SOURCES = "sources"
+
+# RDM cache (Zarr v3, one group per split, row-aligned with the teacher cache) ----------
+RDM_SCHEMA_VERSION = 1
+RDM_KIND = "cifd-rdm-cache"
+RDM_X_HAT = "x_hat"  # (N, V, M, D) float16: each RDM's reconstructed embedding
+RDM_LOGITS = "logits"  # (N, V, M, C) float32: each RDM's logits
+ATTR_TEACHER_CACHE = "teacher_cache_fingerprint"
+ATTR_RDM = "rdm"  # config, rate weights, embedding scale, checkpoint sha256

@@ -28,3 +28,13 @@ CLASSIFIER_REPRODUCES_LOGITS = "classifier_reproduces_logits"
 
 # teacher training curve (DVC plot)
 TEACHER_CURVE = "teacher_curve.csv"
+
+# rdm.json: one entry per RDM, keyed "rdm_<i>"
+RDM = "rdm.json"
+RDM_RATE_WEIGHT = "rate_weight"
+RDM_RATE_BITS = "rate_bits"
+RDM_DISTORTION = "distortion"
+RDM_VAL_TOP1 = "val_top1"
+RDM_AGREEMENT = "teacher_agreement"
+RDM_CURVE = "rdm_curve.csv"
+RDM_PLOT = "rdm_rate_accuracy.png"

@@ -86,6 +86,17 @@ def embed(params: Path) -> None:
     _run(lambda: stage.run(params))
 
 
+@main.command()
+@PARAMS
+def rdm(params: Path) -> None:
+    """Stage two: train the Rate-Distortion Modules (one per rdm.rate_weights entry) on
+    the cached teacher embeddings alone (no images, no teacher backbone), and cache each
+    RDM's reconstructed embedding and logits for every (row, view) in paths.rdm_cache."""
+    from stages import rdm as stage
+
+    _run(lambda: stage.run(params))
+
+
 @main.group()
 def cache() -> None:
     """Inspect and verify a teacher cache."""

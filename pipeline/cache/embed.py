@@ -26,6 +26,7 @@ from pipeline.data.shards import Manifest, read_shard
 from pipeline.data.views import render_views, sample_views
 from pipeline.models import (
     ImageClassifier,
+    ModelFileError,
     library_versions,
     load_model,
     logits_from_embedding_check,
@@ -42,6 +43,18 @@ class Preprocess:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, source: str) -> Preprocess:
+        """The ``preprocess`` entry of a frozen teacher's spec (as ``cifd teacher`` writes it)."""
+        pre = spec.get("preprocess")
+        if not isinstance(pre, dict) or not {"image_size", "mean", "std"} <= set(pre):
+            raise ModelFileError(
+                f"teacher {source}: its spec has preprocess = {pre!r}, expected a mapping with image_size, "
+                "mean and std; freeze the teacher with `cifd teacher`, or give save_model a spec with "
+                "'preprocess': {image_size, mean, std}"
+            )
+        return cls(image_size=int(pre["image_size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]))
 
 
 @torch.inference_mode()
@@ -226,8 +239,7 @@ def run_embed(
     model, spec = load_model(str(teacher_path))
     model = model.eval()
     sha = state_dict_sha256(model)
-    preprocess = Preprocess(image_size=int(spec["preprocess"]["image_size"]),
-                            mean=tuple(spec["preprocess"]["mean"]), std=tuple(spec["preprocess"]["std"]))
+    preprocess = Preprocess.from_spec(spec, source=str(teacher_path))
     channels, height, width = manifest.image_shape
     splits = list(splits)
 

@@ -106,8 +106,7 @@ def verify_cache(
     rows, views = flat // part.num_views, flat % part.num_views
     entry = manifest.split(split)
     channels = manifest.image_shape[0]
-    preprocess = Preprocess(image_size=int(spec["preprocess"]["image_size"]),
-                            mean=tuple(spec["preprocess"]["mean"]), std=tuple(spec["preprocess"]["std"]))
+    preprocess = Preprocess.from_spec(spec, source=str(teacher))
     emb_err, log_err, min_cos, agree = 0.0, 0.0, 1.0, 0
     emb_scale, log_scale = 1e-12, 1e-12
     for shard in entry["shards"]:

@@ -52,7 +52,7 @@ class StoreSpec:
     splits: tuple[SplitSpec, ...]
 
 
-def _compressor() -> BloscCodec:
+def default_compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
 
 
@@ -80,7 +80,7 @@ def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any], sou
         for name, (tail, dtype) in arrays.items():
             group.create_array(
                 name, shape=(n, *tail), dtype=dtype, chunks=(k, *tail), shards=(s, *tail),
-                compressors=_compressor(), fill_value=0,
+                compressors=default_compressor(), fill_value=0,
             )
         group.create_array(L.DONE, shape=(len(split.shard_bounds),), dtype="uint8", chunks=(1,),
                            fill_value=0, compressors=None)

@@ -136,6 +136,8 @@ def replay_views(images: Tensor, params: Tensor, *, out_size: int) -> Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images dtype {images.dtype}: expected a float tensor (scale uint8 first)")
     params = params.to(device=images.device, dtype=torch.float32)
+    if images.shape[0] == 0:  # nothing to crop (and the padding reduction needs a row)
+        return images.new_zeros(0, images.shape[1], out_size, out_size)
     exact = _is_exact_copy(params, out_size)
     if bool(exact.all()):
         return _copy_crops(images, params, out_size)

@@ -161,15 +161,17 @@ def build_model(
 
 
 def _check_plain(value: Any, where: str) -> None:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    # Exact types: subclasses (torch.__version__ is a TorchVersion(str)) are pickled by class
+    # and refused by torch.load(weights_only=True).
+    if value is None or type(value) in (bool, int, float, str):
         return
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         for i, item in enumerate(value):
             _check_plain(item, f"{where}[{i}]")
         return
-    if isinstance(value, dict):
+    if type(value) is dict:
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str:
                 raise TypeError(f"spec{where}: key {key!r} is a {type(key).__name__}, keys must be str")
             _check_plain(item, f"{where}[{key!r}]")
         return
@@ -281,8 +283,8 @@ def logits_from_embedding_check(
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide what a model computes (for provenance)."""
     return {
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion, which weights_only loading refuses
+        "timm": str(timm.__version__),
+        "torchvision": str(torchvision.__version__),
+        "numpy": str(np.__version__),
     }

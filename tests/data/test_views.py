@@ -220,3 +220,9 @@ def test_replay_rejects_bad_inputs() -> None:
         replay_views((x * 255).to(torch.uint8), clean_views(2, 12, 12), out_size=12)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         replay_views(x[0], clean_views(2, 12, 12), out_size=12)
+
+
+@pytest.mark.parametrize("out_size", [12, 16])
+def test_an_empty_batch_replays_to_an_empty_batch(out_size: int) -> None:
+    out = replay_views(images(b=0), clean_views(0, 12, 12), out_size=out_size)
+    assert out.shape == (0, 3, out_size, out_size)

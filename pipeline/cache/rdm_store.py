@@ -1,0 +1,103 @@
+"""The RDM cache (``rdm.zarr``): each RDM's x̂ and logits for every cached (row, view).
+
+A separate store from the teacher cache, which stays immutable and shareable. Rows and
+Zarr shards align with the teacher cache; the root attributes name the teacher cache's
+fingerprint, so a mismatched pair is refused before any compute.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.cache.reader import TeacherCache
+from pipeline.cache.store import CacheError, default_compressor
+from schemas import layout as L
+
+
+def create_rdm_store(path: Path, *, teacher: TeacherCache, num_rdms: int, chunk_rows: int,
+                     attrs: dict[str, Any]) -> zarr.Group:
+    """Create a fresh RDM store shaped like ``teacher`` with ``num_rdms`` outputs per view."""
+    if path.exists():
+        shutil.rmtree(path)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    for name in teacher.splits:
+        part = teacher.split(name)
+        shard_rows = part.group[L.EMBEDDINGS].shards[0]  # type: ignore[index]
+        if shard_rows % chunk_rows:
+            raise CacheError(f"rdm.chunk_rows = {chunk_rows} does not divide the shard size {shard_rows}; "
+                             f"pick a divisor of {shard_rows}")
+        group = root.create_group(name)
+        n, v = part.num_rows, part.num_views
+        for array, tail, dtype in ((L.RDM_X_HAT, (v, num_rdms, part.embed_dim), "float16"),
+                                   (L.RDM_LOGITS, (v, num_rdms, part.num_classes), "float32")):
+            group.create_array(array, shape=(n, *tail), dtype=dtype, chunks=(chunk_rows, *tail),
+                               shards=(shard_rows, *tail), compressors=default_compressor(), fill_value=0)
+        group.attrs["shard_bounds"] = [list(b) for b in part.shard_bounds]
+    root.attrs.update({
+        L.ATTR_KIND: L.RDM_KIND,
+        L.ATTR_SCHEMA: L.RDM_SCHEMA_VERSION,
+        L.ATTR_TEACHER_CACHE: teacher.fingerprint,
+        L.ATTR_RDM: attrs,
+        L.ATTR_COMPLETE: False,
+    })
+    return root
+
+
+def write_rdm_rows(group: zarr.Group, start: int, stop: int, x_hat: np.ndarray, logits: np.ndarray) -> None:
+    """Write one shard's rows: x̂ (n, V, M, D) and logits (n, V, M, C)."""
+    group[L.RDM_X_HAT][start:stop] = x_hat.astype(np.float16)
+    group[L.RDM_LOGITS][start:stop] = logits.astype(np.float32)
+
+
+class RdmCache:
+    """An opened RDM cache, checked against its teacher cache."""
+
+    def __init__(self, path: Path, root: zarr.Group) -> None:
+        self.path = path
+        self.root = root
+        self.attrs: dict[str, Any] = dict(root.attrs)
+
+    @property
+    def num_rdms(self) -> int:
+        return len(self.attrs[L.ATTR_RDM]["rate_weights"])
+
+    def read(self, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        group = self.root[split]
+        return {L.RDM_X_HAT: group[L.RDM_X_HAT][start:stop], L.RDM_LOGITS: group[L.RDM_LOGITS][start:stop]}  # type: ignore[index]
+
+    def read_all(self, split: str) -> dict[str, np.ndarray]:
+        bounds = self.root[split].attrs["shard_bounds"]
+        blocks = [self.read(split, a, b) for a, b in bounds]  # type: ignore[misc]
+        return {k: np.concatenate([blk[k] for blk in blocks]) for k in (L.RDM_X_HAT, L.RDM_LOGITS)}
+
+
+def open_rdm_cache(path: str | Path, teacher: TeacherCache) -> RdmCache:
+    """Open ``rdm.zarr`` and refuse it unless it was made from exactly ``teacher``."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"no RDM cache at {path}; run `cifd rdm` (dvc repro rdm) or fix paths.rdm_cache")
+    root = zarr.open_group(path, mode="r")
+    attrs = dict(root.attrs)
+    if attrs.get(L.ATTR_KIND) != L.RDM_KIND or attrs.get(L.ATTR_SCHEMA) != L.RDM_SCHEMA_VERSION:
+        raise CacheError(f"{path} is not an RDM cache of schema {L.RDM_SCHEMA_VERSION} "
+                         f"(kind {attrs.get(L.ATTR_KIND)!r}, schema {attrs.get(L.ATTR_SCHEMA)!r}); rerun `cifd rdm`")
+    if not attrs.get(L.ATTR_COMPLETE):
+        raise CacheError(f"RDM cache {path} is incomplete; rerun `cifd rdm`")
+    found = attrs.get(L.ATTR_TEACHER_CACHE)
+    if found != teacher.fingerprint:
+        raise CacheError(
+            f"RDM cache {path} was made from teacher cache {str(found)[:16]}…, but the teacher cache at "
+            f"{teacher.path} is {teacher.fingerprint[:16]}…. Rerun `cifd rdm` on this teacher cache, or "
+            "point paths.cache at the cache the RDMs were trained on."
+        )
+    for name in teacher.splits:
+        rows = root[name][L.RDM_X_HAT].shape[0]  # type: ignore[index]
+        if rows != teacher.split(name).num_rows:
+            raise CacheError(f"RDM cache {path} split {name} has {rows} rows, teacher cache has "
+                             f"{teacher.split(name).num_rows}; rerun `cifd rdm`")
+    return RdmCache(path, root)

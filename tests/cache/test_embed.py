@@ -1,0 +1,366 @@
+"""Stage one (`pipeline.cache.embed.run_embed`): fill, replay, resume, refuse, fail loudly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import pipeline.cache.embed as embed_module
+from pipeline.cache.embed import run_embed
+from pipeline.cache.reader import CacheExpectation, open_cache
+from pipeline.cache.store import CacheError
+from pipeline.data.shards import CorruptSampleError, content_hash, load_manifest, load_split
+from pipeline.data.views import normalize, render_views, sample_views
+from pipeline.models import ModelFileError, build_model, load_model, save_model, state_dict_sha256
+from schemas import layout as L
+from schemas.config import EmbedConfig
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part"),
+]
+
+
+def arrays(store: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every array of every split, read raw (no completeness check)."""
+    root = zarr.open_group(store, mode="r", use_consolidated=False)
+    return {split: {name: root[split][name][:] for name in (*L.ROW_ARRAYS, L.DONE)}
+            for split in L.SPLITS}
+
+
+def assert_bit_equal(a: Path, b: Path) -> None:
+    left, right = arrays(a), arrays(b)
+    for split in L.SPLITS:
+        for name in left[split]:
+            x, y = left[split][name], right[split][name]
+            assert x.dtype == y.dtype and x.shape == y.shape, f"{split}/{name}"
+            assert x.tobytes() == y.tobytes(), f"{split}/{name} differs"
+
+
+def num_shards(manifest) -> int:
+    return sum(len(manifest.split(s)["shards"]) for s in L.SPLITS)
+
+
+def done_flags(store: Path) -> np.ndarray:
+    root = zarr.open_group(store, mode="r", use_consolidated=False)
+    return np.concatenate([np.asarray(root[s][L.DONE][:]) for s in L.SPLITS])
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    """Child processes forked from one server that has imported the embed code once.
+
+    Spawning a fresh interpreter per process re-imports torch and timm (~10 s each on a busy
+    2-core box); a preloaded forkserver pays that once for the dask workers and the child
+    that gets killed. Only process start-up differs from the default 'spawn': tasks are
+    still pickled to separate processes that share nothing with this one.
+    """
+    import distributed.utils
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        ctx = distributed.utils.get_mp_context()  # distributed sets its own preload list first
+        ctx.set_forkserver_preload(["distributed", "pipeline.cache.embed"])
+        yield ctx
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_file):
+    model, spec = load_model(teacher_file)
+    return model.eval(), spec
+
+
+# Filling the store -----------------------------------------------------------------------
+
+
+def test_embed_fills_every_row(embedded_cache, manifest, teacher, embed_settings) -> None:
+    store, report = embedded_cache
+    model, spec = teacher
+    total = sum(manifest.split(s)["num_samples"] for s in L.SPLITS)
+    assert report.resumed_shards == 0 and report.written_shards == num_shards(manifest)
+    assert report.written_rows == total and report.teacher_forwards == total * embed_settings.views
+    assert report.classifier_reproduces_logits
+    cache = open_cache(store, CacheExpectation(teacher_sha256=state_dict_sha256(model),
+                                               manifest_sha256=manifest.sha256,
+                                               num_classes=model.num_classes, embed_dim=model.embed_dim))
+    assert cache.attrs[L.ATTR_COMPLETE] is True
+    prov = cache.provenance
+    assert prov["preprocess"] == spec["preprocess"]
+    assert prov["views"]["num_views"] == embed_settings.views and prov["views"]["seed"] == embed_settings.seed
+    assert prov["dataset"]["classes"] == manifest.classes
+    for split in L.SPLITS:
+        part = cache.split(split)
+        data = part.read_all()
+        block = load_split(manifest, split)
+        n = manifest.split(split)["num_samples"]
+        assert (part.num_rows, part.num_views, part.embed_dim, part.num_classes) == (
+            n, embed_settings.views, model.embed_dim, model.num_classes)
+        assert np.array_equal(data[L.INDEX], np.arange(n))
+        assert np.array_equal(data[L.LABELS], block.labels)
+        assert np.isfinite(data[L.EMBEDDINGS]).all() and np.isfinite(data[L.LOGITS]).all()
+        assert np.abs(data[L.EMBEDDINGS]).sum(axis=-1).min() > 0  # no row left at the fill value
+
+
+def test_view0_logits_are_the_teachers_clean_logits(embedded_cache, manifest, teacher) -> None:
+    store, _ = embedded_cache
+    model, spec = teacher
+    pre = spec["preprocess"]
+    assert pre["image_size"] == manifest.image_shape[1]  # so view 0 is the untouched image
+    cache = open_cache(store)
+    for split in L.SPLITS:
+        block = load_split(manifest, split)
+        x = normalize(torch.from_numpy(block.images).float() / 255, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+        with torch.no_grad():
+            emb = model.embed(x)
+            logits = model.classify(emb)
+        cached = cache.split(split).read_all((L.EMBEDDINGS, L.LOGITS))
+        c_logits = torch.from_numpy(cached[L.LOGITS][:, 0])
+        assert torch.equal(c_logits.argmax(-1), logits.argmax(-1))
+        torch.testing.assert_close(c_logits, logits, atol=1e-5, rtol=1e-5)
+        c_emb = torch.from_numpy(cached[L.EMBEDDINGS][:, 0].astype(np.float32))
+        torch.testing.assert_close(c_emb, emb, atol=2e-3, rtol=2e-3)  # stored as float16
+
+
+def test_cached_views_are_the_seeded_draws(embedded_cache, manifest, embed_settings) -> None:
+    store, _ = embedded_cache
+    cache = open_cache(store)
+    _, height, width = manifest.image_shape
+    generator = torch.Generator().manual_seed(embed_settings.seed)  # one generator, splits in order
+    for split in L.SPLITS:
+        expected = sample_views(num_images=manifest.split(split)["num_samples"], num_views=embed_settings.views,
+                                height=height, width=width, policy=embed_settings.policy, generator=generator)
+        cached = cache.split(split).read_all((L.VIEWS,))[L.VIEWS]
+        assert cached.dtype == np.float32
+        assert np.array_equal(cached, expected.numpy())
+        assert (cached[:, 1:, 2] < height).any()  # real crops, not only clean views
+
+
+def test_replaying_cached_views_reproduces_cached_outputs(embedded_cache, manifest, teacher) -> None:
+    """The student's path: decode the shard, replay the cached crop, run the network."""
+    store, _ = embedded_cache
+    model, spec = teacher
+    pre = spec["preprocess"]
+    cache = open_cache(store)
+    for split in L.SPLITS:
+        part = cache.split(split)
+        block = load_split(manifest, split)
+        cached = part.read_all()
+        images = torch.from_numpy(block.images)
+        for v in range(part.num_views):
+            x = render_views(images, torch.from_numpy(cached[L.VIEWS][:, v]), out_size=pre["image_size"],
+                             mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+            with torch.no_grad():
+                emb = model.embed(x)
+                logits = model.classify(emb)
+            torch.testing.assert_close(torch.from_numpy(cached[L.EMBEDDINGS][:, v].astype(np.float32)), emb,
+                                       atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(torch.from_numpy(cached[L.LOGITS][:, v]), logits, atol=1e-5, rtol=1e-5)
+        # the views really differ, so the comparison above is not vacuous
+        assert np.abs(cached[L.EMBEDDINGS][:, 1].astype(np.float32)
+                      - cached[L.EMBEDDINGS][:, 0].astype(np.float32)).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_same_cache(embedded_cache, manifest, shards_dir, teacher_file, embed_settings,
+                                                  tiny, tmp_path, forkserver) -> None:
+    reference, _ = embedded_cache
+    store = tmp_path / "dask.zarr"
+    settings = dataclasses.replace(embed_settings, scheduler="local", workers=2, threads_per_worker=1)
+    # A worker's error reaches the driver with its message; the store stays incomplete.
+    shards = tmp_path / "shards"
+    shutil.copytree(shards_dir, shards)
+    bad = manifest.split("val")["shards"][0]
+    _rewrite_member(tiny, shards / bad["file"], f"{L.sample_key(bad['start'])}.jpg", b"garbage")
+    with pytest.raises(CorruptSampleError, match=rf"{bad['file']} sample {L.sample_key(bad['start'])}"):
+        run_embed(settings=settings, manifest=load_manifest(shards), teacher_path=teacher_file, store_path=store)
+    assert zarr.open_group(store, mode="r").attrs[L.ATTR_COMPLETE] is False
+
+    # Same manifest (only the bytes were bad, and every row is hash-checked): finished shards resume.
+    report = run_embed(settings=settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    assert report.resumed_shards + report.written_shards == num_shards(manifest)
+    assert 1 <= report.written_shards < num_shards(manifest)
+    open_cache(store, CacheExpectation(manifest_sha256=manifest.sha256))
+    left, right = arrays(store), arrays(reference)
+    for split in L.SPLITS:
+        for name in (L.VIEWS, L.LABELS, L.INDEX, L.DONE):
+            assert np.array_equal(left[split][name], right[split][name]), f"{split}/{name}"
+        for name in (L.EMBEDDINGS, L.LOGITS):
+            np.testing.assert_allclose(left[split][name].astype(np.float32), right[split][name].astype(np.float32),
+                                       atol=1e-3, rtol=1e-3, err_msg=f"{split}/{name}")
+
+
+# Resuming and refusing -------------------------------------------------------------------
+
+def killable_embed(args: dict) -> None:
+    """Child process: ``run_embed`` that half-writes its ``hang_at``-th shard, then waits."""
+    original, calls = embed_module.write_rows, [0]
+
+    def write_rows(group, start, stop, rows):
+        calls[0] += 1
+        if calls[0] == args["hang_at"]:  # half-write this shard, then wait to be killed
+            group[L.EMBEDDINGS][start:stop] = rows[L.EMBEDDINGS] + 1
+            Path(args["marker"]).write_text(str(start))
+            time.sleep(600)
+        original(group, start, stop, rows)
+
+    embed_module.write_rows = write_rows
+    torch.set_num_threads(1)
+    run_embed(settings=EmbedConfig.from_mapping(args["settings"], section="embed"),
+              manifest=load_manifest(args["shards"]), teacher_path=Path(args["teacher"]),
+              store_path=Path(args["store"]))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_an_uninterrupted_run(embedded_cache, manifest, shards_dir, teacher_file,
+                                                       embed_settings, tmp_path, forkserver) -> None:
+    reference, _ = embedded_cache
+    store, marker = tmp_path / "killed.zarr", tmp_path / "marker"
+    hang_at = 4  # shards 1-3 finish, the 4th is half written when the kill comes
+    args = {"hang_at": hang_at, "marker": str(marker), "settings": embed_settings.to_dict(),
+            "shards": str(shards_dir), "teacher": str(teacher_file), "store": str(store)}
+    child = forkserver.Process(target=killable_embed, args=(args,))
+    child.start()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and child.is_alive():
+            if marker.exists() and done_flags(store).sum() >= 1:
+                break
+            time.sleep(0.05)
+        assert child.is_alive(), f"child exited early with {child.exitcode}"
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert child.exitcode == -signal.SIGKILL
+    done = done_flags(store)
+    assert done.sum() == hang_at - 1 < len(done), done
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(store)
+
+    report = run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    assert report.resumed_shards == hang_at - 1 > 0
+    assert report.written_shards == num_shards(manifest) - (hang_at - 1)
+    assert report.written_rows == sum(manifest.split(s)["num_samples"] for s in L.SPLITS) - 3 * 4
+    assert_bit_equal(store, reference)
+    assert open_cache(store).fingerprint == open_cache(reference).fingerprint
+
+
+def test_a_failing_shard_leaves_finished_shards_done_and_the_store_incomplete(
+        embedded_cache, manifest, teacher_file, embed_settings, tmp_path, monkeypatch) -> None:
+    reference, _ = embedded_cache
+    store = tmp_path / "failed.zarr"
+    original, calls = embed_module.embed_shard, []
+
+    def flaky(task):
+        calls.append(task.start)
+        if len(calls) == 3:
+            raise RuntimeError("worker died on purpose")
+        return original(task)
+
+    monkeypatch.setattr(embed_module, "embed_shard", flaky)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    done = done_flags(store)
+    assert done.tolist() == [1, 1] + [0] * (len(done) - 2)
+    assert zarr.open_group(store, mode="r").attrs[L.ATTR_COMPLETE] is False
+    with pytest.raises(CacheError, match=r"incomplete .*'train': '2/7'.*rerun `cifd embed`"):
+        open_cache(store)
+
+    monkeypatch.setattr(embed_module, "embed_shard", original)
+    report = run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    assert (report.resumed_shards, report.written_shards) == (2, num_shards(manifest) - 2)
+    assert_bit_equal(store, reference)
+
+
+def test_rerun_of_a_complete_store_does_nothing(embedded_cache, manifest, teacher_file, embed_settings,
+                                                tmp_path) -> None:
+    reference, _ = embedded_cache
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(reference, store)
+    report = run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    assert (report.resumed_shards, report.written_shards, report.teacher_forwards) == (num_shards(manifest), 0, 0)
+    assert_bit_equal(store, reference)
+    open_cache(store)
+
+
+@pytest.mark.parametrize("change", [{"views": 2}, {"seed": 1}, {"policy": {"kind": "pad_crop", "pad": 2}},
+                                    {"logits_dtype": "float16"}])
+def test_changed_content_settings_recreate_the_store(embedded_cache, manifest, teacher_file, embed_settings,
+                                                     tmp_path, change, monkeypatch) -> None:
+    """A half-made store from other settings is started over, never mixed in."""
+    reference, _ = embedded_cache
+    store = tmp_path / "changed.zarr"
+    other = EmbedConfig.from_mapping({**embed_settings.to_dict(), **change}, section="embed")
+    original, calls = embed_module.embed_shard, []
+
+    def stop_after_two(task):
+        calls.append(task.start)
+        if len(calls) > 2:
+            raise RuntimeError("stop")
+        return original(task)
+
+    monkeypatch.setattr(embed_module, "embed_shard", stop_after_two)
+    with pytest.raises(RuntimeError, match="stop"):
+        run_embed(settings=other, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    assert done_flags(store).sum() == 2
+    monkeypatch.setattr(embed_module, "embed_shard", original)
+    report = run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    assert report.resumed_shards == 0 and report.written_shards == num_shards(manifest)
+    assert_bit_equal(store, reference)
+
+
+def _rewrite_member(tiny, tar: Path, member: str, data: bytes) -> None:
+    members = tiny.read_tar(tar)
+    assert member in members
+    members[member] = data
+    tiny.write_tar(tar, members)
+
+
+def test_corrupt_image_inside_a_shard_names_the_shard_and_the_key(manifest, shards_dir, teacher_file,
+                                                                   embed_settings, tiny, tmp_path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(shards_dir, shards)
+    shard = manifest.split("train")["shards"][1]
+    row = shard["start"] + 1
+    key = f"{row:0{L.KEY_DIGITS}d}"
+    garbage = b"\xff\xd8\xff\xe0 not a jpeg any more"
+    _rewrite_member(tiny, shards / shard["file"], f"{key}.jpg", garbage)
+
+    with pytest.raises(CorruptSampleError) as info:
+        run_embed(settings=embed_settings, manifest=load_manifest(shards), teacher_path=teacher_file,
+                  store_path=tmp_path / "a.zarr")
+    message = str(info.value)
+    assert shard["file"] in message and f"sample {key}" in message and "content hash" in message
+    assert done_flags(tmp_path / "a.zarr").tolist()[:1] == [1]  # the shard before it finished
+
+    # With a manifest that agrees with the new bytes, decoding itself fails, naming both too.
+    data = json.loads((shards / L.MANIFEST_NAME).read_text())
+    data["splits"]["train"]["sample_sha256"][row] = content_hash(garbage)
+    (shards / L.MANIFEST_NAME).write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
+    with pytest.raises(CorruptSampleError) as info:
+        run_embed(settings=embed_settings, manifest=load_manifest(shards), teacher_path=teacher_file,
+                  store_path=tmp_path / "b.zarr")
+    message = str(info.value)
+    assert shard["file"] in message and f"sample {key}" in message and "cannot decode" in message
+
+
+def test_a_teacher_without_preprocess_is_refused_clearly(manifest, embed_settings, tmp_path) -> None:
+    name, kwargs = "pipeline.models.cifar_resnet:resnet8", {"width": 4}
+    bare = tmp_path / "bare.pt"
+    save_model(bare, build_model(name, num_classes=3, in_chans=3, model_kwargs=kwargs).eval(),
+               spec={"name": name, "num_classes": 3, "in_chans": 3, "model_kwargs": kwargs})
+    with pytest.raises(ModelFileError, match=r"bare\.pt: its spec has preprocess = None.*cifd teacher"):
+        run_embed(settings=embed_settings, manifest=manifest, teacher_path=bare, store_path=tmp_path / "c.zarr")
+    assert not (tmp_path / "c.zarr").exists()
