@@ -225,11 +225,87 @@ class RdmConfig(StrictConfig):
         _check_device(section, self.device)
 
 
+METHODS = ("ce", "kd", "dgkd", "cifd")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(StrictConfig):
+    """Stage three (``cifd distill --method M``): a student from images + cached targets.
+
+    Methods: ``ce`` (labels only), ``kd`` (Hinton: (1-α)·CE + α·τ²·KL), ``dgkd`` (KD to the
+    teacher and every RDM, KD dropout, no IBM), ``cifd`` (KD to teacher and RDMs, feature
+    losses through a projection, IBM rate, KD dropout). ``ckd_weight`` > 0 adds the
+    comparative pair term to any method. Defaults are the paper's (DESIGN §2).
+    """
+
+    methods: tuple[str, ...] = METHODS
+    student: str = "resnet10t"
+    student_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    temperature: float = 2.0
+    kd_alpha: float = 0.9
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    rdm_weights: tuple[float, ...] | None = None
+    feature_weight: float = 100.0
+    rate_weight: float = 0.005
+    kd_dropout: float = 0.25
+    ibm: bool = True
+    distortion: Literal["mse", "smooth_l1"] = "mse"
+    ckd_weight: float = 0.0
+    data: Literal["memory", "stream"] = "memory"
+    loader_workers: int = 0
+    channels_last: bool = True
+    amp: bool = True
+    device: str = "auto"
+    threads: int = 2
+    seed: int = 0
+
+    def check(self, section: str) -> None:
+        require(len(self.methods) >= 1 and all(m in METHODS for m in self.methods), section, "methods",
+                self.methods, f"expected a non-empty list of {list(METHODS)}")
+        require(bool(self.student), section, "student", self.student, "expected a timm name or module:function")
+        require(self.epochs >= 1, section, "epochs", self.epochs, "expected >= 1")
+        require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
+        require(self.lr > 0 and math.isfinite(self.lr), section, "lr", self.lr, "expected a finite value > 0")
+        require(self.temperature > 0, section, "temperature", self.temperature, "expected > 0")
+        require(0.0 <= self.kd_alpha <= 1.0, section, "kd_alpha", self.kd_alpha, "expected 0 <= α <= 1")
+        require(0.0 <= self.kd_dropout < 1.0, section, "kd_dropout", self.kd_dropout, "expected 0 <= p < 1")
+        for name in ("ce_weight", "kl_weight", "feature_weight", "rate_weight", "ckd_weight", "weight_decay"):
+            require(getattr(self, name) >= 0, section, name, getattr(self, name), "expected >= 0")
+        require(self.rdm_weights is None or all(w >= 0 for w in self.rdm_weights), section, "rdm_weights",
+                self.rdm_weights, "expected null (all 1) or one weight >= 0 per RDM")
+        require(self.loader_workers >= 0, section, "loader_workers", self.loader_workers, "expected >= 0")
+        require(self.threads >= 1, section, "threads", self.threads, "expected >= 1")
+        _check_device(section, self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig(StrictConfig):
+    """``cifd evaluate``: every distilled student against the teacher on the val split."""
+
+    methods: tuple[str, ...] = METHODS
+    batch_size: int = 512
+    device: str = "auto"
+
+    def check(self, section: str) -> None:
+        require(all(m in METHODS for m in self.methods), section, "methods", self.methods,
+                f"expected a list of {list(METHODS)}")
+        require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
+        _check_device(section, self.device)
+
+
 STAGES: dict[str, type[StrictConfig]] = {
     "prepare": PrepareConfig,
     "teacher": TeacherConfig,
     "embed": EmbedConfig,
     "rdm": RdmConfig,
+    "distill": DistillConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

@@ -97,6 +97,29 @@ def rdm(params: Path) -> None:
     _run(lambda: stage.run(params))
 
 
+@main.command()
+@PARAMS
+@click.option("--method", required=True, type=click.Choice(["ce", "kd", "dgkd", "cifd"]),
+              help="Distillation method (dvc.yaml runs every entry of distill.methods).")
+def distill(params: Path, method: str) -> None:
+    """Stage three: train a student on the cached views (exact crops replayed on the
+    device) with the cached teacher and RDM outputs as targets. Checkpoints every epoch and
+    resumes a killed run; runs under `torchrun` for multi-GPU (DDP)."""
+    from stages import distill as stage
+
+    _run(lambda: stage.run(params, method))
+
+
+@main.command()
+@PARAMS
+def evaluate(params: Path) -> None:
+    """Every distilled student against the teacher on the val split: top-1, teacher
+    top-1, top-1 agreement and KL; writes the method table as DVC metrics and plots."""
+    from stages import evaluate as stage
+
+    _run(lambda: stage.run(params))
+
+
 @main.group()
 def cache() -> None:
     """Inspect and verify a teacher cache."""

@@ -36,3 +36,24 @@ def plot_rate_accuracy(rows: Sequence[Mapping[str, Any]], *, teacher_top1: float
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
+
+
+def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], *, teacher_top1: float, path: Path) -> None:
+    """Student val top-1 against epochs, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, rows in curves.items():
+        ax.plot([r["epoch"] for r in rows], [r["val_top1"] for r in rows], "o-", ms=3, label=method)
+    ax.axhline(teacher_top1, color="gray", ls=":", label=f"teacher {teacher_top1:.3f}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("student val top-1")
+    ax.legend(fontsize=8)
+    ax.set_title("Distillation methods")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)

@@ -6,6 +6,7 @@ No torch here: this module is imported by the spawned writer processes, so it st
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +94,20 @@ def fill(path: Path) -> None:
             write_rows(root[split], a, b, rows_for(split, a, b))
 
 
-@pytest.fixture
-def complete_store(tmp_path: Path) -> Path:
-    path = tmp_path / "cache.zarr"
+@pytest.fixture(scope="module")
+def complete_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A filled, finalized store; read-only (tests that change it use ``store_copy``)."""
+    path = tmp_path_factory.mktemp("store") / "cache.zarr"
     make_store(path)
     fill(path)
     finalize(path)
+    return path
+
+
+@pytest.fixture
+def store_copy(complete_store: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "cache.zarr"
+    shutil.copytree(complete_store, path)
     return path
 
 
@@ -208,22 +217,22 @@ def test_open_cache_refuses_an_incomplete_store(tmp_path: Path) -> None:
     assert "rerun `cifd embed` to resume" in message
 
 
-def test_open_cache_refuses_a_complete_flag_with_missing_shards(complete_store: Path) -> None:
-    root = zarr.open_group(complete_store, mode="r+", use_consolidated=False)
+def test_open_cache_refuses_a_complete_flag_with_missing_shards(store_copy: Path) -> None:
+    root = zarr.open_group(store_copy, mode="r+", use_consolidated=False)
     root["val"][L.DONE][1] = 0
     with pytest.raises(CacheError, match=r"split val: shards \[1\] are not written"):
-        open_cache(complete_store)
+        open_cache(store_copy)
 
 
 @pytest.mark.parametrize(("attr", "value", "what"), [
     (L.ATTR_SCHEMA, L.CACHE_SCHEMA_VERSION + 1, "schema version"),
     (L.ATTR_KIND, "something-else", "kind"),
 ])
-def test_open_cache_refuses_another_schema_or_kind(complete_store: Path, attr, value, what) -> None:
-    root = zarr.open_group(complete_store, mode="r+")
+def test_open_cache_refuses_another_schema_or_kind(store_copy: Path, attr, value, what) -> None:
+    root = zarr.open_group(store_copy, mode="r+")
     root.attrs[attr] = value
     with pytest.raises(CacheError) as info:
-        open_cache(complete_store)
+        open_cache(store_copy)
     message = str(info.value)
     assert f"{what} is {value!r}" in message
     assert ("`cifd embed`" in message) if attr == L.ATTR_SCHEMA else ("paths.cache" in message)

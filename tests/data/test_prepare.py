@@ -49,7 +49,7 @@ def test_manifest_row_ranges_are_contiguous_and_cover_every_split(manifest, tiny
         assert len(shards) >= 3, "the fixture should make several shards per split"
         assert shards[0]["start"] == 0
         assert shards[-1]["stop"] == entry["num_samples"]
-        for prev, nxt in zip(shards, shards[1:]):
+        for prev, nxt in zip(shards, shards[1:], strict=False):
             assert prev["stop"] == nxt["start"]
         sizes = [s["stop"] - s["start"] for s in shards]
         assert all(size == tiny.samples_per_shard for size in sizes[:-1])
@@ -69,7 +69,7 @@ def test_shard_keys_hashes_and_labels_match_the_manifest(manifest, tiny) -> None
         for shard in entry["shards"]:
             samples = list(iter_tar_samples(manifest.root / shard["file"]))
             assert len(samples) == shard["stop"] - shard["start"]
-            for row, sample in zip(range(shard["start"], shard["stop"]), samples):
+            for row, sample in zip(range(shard["start"], shard["stop"]), samples, strict=True):
                 assert sample["__key__"] == sample_key(row) == f"{row:0{KEY_DIGITS}d}"
                 assert set(sample) == {"__key__", "cls", "jpg"}
                 image = sample["jpg"]
@@ -175,6 +175,40 @@ def test_load_manifest_errors(tmp_path, shards_dir) -> None:
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="schema_version 99"):
         load_manifest(tmp_path)
+
+
+def test_directory_source_equals_the_tar_source(tiny, prepare_config, shards_dir, tmp_path) -> None:
+    root = tmp_path / "images"
+    for name, data in tiny.members().items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    prepare_dataset(dataclasses.replace(prepare_config, train=str(root)), tmp_path / "out")
+    from_dir, from_tar = shard_files(tmp_path / "out"), shard_files(shards_dir)
+    assert from_dir.keys() == from_tar.keys()
+    assert all(from_dir[k] == from_tar[k] for k in from_dir if k.endswith(".tar"))
+
+
+def test_explicit_class_order_sets_the_labels(tiny, prepare_config, tmp_path) -> None:
+    order = ("frog", "cat", "dog")
+    prepare_dataset(dataclasses.replace(prepare_config, classes=order), tmp_path / "out")
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.classes == list(order)
+    by_hash = {content_hash(data): order.index(name.split("/")[1]) for name, data in tiny.members().items()}
+    block = load_split(manifest, "train")
+    hashes = manifest.split("train")["sample_sha256"]
+    assert [by_hash[h] for h in hashes] == block.labels.tolist()
+    with pytest.raises(SourceError, match=r"class folders \['frog'\] that are not in prepare.classes"):
+        prepare_dataset(dataclasses.replace(prepare_config, classes=("cat", "dog")), tmp_path / "bad")
+
+
+def test_digits_source_is_grayscale(tmp_path) -> None:
+    cfg = PrepareConfig(source="digits", limit_train=30, limit_val=10, samples_per_shard=8)
+    report = prepare_dataset(cfg, tmp_path)
+    assert report.num_samples == {"train": 30, "val": 10} and report.num_classes == 10
+    manifest = load_manifest(tmp_path)
+    assert manifest.image_shape == (1, 8, 8)
+    block = load_split(manifest, "val", verify_hashes=True)
+    assert block.images.shape == (10, 1, 8, 8) and block.images.max() > 0
 
 
 # Corrupt and odd images ------------------------------------------------------------------

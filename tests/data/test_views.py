@@ -100,11 +100,11 @@ def test_integer_pad_crop_equals_pad_and_slice() -> None:
     x = images(b=8, h=12, w=12, seed=1)
     pad, size = 4, 12
     offsets = [(-4, 3, 0), (0, 0, 1), (4, -4, 1), (2, -1, 0), (-3, -3, 1), (1, 4, 0), (0, 0, 0), (-1, 2, 1)]
-    p = params([[t, l, size, size, f] for t, l, f in offsets])
+    p = params([[top, left, size, size, flip] for top, left, flip in offsets])
     out = replay_views(x, p, out_size=size)
-    for i, (t, l, f) in enumerate(offsets):
-        expected = F.pad(x[i], (pad, pad, pad, pad))[:, pad + t: pad + t + size, pad + l: pad + l + size]
-        if f:
+    for i, (top, left, flip) in enumerate(offsets):
+        expected = F.pad(x[i], (pad, pad, pad, pad))[:, pad + top: pad + top + size, pad + left: pad + left + size]
+        if flip:
             expected = expected.flip(-1)
         assert torch.equal(out[i], expected), f"view {offsets[i]}"
 

@@ -1,0 +1,396 @@
+"""Stage one (``embed``) throughput against the bare teacher forward, in one run.
+
+On one CIFAR-10 subset (shards made with ``prepare_dataset``) and one teacher file (the
+pretrained ResNet-56 saved with ``save_model`` and a ``preprocess`` spec), measures:
+
+(a) bare: images/s of ``model.embed`` + ``model.classify`` under ``torch.inference_mode``,
+    same batch size and threads, over the clean views already decoded, rendered and
+    normalised in memory (the ceiling for the stage);
+(b) the full ``run_embed`` at V=1 (decode, views, teacher, Zarr write, setup, finalize) with
+    ``scheduler="synchronous"`` and with ``scheduler="local"`` (dask LocalCluster, 1 worker,
+    ``threads_per_worker`` torch threads; cluster start included, and reported on its own);
+(c) the same at V=``--views`` (images/s and views/s).
+
+Ratios stage/bare (per teacher forward) are the claim: at V=1 the stage should reach 0.8 of
+the bare forward. Synchronous runs are instrumented with timers around the stage's own
+functions (load, tar read, hash, JPEG decode, render_views, embed/classify, write_rows) so the
+JSON says where the time goes; ``--cprofile`` adds a cProfile of one more V=1 run.
+
+    uv run python bench/embed_throughput.py            # defaults sized for a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import logging
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from _common import RESULTS, Timer, machine_info, median, prepare_cifar, save_teacher, write_result  # noqa: E402
+
+pc = time.perf_counter
+
+
+# ------------------------------------------------------------------ instrumentation
+
+@contextlib.contextmanager
+def instrumented(timer: Timer) -> Iterator[None]:
+    """Time the stage's own functions inside a synchronous ``run_embed``.
+
+    Work inside ``embed_shard`` is booked under its name; the same functions called by
+    ``run_embed``'s set-up (the classifier probe) go under ``setup.*``. Overhead: a few
+    Python calls per image (~µs) against ~10 ms of teacher compute per image.
+    """
+    import pipeline.cache.embed as E
+    import pipeline.data.shards as S
+    from pipeline.models import ImageClassifier
+
+    inside = {"shard": False}
+
+    def key(name: str) -> str:
+        return name if inside["shard"] else f"setup.{name}"
+
+    def wrap(name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = pc()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timer.add(key(name), pc() - began)
+        return timed
+
+    orig_shard = E.embed_shard
+
+    def embed_shard(task: Any) -> Any:
+        inside["shard"] = True
+        began = pc()
+        try:
+            return orig_shard(task)
+        finally:
+            timer.add("embed_shard.total", pc() - began)
+            inside["shard"] = False
+
+    orig_iter = S.iter_tar_samples
+
+    def iter_tar_samples(path: Any) -> Iterator[Any]:
+        gen = orig_iter(path)
+        while True:
+            began = pc()
+            try:
+                item = next(gen)
+            except StopIteration:
+                timer.add(key("read_shard.tar_read"), pc() - began, 0)
+                return
+            timer.add(key("read_shard.tar_read"), pc() - began)
+            yield item
+
+    patches = [
+        mock.patch.object(E, "embed_shard", embed_shard),
+        mock.patch.object(E, "_load_teacher", wrap("load_teacher", E._load_teacher)),
+        mock.patch.object(E, "read_shard", wrap("read_shard", E.read_shard)),
+        mock.patch.object(S, "iter_tar_samples", iter_tar_samples),
+        mock.patch.object(S, "content_hash", wrap("read_shard.hash", S.content_hash)),
+        mock.patch.object(S, "decode_image", wrap("read_shard.decode_jpeg", S.decode_image)),
+        mock.patch.object(E, "render_views", wrap("render_views", E.render_views)),
+        mock.patch.object(ImageClassifier, "embed", wrap("forward.embed", ImageClassifier.embed)),
+        mock.patch.object(ImageClassifier, "classify", wrap("forward.classify", ImageClassifier.classify)),
+        mock.patch.object(E, "write_rows", wrap("write_rows", E.write_rows)),
+    ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+def breakdown(timer: Timer, *, wall: float, phases: dict[str, float]) -> dict[str, Any]:
+    """Seconds and share of the stage wall time per part; ``other`` parts are residuals."""
+    s = timer.seconds
+    get = lambda k: s.get(k, 0.0)  # noqa: E731
+    read = get("read_shard")
+    parts = {
+        "run_embed_setup (load_model, sha256, probe, create_store, sample_views)": phases["setup_s"],
+        "load_teacher (in embed_shard, first shard)": get("load_teacher"),
+        "read_shard.tar_read": get("read_shard.tar_read"),
+        "read_shard.hash (sha256 per image)": get("read_shard.hash"),
+        "read_shard.decode_jpeg (PIL)": get("read_shard.decode_jpeg"),
+        "read_shard.other (key checks, np.stack)": read - get("read_shard.tar_read") - get("read_shard.hash")
+        - get("read_shard.decode_jpeg"),
+        "render_views (crop/flip/resize + normalise)": get("render_views"),
+        "forward (embed + classify)": get("forward.embed") + get("forward.classify"),
+        "write_rows (zarr, 5 arrays + done flag)": get("write_rows"),
+        "embed_shard.other (gather, cat, astype, open_group)": get("embed_shard.total") - get("load_teacher")
+        - read - get("render_views") - get("forward.embed") - get("forward.classify") - get("write_rows"),
+        "finalize + teardown": phases["teardown_s"],
+    }
+    accounted = sum(parts.values())
+    parts["unaccounted (driver loop, progress)"] = wall - accounted
+    return {
+        "wall_s": round(wall, 3),
+        "parts_s": {k: round(v, 3) for k, v in parts.items()},
+        "parts_share": {k: round(v / wall, 4) for k, v in parts.items()},
+        "raw_timers": timer.as_dict(),
+    }
+
+
+# ------------------------------------------------------------------ measurements
+
+def bare_forward(model: Any, inputs: torch.Tensor, *, batch_size: int) -> tuple[float, torch.Tensor]:
+    """Seconds for embed + classify over in-memory normalised inputs; also the logits."""
+    with torch.inference_mode():
+        model.classify(model.embed(inputs[:batch_size]))  # warm-up (oneDNN primitives)
+        logits = []
+        began = pc()
+        for start in range(0, len(inputs), batch_size):
+            e = model.embed(inputs[start:start + batch_size])
+            logits.append(model.classify(e).float())
+        seconds = pc() - began
+    return seconds, torch.cat(logits)
+
+
+def run_stage(*, manifest: Any, teacher: Path, store: Path, views: int, scheduler: str, threads: int,
+              batch_size: int, instrument: bool) -> dict[str, Any]:
+    import pipeline.cache.embed as E
+    from schemas.config import EmbedConfig
+
+    shutil.rmtree(store, ignore_errors=True)  # a finished store would be resumed, not recomputed
+    settings = EmbedConfig(views=views, batch_size=batch_size, scheduler=scheduler, workers=1,
+                           threads_per_worker=threads, device="cpu")
+    marks: list[tuple[float, int]] = []
+
+    def progress(count: int, description: str) -> None:
+        marks.append((pc(), count))
+
+    E._load_teacher.cache_clear()  # as in a fresh stage process: the shard loads the teacher
+    timer = Timer()
+    ctx = instrumented(timer) if instrument else contextlib.nullcontext()
+    began = pc()
+    with ctx:
+        report = E.run_embed(settings=settings, manifest=manifest, teacher_path=teacher, store_path=store,
+                             progress=progress, splits=("train",))
+    wall = pc() - began
+    torch.set_num_threads(threads)  # run_embed's synchronous path sets it; keep ours explicit
+    n = report.written_rows
+    tasks_at, _ = marks[0]
+    done = [t for t, _ in marks[1:]]
+    rows = [c for _, c in marks[1:]]
+    steady_s = done[-1] - done[0] if len(done) > 1 else float("nan")
+    steady_rows = sum(rows[1:])
+    phases = {"setup_s": tasks_at - began, "first_shard_s": done[0] - tasks_at,
+              "steady_s": steady_s, "teardown_s": began + wall - done[-1]}
+    out: dict[str, Any] = {
+        "scheduler": scheduler,
+        "views": views,
+        "images": n,
+        "teacher_forwards": report.teacher_forwards,
+        "shards": report.written_shards,
+        "wall_s": round(wall, 3),
+        "images_per_s": n / wall,
+        "views_per_s": n * views / wall,
+        "phases_s": {k: round(v, 3) for k, v in phases.items()},
+        # Shards 2..k only: excludes set-up, worker start and the first shard (model load).
+        "steady_views_per_s": steady_rows * views / steady_s if len(done) > 1 else None,
+    }
+    if instrument:
+        out["breakdown"] = breakdown(timer, wall=wall, phases=phases)
+    return out
+
+
+def _worker_probe(threads: int) -> dict[str, Any]:
+    began = time.perf_counter()
+    import torch as t
+
+    import pipeline.cache.embed  # noqa: F401  (what a worker imports to run embed_shard)
+
+    imported = time.perf_counter() - began
+    t.set_num_threads(threads)
+    return {"import_s": round(imported, 3), "torch_threads_after_set": t.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS")}
+
+
+def cluster_startup(threads: int) -> dict[str, Any]:
+    """LocalCluster start, as ``_run_tasks`` makes it, the worker's first import, and close."""
+    from dask.distributed import Client, LocalCluster
+
+    t0 = pc()
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    client = Client(cluster)
+    t1 = pc()
+    probe = client.submit(_worker_probe, threads, pure=False).result()
+    t2 = pc()
+    client.close()
+    cluster.close()
+    t3 = pc()
+    return {"cluster_and_client_start_s": round(t1 - t0, 3), "first_task_with_imports_s": round(t2 - t1, 3),
+            "close_s": round(t3 - t2, 3), "total_s": round(t3 - t0, 3), "worker": probe}
+
+
+def cprofile_run(**kwargs: Any) -> dict[str, Any]:
+    import pipeline.cache.embed as E
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    began = pc()
+    result = run_stage(instrument=False, **kwargs)
+    wall = pc() - began
+    profiler.disable()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc, "tottime_s": round(tt, 3),
+                     "cumtime_s": round(ct, 3)})
+    del E
+    return {"wall_s_with_profiler": round(wall, 3), "images_per_s_with_profiler": result["images_per_s"],
+            "top_tottime": sorted(rows, key=lambda r: -r["tottime_s"])[:25],
+            "top_cumtime": sorted(rows, key=lambda r: -r["cumtime_s"])[:25]}
+
+
+# ------------------------------------------------------------------ main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1024, help="CIFAR-10 train images (default 1024)")
+    parser.add_argument("--views", type=int, default=4, help="V of part (c) (default 4)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, bare and stage (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats of the V=1 runs (default 2)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--shard-size", type=int, default=256, help="prepare.samples_per_shard")
+    parser.add_argument("--cprofile", action="store_true", help="also cProfile one synchronous V=1 run")
+    parser.add_argument("--out", type=Path, default=RESULTS / "embed_throughput.json")
+    args = parser.parse_args()
+
+    from pipeline.cache.inspect import cache_info
+    from pipeline.data.shards import load_manifest, load_split
+    from pipeline.data.views import clean_views, render_views
+    from pipeline.models import load_model
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {"benchmark": "embed_throughput", "machine": machine_info(args.threads),
+                              "params": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                                         "teacher": "cifar10-resnet56 (pipeline.models.cifar_resnet:resnet56)",
+                                         "dataset": "CIFAR-10 JPEG train.tar, stratified subset",
+                                         "view_policy": "EmbedConfig default (rrc, scale 0.35-1, flip)",
+                                         "logits_dtype": "float32", "chunk_rows": 64}}
+    with tempfile.TemporaryDirectory(prefix="cifd-bench-embed-") as tmp_name:
+        tmp = Path(tmp_name)
+        prep, prep_s = prepare_cifar(tmp / "shards", train=args.images, val=64, samples_per_shard=args.shard_size)
+        teacher = tmp / "teacher.pt"
+        save_teacher(teacher)
+        manifest = load_manifest(tmp / "shards")
+        model, spec = load_model(str(teacher))
+        model = model.eval()
+        pre = spec["preprocess"]
+        block = load_split(manifest, "train")
+        n, (c, h, w) = len(block.images), manifest.image_shape
+        inputs = render_views(torch.from_numpy(block.images), clean_views(n, h, w), out_size=pre["image_size"],
+                              mean=tuple(pre["mean"]), std=tuple(pre["std"])).contiguous()
+        result["setup"] = {"prepare_s": round(prep_s, 2), "prepare": prep, "inputs_shape": list(inputs.shape)}
+        print(f"prepared {n} images in {prep_s:.1f}s; load average {os.getloadavg()}", flush=True)
+
+        common = dict(manifest=manifest, teacher=teacher, threads=args.threads, batch_size=args.batch_size)
+        bare_s: list[float] = []
+        runs: dict[str, list[dict[str, Any]]] = {}
+        bare_logits = None
+
+        def bare() -> None:
+            nonlocal bare_logits
+            seconds, bare_logits = bare_forward(model, inputs, batch_size=args.batch_size)
+            bare_s.append(seconds)
+            print(f"bare forward: {n / seconds:.1f} img/s", flush=True)
+
+        def stage(tag: str, views: int, scheduler: str) -> None:
+            r = run_stage(store=tmp / f"{tag}.zarr", views=views, scheduler=scheduler,
+                          instrument=scheduler == "synchronous", **common)
+            runs.setdefault(tag, []).append(r)
+            print(f"{tag}: {r['images_per_s']:.1f} img/s, {r['views_per_s']:.1f} views/s "
+                  f"(wall {r['wall_s']:.1f}s, phases {r['phases_s']})", flush=True)
+
+        # Interleaved, so slow drifts of the shared machine's load hit every variant alike.
+        for _ in range(args.repeats):
+            bare()
+            stage("v1_synchronous", 1, "synchronous")
+            stage("v1_local", 1, "local")
+        stage(f"v{args.views}_synchronous", args.views, "synchronous")
+        stage(f"v{args.views}_local", args.views, "local")
+        bare()
+        startup = cluster_startup(args.threads)
+        print(f"cluster startup: {startup}", flush=True)
+        profile = None
+        if args.cprofile:
+            profile = cprofile_run(store=tmp / "profile.zarr", views=1, scheduler="synchronous", **common)
+
+        # Outputs agree with the bare forward (same computation), and bytes per sample per view.
+        import zarr
+        checks, sizes = {}, {}
+        for tag in ("v1_synchronous", f"v{args.views}_synchronous"):
+            store = tmp / f"{tag}.zarr"
+            cached = np.asarray(zarr.open_group(store, mode="r")["train"]["logits"][:, 0])
+            checks[tag] = float((torch.from_numpy(cached) - bare_logits).abs().max())
+            info = cache_info(store)["splits"]["train"]
+            sizes[tag] = {"bytes_per_sample_view_raw": info["bytes_per_sample_view_raw"],
+                          "bytes_per_sample_view_stored": info["bytes_per_sample_view_stored"],
+                          "compression_ratio": round(info["bytes_per_sample_view_raw"]
+                                                     / info["bytes_per_sample_view_stored"], 3)}
+
+    bare_med = median(bare_s)
+    bare_rate = n / bare_med
+    stage_summary, ratios = {}, {}
+    for tag, rs in runs.items():
+        views = rs[0]["views"]
+        med_wall = median([r["wall_s"] for r in rs])
+        steady = [r["steady_views_per_s"] for r in rs if r["steady_views_per_s"]]
+        stage_summary[tag] = {
+            "views": views, "repeats": len(rs), "median_wall_s": round(med_wall, 3),
+            "images_per_s": round(n / med_wall, 2), "views_per_s": round(n * views / med_wall, 2),
+            "steady_views_per_s": round(median(steady), 2) if steady else None,
+            "median_phases_s": {k: round(median([r["phases_s"][k] for r in rs]), 3) for k in rs[0]["phases_s"]},
+        }
+        # Per teacher forward: stage views/s over bare images/s (at V=1 the same as images/s).
+        ratios[f"{tag}_over_bare"] = round(n * views / med_wall / bare_rate, 4)
+        if steady:
+            ratios[f"{tag}_steady_over_bare"] = round(median(steady) / bare_rate, 4)
+    threshold = 0.8
+    result["timings"] = {
+        "bare_forward": {"seconds": [round(s, 3) for s in bare_s], "median_s": round(bare_med, 3),
+                         "images_per_s": round(bare_rate, 2)},
+        "stage": stage_summary,
+        "stage_runs": runs,
+        "cluster_startup": startup,
+    }
+    result["ratios"] = ratios
+    result["claim"] = {
+        "statement": "on CPU, run_embed at V=1 reaches >= 0.8 of the bare teacher forward (images/s)",
+        "threshold": threshold,
+        "v1_synchronous": ratios["v1_synchronous_over_bare"],
+        "v1_local": ratios["v1_local_over_bare"],
+        "holds_synchronous": ratios["v1_synchronous_over_bare"] >= threshold,
+        "holds_local": ratios["v1_local_over_bare"] >= threshold,
+    }
+    result["bytes_per_sample_view"] = sizes
+    result["checks"] = {"max_abs_logit_diff_cache_view0_vs_bare": checks}
+    if profile is not None:
+        result["cprofile_v1_synchronous"] = profile
+    path = write_result(args.out, result)
+    print(f"ratios: {ratios}\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""``cifd evaluate``: the method table. Each student against the teacher on the val split."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache.embed import resolve_device
+from pipeline.cache.reader import CacheExpectation, open_cache
+from pipeline.data.shards import load_manifest, load_split
+from pipeline.models import load_model, state_dict_sha256
+from pipeline.train.distill import Preprocess, evaluate_student
+from schemas import layout as L
+from schemas import metrics as M
+from schemas.base import ConfigError
+from schemas.config import EvaluateConfig, load_stage
+from stages._io import write_json
+from stages.plots import plot_curves
+
+
+def run(params: Path) -> None:
+    paths, cfg = load_stage(params, "evaluate", EvaluateConfig)
+    device = resolve_device(cfg.device)
+    teacher, spec = load_model(paths.teacher)
+    manifest = load_manifest(paths.shards)
+    cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
+                                                     manifest_sha256=manifest.sha256))
+    pre = spec["preprocess"]
+    preprocess = Preprocess(image_size=int(pre["image_size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    val = load_split(manifest, "val")
+    images = torch.from_numpy(val.images).to(device)
+    labels = torch.from_numpy(val.labels).to(device)
+    teacher_logits = torch.from_numpy(cache.split("val").read_all((L.LOGITS,))[L.LOGITS][:, 0].astype(np.float32))
+    teacher_logits = teacher_logits.to(device)
+    table: dict[str, dict[str, float]] = {}
+    teacher_top1 = float((teacher_logits.argmax(-1) == labels).float().mean())
+    table["teacher"] = {M.EVAL_TOP1: round(teacher_top1, 5), M.EVAL_AGREEMENT: 1.0, M.EVAL_KL: 0.0}
+    curves = {}
+    for method in cfg.methods:
+        path = Path(paths.students) / f"{method}.pt"
+        if not path.is_file():
+            raise ConfigError(f"no student for method '{method}' at {path}; run `cifd distill --method {method}`")
+        student, student_spec = load_model(path)
+        if student_spec.get("teacher_cache_fingerprint") != cache.fingerprint:
+            raise ConfigError(f"student {path} was distilled from another teacher cache; rerun `dvc repro`")
+        result = evaluate_student(student.to(device), images, labels, teacher_logits, preprocess=preprocess,
+                                  batch_size=cfg.batch_size, channels_last=False)
+        table[method] = {M.EVAL_TOP1: round(result["top1"], 5), M.EVAL_AGREEMENT: round(result["agreement"], 5),
+                         M.EVAL_KL: round(result["kl"], 5)}
+        curve = Path(paths.plots) / "distill" / f"{method}.csv"
+        if curve.is_file():
+            with open(curve) as handle:
+                curves[method] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    write_json(Path(paths.metrics) / M.EVALUATE, table)
+    plot_curves(curves, teacher_top1=teacher_top1, path=Path(paths.plots) / M.EVAL_PLOT)
+    print(f"{'method':<10}{'top-1':>10}{'agreement':>12}{'KL(T‖S)':>10}")
+    for name, row in table.items():
+        print(f"{name:<10}{row[M.EVAL_TOP1]:>10.4f}{row[M.EVAL_AGREEMENT]:>12.4f}{row[M.EVAL_KL]:>10.4f}")
