@@ -163,6 +163,21 @@ def bare_forward(model: Any, inputs: torch.Tensor, *, batch_size: int) -> tuple[
     return seconds, torch.cat(logits)
 
 
+def forward_by_batch(model: Any, inputs: torch.Tensor, *, sizes: tuple[int, ...]) -> dict[str, float]:
+    out = {}
+    with torch.inference_mode():
+        for size in sizes:
+            x = inputs[:size]
+            model.classify(model.embed(x))
+            times = []
+            for _ in range(3):
+                began = pc()
+                model.classify(model.embed(x))
+                times.append(pc() - began)
+            out[str(size)] = round(median(times), 4)
+    return out
+
+
 def run_stage(*, manifest: Any, teacher: Path, store: Path, views: int, scheduler: str, threads: int,
               batch_size: int, instrument: bool) -> dict[str, Any]:
     import pipeline.cache.embed as E
@@ -301,8 +316,11 @@ def main() -> None:
         block = load_split(manifest, "train")
         n, (c, h, w) = len(block.images), manifest.image_shape
         inputs = render_views(torch.from_numpy(block.images), clean_views(n, h, w), out_size=pre["image_size"],
-                              mean=tuple(pre["mean"]), std=tuple(pre["std"])).contiguous()
-        result["setup"] = {"prepare_s": round(prep_s, 2), "prepare": prep, "inputs_shape": list(inputs.shape)}
+                              mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+        # Kept as render_views returns them (channels-last strides for exact-copy views), which
+        # is what the stage feeds the teacher.
+        result["setup"] = {"prepare_s": round(prep_s, 2), "prepare": prep, "inputs_shape": list(inputs.shape),
+                           "inputs_channels_last": inputs.is_contiguous(memory_format=torch.channels_last)}
         print(f"prepared {n} images in {prep_s:.1f}s; load average {os.getloadavg()}", flush=True)
 
         common = dict(manifest=manifest, teacher=teacher, threads=args.threads, batch_size=args.batch_size)
@@ -331,6 +349,8 @@ def main() -> None:
         stage(f"v{args.views}_synchronous", args.views, "synchronous")
         stage(f"v{args.views}_local", args.views, "local")
         bare()
+        small = forward_by_batch(model, inputs, sizes=(16, args.batch_size))
+        print(f"seconds per forward call by batch size: {small}", flush=True)
         startup = cluster_startup(args.threads)
         print(f"cluster startup: {startup}", flush=True)
         profile = None
@@ -374,6 +394,10 @@ def main() -> None:
         "stage": stage_summary,
         "stage_runs": runs,
         "cluster_startup": startup,
+        # Seconds of one embed+classify call (median of 3) per batch size. On a CPU shared with
+        # other work, more torch threads than idle cores add a fixed cost per call (every op
+        # waits at a thread barrier), which makes small calls (the probe) expensive.
+        "forward_call_s_by_batch": small,
     }
     result["ratios"] = ratios
     result["claim"] = {

@@ -1,10 +1,19 @@
-"""``cifd distill --method M`` (stage three): a student from replayed views + cached targets."""
+"""``cifd distill --method M`` (stage three): a student from replayed views + cached targets.
+
+Runs in one process, or under ``torchrun --nproc_per_node N`` (DDP: NCCL on GPUs, gloo on
+CPU); rank 0 writes the outputs. ``distill.data`` picks the image source: ``memory`` (the
+decoded train split on the device) or ``stream`` (the WebDataset shards, decoded by
+``distill.loader_workers`` processes).
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -13,10 +22,12 @@ from tqdm import tqdm
 
 from pipeline.cache.embed import resolve_device
 from pipeline.cache.rdm_store import open_rdm_cache
-from pipeline.cache.reader import CacheExpectation, open_cache
-from pipeline.data.shards import load_manifest, load_split
+from pipeline.cache.reader import CacheExpectation, TeacherCache, open_cache
+from pipeline.cache.store import CacheError
+from pipeline.data.shards import Manifest, load_manifest, load_split
 from pipeline.models import build_model, load_model, save_model, state_dict_sha256
 from pipeline.train.distill import (
+    BatchSource,
     DistillRun,
     EpochLog,
     Preprocess,
@@ -28,10 +39,16 @@ from pipeline.train.distill import (
     uses_features,
     uses_rdms,
 )
+from pipeline.train.stream import StreamBatches
 from schemas import layout as L
 from schemas.base import ConfigError
-from schemas.config import DistillConfig, load_stage
+from schemas.config import DistillConfig, Paths, load_stage
 from stages._io import write_csv
+
+
+class DistillResult(NamedTuple):
+    student: Student  # the trained student, on the training device (every rank)
+    history: list[EpochLog]
 
 
 def _distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -48,19 +65,61 @@ def _distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def run(params: Path, method: str) -> None:
+def _check_rows(cache: TeacherCache, manifest: Manifest) -> None:
+    """Refuse a cache whose rows are not exactly the shards' rows, before any training."""
+    for split in L.SPLITS:
+        part = cache.split(split)
+        shards = manifest.split(split)["num_samples"]
+        if part.num_rows != shards:
+            raise CacheError(f"teacher cache {cache.path} split {split} has {part.num_rows} rows but the shards "
+                             f"have {shards}; the cache is incomplete or from other shards: rerun `cifd embed`")
+        index = part.read_all((L.INDEX,))[L.INDEX]
+        if not np.array_equal(index, np.arange(shards)):
+            first = int(np.flatnonzero(index != np.arange(shards))[0])
+            raise CacheError(f"teacher cache {cache.path} split {split} holds row {int(index[first])} at position "
+                             f"{first}; the cache rows are not aligned with the shards: rerun `cifd embed`")
+
+
+def run(params: Path, method: str) -> DistillResult:
     paths, cfg = load_stage(params, "distill", DistillConfig)
     if method not in cfg.methods:
         raise ConfigError(f"--method {method!r} is not in params 'distill.methods' = {list(cfg.methods)}")
     torch.set_num_threads(cfg.threads)
     rank, world, device = _distributed(cfg.device)
+    try:
+        return _distill(paths, cfg, method, rank=rank, world=world, device=device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+@dataclass
+class DistillInputs:
+    """Everything :func:`~pipeline.train.distill.train_student` needs, checked and on the device."""
+
+    student: Student
+    run: DistillRun
+    targets: Targets
+    batches: BatchSource
+    num_rows: int
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    manifest: Manifest
+    teacher_spec: dict[str, Any]
+    cache_fingerprint: str
+
+
+def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None) -> DistillInputs:
+    """Open and check the cache (and RDM cache) against the teacher and shards, then build
+    the targets, the batch source (``cfg.data``), the val set and the initialised student."""
+    device = device if device is not None else resolve_device(cfg.device)
     teacher, spec = load_model(paths.teacher)
     manifest = load_manifest(paths.shards)
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
     del teacher  # stage three never runs the teacher: its outputs come from the cache
-    pre = spec["preprocess"]
-    preprocess = Preprocess(image_size=int(pre["image_size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    _check_rows(cache, manifest)
+    preprocess = Preprocess.from_spec(spec, source=str(paths.teacher))
     train = cache.split("train").read_all((L.VIEWS, L.LABELS, L.LOGITS, L.EMBEDDINGS))
     rdm_logits = rdm_emb = None
     emb = train[L.EMBEDDINGS]
@@ -68,6 +127,9 @@ def run(params: Path, method: str) -> None:
     rdm_info = {}
     if uses_rdms(method):
         rdm = open_rdm_cache(paths.rdm_cache, cache)
+        if cfg.rdm_weights is not None and len(cfg.rdm_weights) != rdm.num_rdms:
+            raise ConfigError(f"distill.rdm_weights has {len(cfg.rdm_weights)} values but the RDM cache "
+                              f"{paths.rdm_cache} holds {rdm.num_rdms} RDMs; give one weight per RDM, or null")
         block = rdm.read_all("train")
         rdm_logits = torch.from_numpy(block[L.RDM_LOGITS]).to(device)
         rdm_emb = torch.from_numpy(block[L.RDM_X_HAT]).to(device) if uses_features(method) else None
@@ -78,25 +140,43 @@ def run(params: Path, method: str) -> None:
         teacher_logits=torch.from_numpy(train[L.LOGITS].astype(np.float32)).to(device),
         teacher_emb=torch.from_numpy(emb).to(device), rdm_logits=rdm_logits, rdm_emb=rdm_emb, emb_scale=scale,
     )
-    images = load_split(manifest, "train")
-    if not np.array_equal(images.labels, train[L.LABELS]):
-        raise ConfigError("train shard labels differ from the cached labels row by row; rerun `cifd embed`")
+    num_rows = len(train[L.LABELS])
+    batches: BatchSource
+    if cfg.data == "stream":  # labels are checked sample by sample as they stream
+        batches = StreamBatches(manifest, "train", labels=train[L.LABELS], batch_size=cfg.batch_size,
+                                workers=cfg.loader_workers, device=device, rank=rank, world=world, seed=cfg.seed)
+    else:
+        images = load_split(manifest, "train")
+        if not np.array_equal(images.labels, train[L.LABELS]):
+            row = int(np.flatnonzero(images.labels != train[L.LABELS])[0])
+            raise CacheError(f"cache and shards disagree at row {row}: label {int(images.labels[row])} in the "
+                             f"shards, {int(train[L.LABELS][row])} in the cache; rerun `cifd embed`")
+        batches = memory_batches(torch.from_numpy(images.images).to(device), cfg.batch_size, rank, world)
+    if batches.steps < 1:
+        raise ConfigError(f"distill.batch_size = {cfg.batch_size} leaves no full batch per rank ({num_rows} rows, "
+                          f"{world} ranks, data: {cfg.data}); lower it")
     val_block = load_split(manifest, "val")
     val_cache = cache.split("val").read_all((L.LOGITS,))
     val = (torch.from_numpy(val_block.images).to(device), torch.from_numpy(val_block.labels).to(device),
            torch.from_numpy(val_cache[L.LOGITS][:, 0].astype(np.float32)).to(device))
-    torch.manual_seed(cfg.seed)  # timm initialisers use the global generator
+    torch.manual_seed(cfg.seed)  # timm initialisers use the global generator: the same init on every rank
     backbone = build_model(cfg.student, num_classes=cache.split("train").num_classes,
                            in_chans=manifest.image_shape[0], model_kwargs=dict(cfg.student_kwargs))
     student = Student(backbone, teacher_dim=cache.split("train").embed_dim if uses_features(method) else None,
                       ibm=cfg.ibm and method == "cifd").to(device)
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    out_dir = Path(paths.students)
     run_ = DistillRun(method=method, cfg=cfg, preprocess=preprocess, device=device, rank=rank, world=world,
-                      checkpoint=out_dir / f"{method}.ckpt",
+                      checkpoint=Path(paths.students) / f"{method}.ckpt",
                       fingerprint=config_fingerprint(cfg, method, {"cache": cache.fingerprint, **rdm_info}))
-    batches = memory_batches(torch.from_numpy(images.images).to(device), cfg.batch_size, rank, world)
+    return DistillInputs(student=student, run=run_, targets=targets, batches=batches, num_rows=num_rows, val=val,
+                         manifest=manifest, teacher_spec=spec, cache_fingerprint=cache.fingerprint)
+
+
+def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world: int,
+             device: torch.device) -> DistillResult:
+    inputs = build_inputs(paths, cfg, method, rank=rank, world=world, device=device)
+    student = inputs.student
     bar = tqdm(total=cfg.epochs, desc=f"distill {method}", unit="epoch", disable=rank != 0, dynamic_ncols=True)
     began = time.perf_counter()
 
@@ -106,20 +186,23 @@ def run(params: Path, method: str) -> None:
                         agree=f"{log.val_agreement:.4f}")
         bar.refresh()
 
-    history = train_student(student, run=run_, targets=targets, batches=batches, num_rows=len(images.labels),
-                            val=val, on_epoch=on_epoch)
+    history = train_student(student, run=inputs.run, targets=inputs.targets, batches=inputs.batches,
+                            num_rows=inputs.num_rows, val=inputs.val, on_epoch=on_epoch)
     bar.close()
     if rank == 0:
-        save_model(out_dir / f"{method}.pt", student.backbone.cpu().eval(), spec={
-            "name": cfg.student, "num_classes": backbone.num_classes, "in_chans": manifest.image_shape[0],
-            "model_kwargs": dict(cfg.student_kwargs), "preprocess": pre, "method": method,
-            "teacher_cache_fingerprint": cache.fingerprint, "epochs": cfg.epochs,
+        out_dir = Path(paths.students)
+        backbone = student.backbone
+        save_model(out_dir / f"{method}.pt", copy.deepcopy(backbone).cpu().eval(), spec={
+            "name": cfg.student, "num_classes": backbone.num_classes, "in_chans": inputs.manifest.image_shape[0],
+            "model_kwargs": dict(cfg.student_kwargs), "preprocess": inputs.teacher_spec["preprocess"],
+            "method": method, "teacher_cache_fingerprint": inputs.cache_fingerprint, "epochs": cfg.epochs,
         })
         write_csv(Path(paths.plots) / "distill" / f"{method}.csv",
                   [{"epoch": h.epoch, "train_loss": round(h.train_loss, 5), "val_top1": round(h.val_top1, 5),
                     "val_agreement": round(h.val_agreement, 5)} for h in history])
         last = history[-1]
         print(f"distill {method}: val top-1 {last.val_top1:.4f}, agreement {last.val_agreement:.4f} "
-              f"after {cfg.epochs} epochs ({time.perf_counter() - began:.1f}s)")
+              f"after {cfg.epochs} epochs ({time.perf_counter() - began:.1f}s, {world} rank(s), data: {cfg.data})")
     if world > 1:
-        dist.destroy_process_group()
+        dist.barrier()  # outputs are written before any rank leaves
+    return DistillResult(student, history)

@@ -11,13 +11,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache.embed import resolve_device
-from pipeline.cache.rdm_store import create_rdm_store, write_rdm_rows
+from pipeline.cache.rdm_store import cache_bank_outputs
 from pipeline.cache.reader import CacheExpectation, open_cache
-from pipeline.cache.store import finalize
 from pipeline.data.shards import load_manifest
 from pipeline.models import file_sha256, load_model, state_dict_sha256
 from pipeline.rd import RDMBank
-from pipeline.train.rdm import EmbeddingSet, RdmEpochLog, bank_outputs, embedding_scale, evaluate_bank, train_bank
+from pipeline.train.rdm import EmbeddingSet, RdmEpochLog, embedding_scale, evaluate_bank, train_bank
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.config import RdmConfig, load_stage
@@ -78,17 +77,8 @@ def run(params: Path) -> None:
     bank.to(device)
     attrs = {"rate_weights": list(cfg.rate_weights), "config": cfg.to_dict(), "embedding_scale": scale,
              "checkpoint_sha256": file_sha256(paths.rdm_models)}
-    root = create_rdm_store(Path(paths.rdm_cache), teacher=cache, num_rdms=len(cfg.rate_weights),
-                            chunk_rows=cfg.chunk_rows, attrs=attrs)
-    for split in cache.splits:
-        part = cache.split(split)
-        for a, b in part.shard_bounds:
-            emb = torch.from_numpy(part.read(a, b, (L.EMBEDDINGS,))[L.EMBEDDINGS].astype(np.float32)).to(device)
-            x_hat, logits = bank_outputs(bank, emb.reshape(-1, d), scale=scale, batch_size=4 * cfg.batch_size)
-            m = x_hat.shape[1]
-            write_rdm_rows(root[split], a, b, x_hat.reshape(b - a, v, m, d).cpu().numpy(),  # type: ignore[arg-type]
-                           logits.reshape(b - a, v, m, c).cpu().numpy())
-    finalize(Path(paths.rdm_cache))
+    cache_bank_outputs(bank, teacher=cache, path=Path(paths.rdm_cache), scale=scale, chunk_rows=cfg.chunk_rows,
+                       attrs=attrs, batch_size=4 * cfg.batch_size)
 
     rows = []
     metrics = {}

@@ -162,7 +162,7 @@ class EmbedReport:
 
 def build_provenance(
     *, model: ImageClassifier, spec: dict[str, Any], sha256: str, manifest: Manifest,
-    settings: EmbedConfig, check: tuple[bool, float],
+    settings: EmbedConfig, check: tuple[bool, float], device_type: str,
 ) -> dict[str, Any]:
     return {
         "teacher": {
@@ -192,6 +192,8 @@ def build_provenance(
             "num_samples": {s: manifest.split(s)["num_samples"] for s in L.SPLITS},
         },
         "dtypes": {L.EMBEDDINGS: "float16", L.LOGITS: settings.logits_dtype, L.VIEWS: "float32"},
+        # CPU and GPU kernels differ in the last bits: a resume never mixes the two.
+        "compute": {"device_type": device_type},
         "classifier_check": {"reproduces_logits": check[0], "max_abs_err": round(check[1], 6)},
     }
 
@@ -253,7 +255,7 @@ def run_embed(
     check = logits_from_embedding_check(model, x)
 
     provenance = build_provenance(model=model, spec=spec, sha256=sha, manifest=manifest,
-                                  settings=settings, check=check)
+                                  settings=settings, check=check, device_type=device.type)
     root = open_for_resume(store_path, provenance)
     report = EmbedReport(classifier_reproduces_logits=check[0])
     if root is None:

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
 from pipeline.cache.reader import TeacherCache
-from pipeline.cache.store import CacheError, default_compressor
+from pipeline.cache.store import CacheError, default_compressor, finalize
+from pipeline.rd import RDMBank
+from pipeline.train.rdm import bank_outputs
 from schemas import layout as L
 
 
@@ -46,6 +49,26 @@ def create_rdm_store(path: Path, *, teacher: TeacherCache, num_rdms: int, chunk_
         L.ATTR_COMPLETE: False,
     })
     return root
+
+
+def cache_bank_outputs(
+    bank: RDMBank, *, teacher: TeacherCache, path: Path, scale: float, chunk_rows: int,
+    attrs: dict[str, Any], batch_size: int = 2048,
+) -> None:
+    """Run ``bank`` once (rounding mode) over every cached (row, view) of ``teacher`` and
+    write x̂ and logits to a fresh RDM store at ``path``, one teacher-cache shard at a time."""
+    device = next(bank.parameters()).device
+    root = create_rdm_store(path, teacher=teacher, num_rdms=bank.num_rdms, chunk_rows=chunk_rows, attrs=attrs)
+    for name in teacher.splits:
+        part = teacher.split(name)
+        d, v = part.embed_dim, part.num_views
+        for a, b in part.shard_bounds:
+            emb = torch.from_numpy(part.read(a, b, (L.EMBEDDINGS,))[L.EMBEDDINGS].astype(np.float32)).to(device)
+            x_hat, logits = bank_outputs(bank, emb.reshape(-1, d), scale=scale, batch_size=batch_size)
+            m = x_hat.shape[1]
+            write_rdm_rows(root[name], a, b, x_hat.reshape(b - a, v, m, d).cpu().numpy(),  # type: ignore[arg-type]
+                           logits.reshape(b - a, v, m, -1).cpu().numpy())
+    finalize(path)
 
 
 def write_rdm_rows(group: zarr.Group, start: int, stop: int, x_hat: np.ndarray, logits: np.ndarray) -> None:

@@ -28,8 +28,10 @@ class CacheError(ValueError):
 
 
 def fingerprint(provenance: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of the provenance: equal inputs, equal fingerprint."""
-    return hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()
+    """sha256 of the canonical JSON of the inputs in the provenance: equal inputs, equal
+    fingerprint. Measured facts (the classifier check) are recorded but not hashed."""
+    inputs = {k: v for k, v in provenance.items() if k != "classifier_check"}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

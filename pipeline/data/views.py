@@ -3,7 +3,8 @@
 A view is a box in source-pixel coordinates plus a horizontal flip:
 ``(top, left, height, width, flip)`` (``schemas.layout.VIEW_FIELDS``). Boxes may reach
 outside the image (the CIFAR pad-and-crop); outside pixels are zero, as with
-``RandomCrop(padding=...)``. The same :func:`replay_views` is used by ``embed`` (stage one)
+``RandomCrop(padding=...)``, while inside the image's extent resampling clamps to the edge
+pixels, as a resize does. The same :func:`replay_views` is used by ``embed`` (stage one)
 and by the student loop (stage three), so the student sees exactly the pixels the teacher
 saw. Integer same-size boxes are copied exactly (no interpolation); other boxes are
 resampled bilinearly with ``grid_sample``, per sample, on whatever device the images are.
@@ -119,8 +120,12 @@ def _resample_crops(images: Tensor, params: Tensor, out_size: int) -> Tensor:
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * top + h) / height - 1
     grid = F.affine_grid(theta.to(images.dtype), [batch, channels, out_size, out_size],
-                         align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+                         align_corners=False)  # (B, S, S, 2)
+    # Inside the image's extent, clamp to the edge pixels (as a resize does: no dark
+    # border when upscaling); outside it (a box reaching past the image), zeros.
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = (grid.abs() <= 1.0).all(-1)  # (B, S, S): sample point within the image extent
+    return out * inside[:, None].to(out.dtype)
 
 
 def replay_views(images: Tensor, params: Tensor, *, out_size: int) -> Tensor:

@@ -150,6 +150,11 @@ def build_model(
             f"build_model({name!r}): model_kwargs must not set {reserved}; "
             "pass num_classes / in_chans as arguments (pretrained hub weights are never fetched)"
         )
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise ModelNotFoundError(
+            f"{name!r}: hub/pretrained-config names are not built here (nothing is fetched); give the "
+            "bare timm architecture name (e.g. 'resnet18') and the local weights file as weights="
+        )
     if ":" in name:
         backbone = _build_entrypoint(name, num_classes, in_chans, kwargs)
     else:

@@ -3,8 +3,16 @@
 Each epoch every image gets one of its V cached views, drawn from a seeded generator; the
 view's exact crop and flip are replayed on the device (``pipeline.data.views``), and the
 targets are the cached teacher (and RDM) outputs of that very view. Images come either
-from device memory (CIFAR-sized data) or streamed from the WebDataset shards
-(``pipeline.train.stream``); both join to the cache by the global row index.
+from device memory (CIFAR-sized data, :func:`memory_batches`) or streamed from the
+WebDataset shards (``pipeline.train.stream``); both join to the cache by the global row
+index and draw the view of a row from the same ``choice`` tensor, so the two modes train
+on the same (row, view) pairs, in a different order.
+
+Under DDP (``world > 1``) every rank runs the same number of steps per epoch (a batch
+source announces it as ``steps``), draws the same permutation, view choice and KD-dropout
+masks (one generator seeded alike on every rank), its own IBM noise (seeded by
+``(seed, epoch, rank)``), and the BatchNorm running statistics are averaged over ranks at
+the end of each epoch, so every rank ends an epoch with identical weights and buffers.
 """
 
 from __future__ import annotations
@@ -12,24 +20,44 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.data.views import render_views
+from pipeline.cache.embed import Preprocess
+from pipeline.data.views import clean_views, render_views
 from pipeline.losses import cifd_loss, comparative_kd, dgkd_loss, hinton_kd, kd_dropout_mask
 from pipeline.models import ImageClassifier
 from pipeline.rd import InformationBottleneck
 from schemas.config import DistillConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BatchSource",
+    "DistillRun",
+    "EpochLog",
+    "Preprocess",
+    "Student",
+    "Targets",
+    "config_fingerprint",
+    "evaluate_student",
+    "memory_batches",
+    "method_loss",
+    "render_batch",
+    "train_student",
+]
 
 
 @dataclass(frozen=True)
@@ -147,13 +175,6 @@ def method_loss(
 
 
 @dataclass(frozen=True)
-class Preprocess:
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-@dataclass(frozen=True)
 class EpochLog:
     epoch: int
     train_loss: float
@@ -161,22 +182,28 @@ class EpochLog:
     val_agreement: float
 
 
+def render_batch(images: Tensor, views: Tensor, *, preprocess: Preprocess, channels_last: bool) -> Tensor:
+    """uint8 images (B, C, H, W) + their cached view parameters (B, 5) → student inputs.
+
+    The same :func:`~pipeline.data.views.render_views` ``embed`` ran before the teacher, so
+    the student sees exactly the pixels the teacher saw for that (row, view).
+    """
+    x = render_views(images, views, out_size=preprocess.image_size, mean=preprocess.mean, std=preprocess.std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @torch.inference_mode()
 def evaluate_student(model: nn.Module, images: Tensor, labels: Tensor, teacher_logits: Tensor, *,
                      preprocess: Preprocess, batch_size: int, channels_last: bool) -> dict[str, float]:
     """Top-1, top-1 agreement with the teacher and KL(teacher ‖ student) at τ=1, on clean views."""
-    from pipeline.data.views import clean_views
-
     was = model.training
     model.eval()
     _, _, h, w = images.shape
     correct = agree = kl = 0.0
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
-        x = render_views(images[sl], clean_views(len(images[sl]), h, w), out_size=preprocess.image_size,
-                         mean=preprocess.mean, std=preprocess.std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = render_batch(images[sl], clean_views(len(images[sl]), h, w), preprocess=preprocess,
+                         channels_last=channels_last)
         logits = model(x).logits.float() if isinstance(model, Student) else model(x).float()
         t = teacher_logits[sl].float()
         correct += float((logits.argmax(-1) == labels[sl]).sum())
@@ -207,6 +234,12 @@ def _save_atomic(obj: Any, path: Path) -> None:
         raise
 
 
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from ``parts`` (e.g. ``(seed, epoch, rank)``), the same on any machine."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
 @dataclass
 class DistillRun:
     """Inputs of one distillation run."""
@@ -221,22 +254,61 @@ class DistillRun:
     world: int = 1
 
 
-BatchSource = Callable[[int, Tensor, Tensor], Iterator[tuple[Tensor, Tensor, Tensor]]]
-"""(epoch, permutation, view choice) → iterator of (rows, views, uint8 images) on device."""
+class BatchSource(Protocol):
+    """``(epoch, permutation, view choice)`` → iterator of ``(rows, views, uint8 images)`` on
+    the device; ``rows`` (B,) int64 global row indices, ``views`` (B,) the view index of each
+    row (``choice[rows]``), images (B, C, H, W) uint8.
+
+    ``steps`` is the number of batches every call yields: the same on every rank (DDP needs
+    equal step counts, and the LR schedule is built from it).
+    """
+
+    steps: int
+
+    def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]: ...
+
+
+def steps_per_epoch(rows_per_rank: int, batch_size: int, world: int) -> int:
+    """Single process: every row, the last batch partial. DDP: full batches only."""
+    return rows_per_rank // batch_size if world > 1 else math.ceil(rows_per_rank / batch_size)
+
+
+class MemoryBatches:
+    """Batches from device-resident uint8 images (N, C, H, W): no host work in the loop.
+
+    Rank ``r`` of ``world`` takes ``order[r::world]`` cut to ``N // world`` rows, so every
+    rank has the same number of full batches.
+    """
+
+    def __init__(self, images: Tensor, batch_size: int, rank: int, world: int) -> None:
+        self.images, self.batch_size, self.rank, self.world = images, batch_size, rank, world
+        self.per_rank = len(images) // world if world > 1 else len(images)
+        self.steps = steps_per_epoch(self.per_rank, batch_size, world)
+
+    def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        device = self.images.device
+        mine = order[self.rank::self.world][:self.per_rank].to(device, non_blocking=True)
+        choice = choice.to(device, non_blocking=True)
+        for step in range(self.steps):
+            rows = mine[step * self.batch_size:(step + 1) * self.batch_size]
+            yield rows, choice[rows], self.images[rows]
 
 
 def memory_batches(images: Tensor, batch_size: int, rank: int, world: int) -> BatchSource:
-    """Batches from device-resident uint8 images: no host work in the loop."""
+    """A :class:`BatchSource` over device-resident images (see :class:`MemoryBatches`)."""
+    return MemoryBatches(images, batch_size, rank, world)
 
-    def source(epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        mine = order[rank::world].to(images.device, non_blocking=True)
-        steps = len(mine) // batch_size if world > 1 else math.ceil(len(mine) / batch_size)
-        choice = choice.to(images.device, non_blocking=True)
-        for step in range(steps):
-            rows = mine[step * batch_size:(step + 1) * batch_size]
-            yield rows, choice[rows], images[rows]
 
-    return source
+def _average_buffers(module: nn.Module, world: int) -> None:
+    """Mean of every floating buffer (BatchNorm running stats) over the ranks.
+
+    DDP broadcasts rank 0's buffers before each forward, but each rank then updates them
+    with its own batch, so they differ after the last step of an epoch.
+    """
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(world)
 
 
 def train_student(
@@ -249,35 +321,43 @@ def train_student(
     val: tuple[Tensor, Tensor, Tensor],
     on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> list[EpochLog]:
-    """Train ``student`` for ``cfg.epochs`` epochs, checkpointing (atomically) after each
-    one and resuming from ``run.checkpoint`` when it holds a run with the same fingerprint."""
+    """Train ``student`` for ``cfg.epochs`` epochs, checkpointing (atomically, rank 0) after
+    each one and resuming from ``run.checkpoint`` when it holds a run with the same
+    fingerprint (another fingerprint: a fresh start). ``on_epoch`` runs on every rank after
+    the checkpoint is written."""
     cfg, device = run.cfg, run.device
-    generator = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    if batches.steps < 1:
+        raise ValueError(f"the batch source yields no batch per epoch ({num_rows} rows, batch_size "
+                         f"{cfg.batch_size}, {run.world} rank(s)); lower distill.batch_size")
+    generator = torch.Generator().manual_seed(cfg.seed)  # order, views, KD dropout: alike on all ranks
+    noise = torch.Generator(device=device)  # IBM noise: reseeded per (epoch, rank)
     model: nn.Module = student
     if run.world > 1:
-        model = nn.parallel.DistributedDataParallel(student)
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
     opt: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
                               weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_rank = num_rows // run.world if run.world > 1 else num_rows
-    steps = max(1, per_rank // cfg.batch_size if run.world > 1 else math.ceil(per_rank / cfg.batch_size))
+    steps = batches.steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
     history: list[EpochLog] = []
     start_epoch = 0
     if run.checkpoint is not None and run.checkpoint.is_file():
-        state = torch.load(run.checkpoint, map_location=device, weights_only=False)
+        state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
         if state.get("fingerprint") == run.fingerprint:
             student.load_state_dict(state["student"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             generator.set_state(state["generator"])
-            noise.set_state(state["noise"].to(noise.get_state().device) if device.type != "cpu" else state["noise"])
             history = [EpochLog(**h) for h in state["history"]]
             start_epoch = state["epoch"]
+            log.info("resuming %s from %s after epoch %d", run.method, run.checkpoint, start_epoch)
+        else:
+            log.info("ignoring checkpoint %s: it holds another run (other config, cache or method)",
+                     run.checkpoint)
     use_amp = cfg.amp and device.type == "cuda"
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext())
     val_images, val_labels, val_teacher = val
@@ -285,13 +365,13 @@ def train_student(
         model.train()
         order = torch.randperm(num_rows, generator=generator)
         choice = torch.randint(targets.num_views, (num_rows,), generator=generator)
+        noise.manual_seed(derived_seed(cfg.seed, epoch, run.rank))
         total = torch.zeros((), device=device)
-        count = 0
+        count = torch.zeros((), device=device)
+        done = 0
         for rows, views, images in batches(epoch, order, choice):
-            x = render_views(images, targets.views[rows, views], out_size=run.preprocess.image_size,
-                             mean=run.preprocess.mean, std=run.preprocess.std)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = render_batch(images, targets.views[rows, views], preprocess=run.preprocess,
+                             channels_last=cfg.channels_last)
             batch = gather_targets(targets, rows, views)
             with autocast:
                 out = model(x, generator=noise)
@@ -303,18 +383,27 @@ def train_student(
             sched.step()
             total += loss.detach() * len(rows)
             count += len(rows)
+            done += 1
+        if done != steps:
+            raise RuntimeError(f"the batch source yielded {done} batches in epoch {epoch + 1}, but announced "
+                               f"{steps}; the data and the cache disagree on the number of rows")
+        if run.world > 1:
+            _average_buffers(student, run.world)
+            sums = torch.stack([total, count])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            total, count = sums[0], sums[1]
         metrics = evaluate_student(student, val_images, val_labels, val_teacher, preprocess=run.preprocess,
                                    batch_size=4 * cfg.batch_size, channels_last=cfg.channels_last)
-        log = EpochLog(epoch=epoch + 1, train_loss=float(total) / max(count, 1), val_top1=metrics["top1"],
-                       val_agreement=metrics["agreement"])
-        history.append(log)
+        epoch_log = EpochLog(epoch=epoch + 1, train_loss=float(total) / max(float(count), 1.0),
+                             val_top1=metrics["top1"], val_agreement=metrics["agreement"])
+        history.append(epoch_log)
         if run.checkpoint is not None and run.rank == 0:
             _save_atomic({"fingerprint": run.fingerprint, "epoch": epoch + 1, "student": student.state_dict(),
                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "generator": generator.get_state(), "noise": noise.get_state(),
-                          "history": [vars(h) for h in history]}, run.checkpoint)
+                          "generator": generator.get_state(), "history": [vars(h) for h in history]},
+                         run.checkpoint)
         if run.world > 1:
             dist.barrier()
         if on_epoch is not None:
-            on_epoch(log)
+            on_epoch(epoch_log)
     return history

@@ -62,6 +62,11 @@ def test_unknown_timm_name_suggests_close_matches() -> None:
         build_model("resnet_18", num_classes=10)
 
 
+def test_hub_names_are_refused_with_a_hint() -> None:
+    with pytest.raises(ModelNotFoundError, match="weights="):
+        build_model("hf-hub:timm/resnet18.a1_in1k", num_classes=10)
+
+
 def test_model_kwargs_must_not_override_arguments() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         build_model(TIMM_TINY, num_classes=10, model_kwargs={"num_classes": 3})

@@ -1,0 +1,90 @@
+"""End to end: ``dvc repro`` in a temporary git + DVC repo on a tiny digits configuration.
+
+Checks the whole DAG runs, a second ``dvc repro`` does nothing, and changing only
+``embed.views`` invalidates ``embed`` and what depends on it, not ``prepare``/``teacher``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "prepare": {"source": "digits", "limit_train": 160, "limit_val": 60, "samples_per_shard": 40},
+    "teacher": {"model": "test_resnet", "in_chans": 1, "preprocess": {"image_size": 16, "mean": [0.5], "std": [0.5]},
+                "epochs": 2, "batch_size": 64},
+    "embed": {"views": 2, "batch_size": 128, "chunk_rows": 20, "scheduler": "synchronous"},
+    "rdm": {"rate_weights": [4.0, 1.0], "hidden": 32, "epochs": 2, "batch_size": 128, "chunk_rows": 20},
+    "distill": {"student": "pipeline.models.cifar_resnet:resnet8", "student_kwargs": {"width": 4}, "epochs": 1,
+                "batch_size": 64, "threads": 1},
+}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    path = tmp_path_factory.mktemp("e2e")
+    for name in ("pipeline", "stages", "schemas"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], path)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], path)
+    _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], path)
+    return path
+
+
+def _status(repo: Path) -> dict:
+    out = _run([sys.executable, "-m", "dvc", "status", "--json"], repo).stdout
+    return json.loads(out or "{}")
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(repo: Path) -> None:
+    _run([sys.executable, "-m", "dvc", "repro"], repo)
+    for out in ("data/shards/manifest.json", "models/teacher.pt", "cache/teacher.zarr/zarr.json",
+                "cache/rdm.zarr/zarr.json", "models/students/cifd.pt", "metrics/evaluate.json"):
+        assert (repo / out).exists(), out
+    table = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(table) == {"teacher", "ce", "kd", "dgkd", "cifd"}
+    embed = json.loads((repo / "metrics/embed.json").read_text())
+    assert embed["views"] == 2 and embed["teacher_forwards"] == (160 + 60) * 2
+
+    # A second repro has nothing to do.
+    assert _status(repo) == {}
+    second = _run([sys.executable, "-m", "dvc", "repro"], repo).stdout
+    assert "Running stage" not in second
+
+    # Changing only embed.views invalidates embed and its dependants, not prepare/teacher.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["embed"]["views"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(_status(repo))
+    assert "embed" in changed
+    assert not changed & {"prepare", "teacher"}
+    assert changed <= {"embed", "rdm", "evaluate"} | {f"distill@{m}" for m in ("ce", "kd", "dgkd", "cifd")}
+    _run([sys.executable, "-m", "dvc", "repro", "-s", "embed"], repo)
+    embed = json.loads((repo / "metrics/embed.json").read_text())
+    assert embed["views"] == 3
