@@ -168,7 +168,9 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
         student = student.to(memory_format=torch.channels_last)
     run_ = DistillRun(method=method, cfg=cfg, preprocess=preprocess, device=device, rank=rank, world=world,
                       checkpoint=Path(paths.students) / f"{method}.ckpt",
-                      fingerprint=config_fingerprint(cfg, method, {"cache": cache.fingerprint, **rdm_info}))
+                      # The schedule and each rank's rows depend on the world size and steps per epoch.
+                      fingerprint=config_fingerprint(cfg, method, {"cache": cache.fingerprint, **rdm_info,
+                                                                   "world": world, "steps": batches.steps}))
     return DistillInputs(student=student, run=run_, targets=targets, batches=batches, num_rows=num_rows, val=val,
                          manifest=manifest, teacher_spec=spec, cache_fingerprint=cache.fingerprint)
 
