@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.embed import resolve_device
+from pipeline.cache.embed import Preprocess, resolve_device
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.shards import load_manifest, load_split
 from pipeline.models import load_model, state_dict_sha256
-from pipeline.train.distill import Preprocess, evaluate_student
+from pipeline.train.distill import evaluate_student
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.base import ConfigError
@@ -28,8 +28,7 @@ def run(params: Path) -> None:
     manifest = load_manifest(paths.shards)
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
-    pre = spec["preprocess"]
-    preprocess = Preprocess(image_size=int(pre["image_size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    preprocess = Preprocess.from_spec(spec, source=str(paths.teacher))
     val = load_split(manifest, "val")
     images = torch.from_numpy(val.images).to(device)
     labels = torch.from_numpy(val.labels).to(device)

@@ -160,8 +160,16 @@ def test_fractional_box_is_bilinear_at_the_shifted_centres() -> None:
 def test_box_outside_the_image_samples_zeros() -> None:
     x = torch.ones(1, 1, 8, 8)
     out = replay_views(x, params([[-7.5, 0, 8, 8, 0]]), out_size=8)  # fractional: resampled
-    assert float(out.abs().max()) == pytest.approx(0.5)  # only the last row touches the image
+    # Only the last row samples on the image's extent (its top edge): it takes the edge
+    # pixel's value, as a resize would; every row above the image is zero.
+    assert float(out[0, 0, -1].min()) == pytest.approx(1.0)
     assert float(out[0, 0, :-1].abs().max()) == 0.0
+
+
+def test_upscaled_clean_view_has_no_dark_border() -> None:
+    x = torch.ones(1, 1, 8, 8)
+    out = replay_views(x, params([[0, 0, 8, 8, 0]]), out_size=16)  # 8 -> 16: resampled
+    torch.testing.assert_close(out, torch.ones(1, 1, 16, 16))
 
 
 @pytest.mark.parametrize("box", [[0, 0, 12, 12], [-3, 2, 12, 12], [1.5, 2.25, 7, 9], [2, 1, 5, 8]])
