@@ -15,6 +15,8 @@ from typing import Any
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # dask.distributed configures its own loggers when first imported (lazily, by embed).
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     for noisy in ("distributed", "tornado", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
