@@ -49,7 +49,7 @@ def run(params: Path) -> None:
     began = time.perf_counter()
     train_classifier(model, train_images=train_x, train_labels=train_y, val_images=val_x, val_labels=val_y,
                      settings=settings, on_epoch=on_epoch)
-    kwargs = dict(image_size=pre.image_size, mean=pre.mean, std=pre.std)
+    kwargs = {"image_size": pre.image_size, "mean": pre.mean, "std": pre.std}
     val_top1 = top1(predict(model, val_x, **kwargs), val_y)
     train_top1 = top1(predict(model, train_x, **kwargs), train_y)
     spec = {

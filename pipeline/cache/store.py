@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from schemas import layout as L
+
+log = logging.getLogger(__name__)
 
 
 class CacheError(ValueError):
@@ -104,7 +107,9 @@ def open_for_resume(path: Path, provenance: dict[str, Any]) -> zarr.Group | None
         return None
     try:
         root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    except Exception:  # unreadable metadata: start over, the caller recreates the store
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # Unreadable metadata (a run killed while creating the store): start over.
+        log.warning("existing store at %s is unreadable (%s); it will be recreated", path, exc)
         return None
     attrs = dict(root.attrs)
     if attrs.get(L.ATTR_SCHEMA) != L.CACHE_SCHEMA_VERSION or attrs.get(L.ATTR_FINGERPRINT) != fingerprint(provenance):

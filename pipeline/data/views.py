@@ -13,6 +13,7 @@ resampled bilinearly with ``grid_sample``, per sample, on whatever device the im
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,8 @@ def write_params(root: Path, base: dict[str, Any], **sections: Mapping[str, Any]
 
 
 @pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _single_thread(one_thread: None) -> None:
+    """Apply the shared ``one_thread`` fixture to every test of this folder."""
 
 
 @pytest.fixture(scope="session")
