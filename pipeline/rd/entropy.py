@@ -172,8 +172,8 @@ class EntropyBottleneck(nn.Module):
         self._check_input(values)
         with torch.autocast(device_type=values.device.type, enabled=False):
             v = values.float().t().unsqueeze(1)  # (C, 1, B)
-            lower = self._logits_cumulative(v - 0.5)
-            upper = self._logits_cumulative(v + 0.5)
+            # Both bin edges in one pass over the density: (C, 1, 2B).
+            lower, upper = self._logits_cumulative(torch.cat([v - 0.5, v + 0.5], dim=-1)).chunk(2, dim=-1)
             # Evaluate on the side of the median where sigmoid is not saturated at 1.
             sign = -torch.sign(lower + upper).detach()
             lik = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))

@@ -1,0 +1,721 @@
+"""Stage three (``distill``) throughput: cached targets against CE only and online KD, in one run.
+
+On one CIFAR-10 subset (shards made with ``prepare_dataset``), one teacher file (the
+pretrained ResNet-56 saved with ``save_model`` and a ``preprocess`` spec), one teacher cache
+(``run_embed``, V views, ``pad_crop`` policy, synchronous scheduler) and one RDM cache
+(``stages.rdm.run``, 1 epoch), measures training images/s of a ResNet-8 student, every
+variant through the real ``stages.distill.build_inputs`` + ``pipeline.train.distill.train_student``
+(memory mode, the CIFAR preset's optimizer and loss settings), on the same replayed views:
+
+(a) ``ce``: method ``ce`` (labels only), the limit for any distillation loop;
+(b) cached distillation: methods ``kd`` and ``cifd`` with targets gathered from the teacher
+    cache and the RDM cache, exactly as stage three runs them;
+(c) ``online_kd``: method ``kd`` with the cached teacher logits replaced by the frozen
+    ResNet-56 run (eval, ``inference_mode``) on every batch's rendered views at every step:
+    the same loop plus the teacher forward, i.e. what KD costs without a cache.
+
+Each timed run is one epoch of ``train_student`` after ``--warmup`` warm-up steps; a batch
+source wrapper announces warm-up + epoch steps and times every step body (the end-of-epoch
+val evaluation is not timed). By default the four variants run in **lockstep**: one thread
+per variant, each taking one step in turn (never two at once), so a shared machine's load
+bursts hit every variant alike and the ratios are paired step by step; ``--schedule
+sequential`` runs one whole epoch after another instead. The rotation order changes per
+repeat. On CPU the timed steps are also booked under the loop's own functions
+(render_batch, gather_targets, student forward and the IBM inside it, teacher forward,
+method_loss, backward, optimizer step) so the JSON says where the time goes; a dispatch-mode
+counter gives the aten ops of one step per method, and ``FlopCounterMode`` counts the
+teacher's forward FLOPs per image against the student's forward+backward FLOPs per image, so
+the expected speed-up of cached over online KD (FLOP-proportional) can be set against the
+measured one.
+
+    uv run python bench/distill_throughput.py            # defaults sized for a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from _common import (  # noqa: E402
+    CIFAR_TEST,
+    RESULTS,
+    Timer,
+    machine_info,
+    median,
+    prepare_cifar,
+    save_teacher,
+    write_result,
+)
+
+pc = time.perf_counter
+STUDENT = "pipeline.models.cifar_resnet:resnet8"
+CACHED = ("ce", "kd", "cifd")  # through the cache (ce reads no target but runs the same loop)
+VARIANTS = (*CACHED, "online_kd")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------ per-thread run state
+
+@dataclasses.dataclass
+class RunState:
+    """What the hooks need to know about the training run on the calling thread."""
+
+    name: str
+    device: torch.device
+    timer: Timer | None = None  # books the loop's parts while ``active``
+    teacher: torch.nn.Module | None = None  # online KD: run it on every training batch
+    use_amp: bool = False
+    check: dict[str, float] | None = None
+    active: bool = False  # inside a timed step (not warm-up, not evaluation)
+    live: torch.Tensor | None = None  # the online teacher's logits of the current batch
+
+
+_local = threading.local()
+
+
+def _state() -> RunState | None:
+    return getattr(_local, "state", None)
+
+
+@contextlib.contextmanager
+def hooks() -> Iterator[None]:
+    """Wrap the loop's own functions once; each wrapper acts on the calling thread's
+    :class:`RunState` (none: a plain call-through).
+
+    Timing (``state.timer``, timed steps only, never under ``inference_mode``, i.e. not in
+    evaluation): ``render_batch``, ``gather_targets``, ``Student.forward`` (and the IBM's
+    forward inside it), ``method_loss``, ``Tensor.backward``, the optimizer's and the LR
+    scheduler's ``step``; on CUDA each booked call is bracketed by syncs. Overhead: a few
+    Python calls per step.
+
+    Online KD (``state.teacher``): ``render_batch`` also runs ``teacher.classify(teacher.embed(x))``
+    (as ``embed`` does) on the rendered training views under ``inference_mode`` (and the
+    loop's bf16 autocast on CUDA), and ``gather_targets`` swaps the batch's cached teacher
+    logits for those; ``state.check`` gets the largest |live - cached| logit difference (the
+    cache holds the same teacher on the same views, so it should be ~0).
+    """
+    import pipeline.train.distill as D
+    from pipeline.rd import InformationBottleneck
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            st = _state()
+            if st is None or st.timer is None or not st.active or torch.is_inference_mode_enabled():
+                return fn(*args, **kwargs)
+            _sync(st.device)
+            began = pc()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(st.device)
+                st.timer.add(name, pc() - began)
+        return wrapper
+
+    timed_render = timed("render_batch (view replay + normalise)", D.render_batch)
+    timed_gather = timed("gather_targets", D.gather_targets)
+
+    def render_batch(images: torch.Tensor, views: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        x = timed_render(images, views, **kwargs)
+        st = _state()
+        if st is None or st.teacher is None or torch.is_inference_mode_enabled():
+            return x
+        began = pc()
+        autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if st.use_amp
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            z = st.teacher.classify(st.teacher.embed(x)).float()
+        st.live = z.clone()  # a normal tensor: inference tensors cannot enter autograd
+        if st.timer is not None and st.active:
+            _sync(st.device)
+            st.timer.add("teacher_forward (online)", pc() - began)
+        return x
+
+    def gather_targets(targets: Any, rows: torch.Tensor, views: torch.Tensor) -> Any:
+        batch = timed_gather(targets, rows, views)
+        st = _state()
+        if st is None or st.teacher is None:
+            return batch
+        z, st.live = st.live, None
+        assert z is not None
+        if st.check is not None:
+            key = "max_abs_logit_diff_online_teacher_vs_cache"
+            st.check[key] = max(st.check.get(key, 0.0), float((z - batch.teacher_logits).abs().max()))
+        return dataclasses.replace(batch, teacher_logits=z)
+
+    patches = [
+        mock.patch.object(D, "render_batch", render_batch),
+        mock.patch.object(D, "gather_targets", gather_targets),
+        mock.patch.object(D.Student, "forward", timed("student_forward", D.Student.forward)),
+        mock.patch.object(InformationBottleneck, "forward",
+                          timed("ibm_forward (inside student_forward)", InformationBottleneck.forward)),
+        mock.patch.object(D, "method_loss", timed("method_loss", D.method_loss)),
+        mock.patch.object(torch.Tensor, "backward", timed("backward", torch.Tensor.backward)),
+        mock.patch.object(torch.optim.SGD, "step", timed("optimizer_step", torch.optim.SGD.step)),
+        mock.patch.object(torch.optim.AdamW, "step", timed("optimizer_step", torch.optim.AdamW.step)),
+        mock.patch.object(torch.optim.lr_scheduler.OneCycleLR, "step",
+                          timed("lr_scheduler_step", torch.optim.lr_scheduler.OneCycleLR.step)),
+    ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+# ------------------------------------------------------------------ scheduling: lockstep or sequential
+
+class Baton:
+    """Round robin over the training threads, one step each: only the holder trains, so the
+    variants never compete for the CPU, and their steps are spread over the same stretch of
+    time (a shared machine's load bursts hit every variant alike)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.cond = threading.Condition()
+        self.turn = 0
+        self.finished: set[str] = set()
+        self.error: BaseException | None = None
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError("another training thread failed") from self.error
+
+    def _advance(self) -> None:
+        for _ in self.names:
+            self.turn = (self.turn + 1) % len(self.names)
+            if self.names[self.turn] not in self.finished:
+                return
+
+    def wait_turn(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.error is not None or self.names[self.turn] == name)
+            self._raise()
+
+    def pass_on(self) -> None:
+        with self.cond:
+            self._advance()
+            self.cond.notify_all()
+
+    def finish(self, name: str) -> None:
+        """After the last step: wait for every variant's last step (evaluation then runs
+        concurrently, untimed)."""
+        with self.cond:
+            self.finished.add(name)
+            if self.names[self.turn] == name:
+                self._advance()
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.error is not None or len(self.finished) == len(self.names))
+            self._raise()
+
+    def fail(self, error: BaseException) -> None:
+        with self.cond:
+            self.error = error
+            self.cond.notify_all()
+
+
+class TimedBatches:
+    """A ``BatchSource`` that yields ``warmup`` batches, then the wrapped source's full epoch
+    (or ``limit`` batches of it), announcing ``warmup + timed steps`` so ``train_student``'s
+    step check and LR schedule agree.
+
+    Each step is timed from the batch request (the batch slicing included) to the loop's
+    request for the next batch, i.e. the whole step body of ``train_student``. With a
+    ``baton`` the step is taken in turn with the other variants (lockstep) and the time spent
+    waiting for the turn is not counted; without one the variants run one after another. On
+    CUDA the step is bracketed by syncs only in lockstep mode; sequentially, the epoch is
+    timed from a sync before the first timed step to a sync after the last.
+    """
+
+    def __init__(self, inner: Any, *, warmup: int, state: RunState, limit: int | None = None,
+                 baton: Baton | None = None) -> None:
+        self.inner, self.warmup, self.state, self.baton = inner, warmup, state, baton
+        self.timed_steps = inner.steps if limit is None else min(limit, inner.steps)
+        self.steps = warmup + self.timed_steps
+        self.step_s: list[float] = []
+        self.epoch_s = 0.0
+        self.rows = 0
+
+    def __call__(self, epoch: int, order: torch.Tensor, choice: torch.Tensor) -> Iterator[Any]:
+        st, baton, device = self.state, self.baton, self.state.device
+        lockstep = baton is not None
+        it: Iterator[Any] = iter(())
+        began_epoch = 0.0
+        for k in range(self.steps):
+            timed = k >= self.warmup
+            if k in (0, self.warmup):  # the warm-up and the timed epoch both start at the epoch's first batch
+                it = iter(self.inner(epoch, order, choice))
+            if lockstep:
+                baton.wait_turn(st.name)  # type: ignore[union-attr]
+            if timed and (lockstep or k == self.warmup):
+                _sync(device)
+            began = pc()
+            if k == self.warmup:
+                began_epoch = began
+            item = next(it)
+            st.active = timed
+            yield item
+            st.active = False
+            if timed and (lockstep or k == self.steps - 1):
+                _sync(device)
+            ended = pc()
+            if timed:
+                self.step_s.append(ended - began)
+                self.rows += len(item[0])
+            if k == self.steps - 1:
+                self.epoch_s = sum(self.step_s) if lockstep else ended - began_epoch
+            if lockstep:
+                baton.pass_on()  # type: ignore[union-attr]
+        if lockstep:
+            baton.finish(st.name)  # type: ignore[union-attr]
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    inputs: Any  # stages.distill.DistillInputs
+    init_state: dict[str, torch.Tensor]
+    teacher: torch.nn.Module | None = None  # online_kd only
+
+
+def _train(v: Variant, state: RunState, *, warmup: int, limit: int | None, baton: Baton | None,
+           out: dict[str, Any]) -> None:
+    """One ``train_student`` call (1 epoch: warm-up + timed steps) from the initial weights."""
+    from pipeline.train.distill import train_student
+
+    _local.state = state
+    try:
+        inp = v.inputs
+        inp.student.load_state_dict(v.init_state)
+        batches = TimedBatches(inp.batches, warmup=warmup, state=state, limit=limit, baton=baton)
+        history = train_student(inp.student, run=inp.run, targets=inp.targets, batches=batches,
+                                num_rows=inp.num_rows, val=inp.val)
+        steps = batches.step_s
+        out[v.name] = {
+            "images": batches.rows, "timed_steps": len(steps), "seconds": round(batches.epoch_s, 4),
+            "images_per_s": batches.rows / batches.epoch_s,
+            "median_step_s": round(median(steps), 5),
+            # The median step: robust to load bursts, and a full batch (no partial last one).
+            "steady_images_per_s": inp.run.cfg.batch_size / median(steps),
+            "train_loss": round(history[-1].train_loss, 4),
+        }
+    except BaseException as error:
+        out[v.name] = error
+        if baton is not None:
+            baton.fail(error)
+    finally:
+        _local.state = None
+
+
+def run_round(variants: dict[str, Variant], *, warmup: int, lockstep: bool, timers: dict[str, Timer] | None,
+              check: dict[str, float] | None, limit: int | None = None, rotate: int = 0) -> dict[str, dict[str, Any]]:
+    """One timed epoch of every variant, in lockstep (a thread per variant, one step each in
+    turn) or one variant after another; the order is rotated by ``rotate`` (per repeat, so
+    no variant always follows the same one)."""
+    names = list(variants)
+    names = names[rotate % len(names):] + names[:rotate % len(names)]
+    variants = {name: variants[name] for name in names}
+    out: dict[str, Any] = {}
+    states = {}
+    for name, v in variants.items():
+        inp = v.inputs
+        states[name] = RunState(name=name, device=inp.run.device, timer=timers[name] if timers else None,
+                                teacher=v.teacher, use_amp=inp.run.cfg.amp and inp.run.device.type == "cuda",
+                                check=check if v.teacher is not None else None)
+    if lockstep:
+        baton = Baton(tuple(variants))
+        threads = [threading.Thread(target=_train, args=(v, states[name]), name=f"distill-{name}",
+                                    kwargs=dict(warmup=warmup, limit=limit, baton=baton, out=out))
+                   for name, v in variants.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for name, v in variants.items():
+            _train(v, states[name], warmup=warmup, limit=limit, baton=None, out=out)
+    errors = {name: r for name, r in out.items() if isinstance(r, BaseException)}
+    if errors:  # the first failure, not the others' "another training thread failed"
+        name, error = next(((n, e) for n, e in errors.items() if not str(e).startswith("another training")),
+                           next(iter(errors.items())))
+        raise RuntimeError(f"training variant {name} failed") from error
+    load = [round(x, 2) for x in os.getloadavg()]
+    for r in out.values():
+        r["loadavg_after_round"] = load
+    return out
+
+
+# ------------------------------------------------------------------ FLOPs
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach the kernels (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any]) -> int:
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def flops_per_image(variants: dict[str, Variant]) -> dict[str, Any]:
+    """Teacher forward vs student forward+backward FLOPs per image (FlopCounterMode: matmul,
+    conv and their backward; elementwise ops, BatchNorm and the entropy model are not counted),
+    and the number of aten ops of one student step per method."""
+    from pipeline.train.distill import gather_targets, method_loss, render_batch
+
+    out: dict[str, Any] = {}
+    ref = variants["kd"].inputs
+    rows, views, images = next(iter(ref.batches(0, torch.arange(ref.num_rows), torch.ones(ref.num_rows,
+                                                                                          dtype=torch.long))))
+    b = len(rows)
+    x = render_batch(images, ref.targets.views[rows, views], preprocess=ref.run.preprocess,
+                     channels_last=ref.run.cfg.channels_last)
+    teacher = variants["online_kd"].teacher
+    assert teacher is not None
+
+    def teacher_fwd() -> None:
+        with torch.inference_mode():
+            teacher.classify(teacher.embed(x))
+
+    out["teacher_forward"] = count_flops(teacher_fwd) / b
+    for method in CACHED:
+        inp = variants[method].inputs
+        student = copy.deepcopy(inp.student).train()
+        batch = gather_targets(inp.targets, rows, views)
+
+        def step(student: Any = student, batch: Any = batch, inp: Any = inp, method: str = method) -> None:
+            o = student(x, generator=torch.Generator(device=x.device).manual_seed(0))
+            loss = method_loss(method, out=o, batch=batch, cfg=inp.run.cfg, emb_scale=inp.targets.emb_scale,
+                               generator=torch.Generator().manual_seed(0), device=x.device)
+            loss.backward()
+
+        def fwd(student: Any = student) -> None:
+            with torch.no_grad():
+                student(x, generator=torch.Generator(device=x.device).manual_seed(0))
+
+        out[f"student_{method}_forward"] = count_flops(fwd) / b
+        out[f"student_{method}_forward_backward"] = count_flops(step) / b
+        # Kernel-level ops of one training step (forward, loss, backward; not the optimizer):
+        # small ops each pay a fixed cost (thread barrier on CPU, launch on GPU).
+        out[f"aten_ops_per_step_{method}"] = count_ops(step)
+    s = out["student_kd_forward_backward"]
+    t = out["teacher_forward"]
+    out["teacher_share_of_online_kd_step"] = round(t / (t + s), 4)
+    out["teacher_over_student_fwd_bwd"] = round(t / s, 3)
+    # If time were proportional to FLOPs: cached KD images/s over online KD images/s.
+    out["expected_speedup_cached_kd_over_online_kd"] = round((t + s) / s, 3)
+    out["batch"] = b
+    return out
+
+
+def ibm_cost(v: Variant, *, reps: int) -> dict[str, Any]:
+    """The cifd student's IBM (entropy model + noise + projection) alone on a (B, dim) batch:
+    median forward and forward+backward time, and how many aten ops one fwd+bwd launches
+    (many tiny ops: on a CPU each pays the intra-op thread barrier, on a GPU a launch)."""
+    student = copy.deepcopy(v.inputs.student).train()
+    ibm = student.ibm
+    assert ibm is not None
+    device = v.inputs.run.device
+    w = torch.randn(v.inputs.run.cfg.batch_size, ibm.dim, device=device, requires_grad=True)
+    noise = torch.Generator(device=device).manual_seed(0)
+
+    def fwd() -> Any:
+        return ibm(w, generator=noise)
+
+    def fwd_bwd() -> None:
+        o = fwd()
+        (o.bits.mean() + o.projected.float().square().mean()).backward()
+
+    times: dict[str, list[float]] = {"f": [], "fb": []}
+    for i in range(reps + 2):
+        for key, fn in (("f", fwd), ("fb", fwd_bwd)):
+            _sync(device)
+            began = pc()
+            fn()
+            _sync(device)
+            if i >= 2:
+                times[key].append(pc() - began)
+    ops = count_ops(fwd_bwd)
+    return {"batch": int(w.shape[0]), "dim": ibm.dim, "out_dim": ibm.out_dim,
+            "ibm_forward_ms": round(1e3 * median(times["f"]), 3),
+            "ibm_forward_backward_ms": round(1e3 * median(times["fb"]), 3),
+            "aten_ops_forward_backward": ops}
+
+
+# ------------------------------------------------------------------ summary
+
+def summarize(result: dict[str, Any]) -> None:
+    """Medians, ratios (of medians and paired per round) and the claims, from the raw runs
+    in ``result`` (also usable on a stored JSON: ``--resummarize``)."""
+    runs: dict[str, list[dict[str, Any]]] = result["timings"]["runs"]
+    med = {k: median([r["images_per_s"] for r in rs]) for k, rs in runs.items()}
+    steady = {k: median([r["steady_images_per_s"] for r in rs]) for k, rs in runs.items()}
+    result["timings"]["images_per_s"] = {k: round(v, 2) for k, v in med.items()}
+    result["timings"]["steady_images_per_s"] = {k: round(v, 2) for k, v in steady.items()}
+    result["timings"]["median_epoch_s"] = {k: round(median([r["seconds"] for r in rs]), 3) for k, rs in runs.items()}
+
+    def paired(a: str, b: str) -> dict[str, Any]:
+        each = [x["images_per_s"] / y["images_per_s"] for x, y in zip(runs[a], runs[b])]
+        return {"each": [round(e, 4) for e in each], "median": round(median(each), 4)}
+
+    pairs = [(m, "ce") for m in ("kd", "cifd", "online_kd")] + [(m, "online_kd") for m in ("kd", "cifd")]
+    result["ratios"] = {f"{a}_over_{b}": round(med[a] / med[b], 4) for a, b in pairs}
+    result["ratios_steady"] = {f"{a}_over_{b}": round(steady[a] / steady[b], 4) for a, b in pairs}
+    result["paired_ratios"] = {f"{a}_over_{b}": paired(a, b) for a, b in pairs}
+    flops = result.get("flops_per_image")
+    if flops:
+        result["speedup_cached_over_online_kd"] = {
+            "expected_from_flops": flops["expected_speedup_cached_kd_over_online_kd"],
+            "measured_kd": result["ratios"]["kd_over_online_kd"],
+            "measured_kd_paired": result["paired_ratios"]["kd_over_online_kd"]["median"],
+            "measured_cifd": result["ratios"]["cifd_over_online_kd"],
+            # Achieved GFLOP/s: the small student runs its FLOPs less efficiently than the teacher.
+            "achieved_gflops_per_s": {
+                "ce (student fwd+bwd)": round(med["ce"] * flops["student_ce_forward_backward"] / 1e9, 2),
+                "kd (student fwd+bwd)": round(med["kd"] * flops["student_kd_forward_backward"] / 1e9, 2),
+                "online_kd (teacher fwd + student fwd+bwd)": round(
+                    med["online_kd"] * (flops["teacher_forward"] + flops["student_kd_forward_backward"]) / 1e9, 2),
+            },
+        }
+    threshold = 0.9
+
+    def verdict(a: float, b: float) -> str:
+        return "holds" if a >= threshold and b >= threshold else "fails" if a < threshold and b < threshold \
+            else "mixed"
+
+    result["claim"] = {
+        "statement": "cached distillation (stage three, memory mode) trains at >= 0.9 of CE-only images/s",
+        "threshold": threshold,
+        **{f"{m}_over_ce": result["ratios"][f"{m}_over_ce"] for m in ("kd", "cifd")},
+        **{f"{m}_over_ce_paired": result["paired_ratios"][f"{m}_over_ce"]["median"] for m in ("kd", "cifd")},
+        # "holds" / "fails" when the median and the paired ratio agree, else "mixed".
+        **{m: verdict(result["ratios"][f"{m}_over_ce"], result["paired_ratios"][f"{m}_over_ce"]["median"])
+           for m in ("kd", "cifd")},
+    }
+
+
+def breakdown(timer: Timer, *, wall: float, steps: int, batch: int) -> dict[str, Any]:
+    """Per-step seconds of each part of the instrumented steps; ``other`` is the residual
+    (the loop's own bookkeeping, batch slicing, autocast, loss accumulation)."""
+    parts = {k: v / steps for k, v in timer.seconds.items()}
+    parts["other (loop bookkeeping)"] = wall / steps - sum(v for k, v in parts.items() if "(inside" not in k)
+    step = wall / steps
+    return {"steps": steps, "step_s": round(step, 5), "images_per_s": round(batch / step, 2),
+            "parts_ms_per_step": {k: round(1e3 * v, 3) for k, v in parts.items()},
+            "parts_share": {k: round(v / step, 4) for k, v in parts.items()}}
+
+
+# ------------------------------------------------------------------ main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2048, help="CIFAR-10 train images (default 2048)")
+    parser.add_argument("--val", type=int, default=128, help="val images from test.tar (default 128)")
+    parser.add_argument("--views", type=int, default=2, help="V, views per image in the cache (default 2)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads everywhere (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (default 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed epoch (default 2)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="steps of a separate instrumented pass per variant (default 0: none; on CPU the "
+                             "timed runs are instrumented)")
+    parser.add_argument("--no-instrument", action="store_true", help="do not instrument the timed runs")
+    parser.add_argument("--schedule", choices=("lockstep", "sequential"), default="lockstep",
+                        help="lockstep: the variants take one step each in turn (default; robust to a shared "
+                             "machine's load); sequential: one whole epoch after another")
+    parser.add_argument("--micro-reps", type=int, default=10, help="repetitions of the IBM micro-timing")
+    parser.add_argument("--shard-size", type=int, default=512, help="prepare.samples_per_shard (default 512)")
+    parser.add_argument("--rdm-epochs", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="distill/embed/rdm device (default cpu)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "distill_throughput.json")
+    parser.add_argument("--resummarize", type=Path, default=None,
+                        help="recompute medians/ratios of a stored result JSON in place (no measuring)")
+    args = parser.parse_args()
+    if args.resummarize is not None:
+        import json
+
+        stored = json.loads(args.resummarize.read_text())
+        summarize(stored)
+        args.resummarize.write_text(json.dumps(stored, indent=2) + "\n")
+        print(f"ratios: {stored['ratios']}\npaired: {stored['paired_ratios']}\nclaim: {stored['claim']}")
+        return
+
+    import pipeline.cache.embed as E
+    import stages.rdm as stage_rdm
+    from pipeline.data.shards import load_manifest
+    from pipeline.models import load_model
+    from schemas.config import DistillConfig, EmbedConfig, Paths, RdmConfig, ViewPolicyConfig
+    from stages.distill import build_inputs
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    device = E.resolve_device(args.device)
+    policy = ViewPolicyConfig(kind="pad_crop", pad=4, flip=True)
+    embed_cfg = EmbedConfig(views=args.views, policy=policy, batch_size=256, scheduler="synchronous", workers=1,
+                            threads_per_worker=args.threads, device=args.device)
+    rdm_cfg = RdmConfig(epochs=args.rdm_epochs, threads=args.threads, device=args.device)
+    # The CIFAR preset's stage-three settings (presets/cifar10.yaml), one epoch.
+    distill_cfg = DistillConfig(methods=("ce", "kd", "cifd"), student=STUDENT, epochs=1, batch_size=args.batch_size,
+                                optimizer="sgd", lr=0.05, weight_decay=0.0005, temperature=2.0, data="memory",
+                                device=args.device, threads=args.threads, seed=0)
+    machine = machine_info(args.threads)
+    machine["device"] = str(device)
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    result: dict[str, Any] = {
+        "benchmark": "distill_throughput",
+        "machine": machine,
+        "params": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "teacher": "cifar10-resnet56 (pipeline.models.cifar_resnet:resnet56)", "student": STUDENT,
+                   "dataset": "CIFAR-10 JPEG train.tar, stratified subset; val from test.tar",
+                   "embed_config": embed_cfg.to_dict(), "rdm_config": rdm_cfg.to_dict(),
+                   "distill_config": distill_cfg.to_dict(),
+                   "online_kd": "method kd, cached teacher logits replaced by teacher.classify(teacher.embed(x)) on "
+                                "the rendered views of every step (eval, inference_mode, channels_last as the "
+                                "student, bf16 autocast on CUDA as the student)"},
+    }
+    with tempfile.TemporaryDirectory(prefix="cifd-bench-distill-") as tmp_name:
+        tmp = Path(tmp_name)
+        setup: dict[str, Any] = {}
+        prep, setup["prepare_s"] = prepare_cifar(tmp / "shards", train=args.images, val=args.val,
+                                                 samples_per_shard=args.shard_size, val_source=CIFAR_TEST)
+        teacher_path = tmp / "teacher.pt"
+        save_teacher(teacher_path)
+        paths = Paths(shards=str(tmp / "shards"), teacher=str(teacher_path), cache=str(tmp / "teacher.zarr"),
+                      rdm_models=str(tmp / "rdm.pt"), rdm_cache=str(tmp / "rdm.zarr"),
+                      students=str(tmp / "students"), metrics=str(tmp / "metrics"), plots=str(tmp / "plots"))
+        params = tmp / "params.yaml"
+        params.write_text(yaml.safe_dump({"paths": paths.to_dict(), "embed": embed_cfg.to_dict(),
+                                          "rdm": rdm_cfg.to_dict(), "distill": distill_cfg.to_dict()},
+                                         sort_keys=False))
+        print(f"prepared {prep['num_samples']} in {setup['prepare_s']:.1f}s; load average {os.getloadavg()}",
+              flush=True)
+        began = pc()
+        report = E.run_embed(settings=embed_cfg, manifest=load_manifest(tmp / "shards"), teacher_path=teacher_path,
+                             store_path=Path(paths.cache))
+        setup["embed_s"] = pc() - began
+        setup["embed_teacher_forwards"] = report.teacher_forwards
+        print(f"embed (V={args.views}): {setup['embed_s']:.1f}s, {report.teacher_forwards} teacher forwards",
+              flush=True)
+        began = pc()
+        with contextlib.redirect_stderr(open(os.devnull, "w")):  # the stage's progress bar
+            stage_rdm.run(params)
+        setup["rdm_stage_s"] = pc() - began
+        torch.set_num_threads(args.threads)
+        print(f"rdm stage ({args.rdm_epochs} epoch): {setup['rdm_stage_s']:.1f}s", flush=True)
+
+        began = pc()
+        variants: dict[str, Variant] = {}
+        for name in VARIANTS:
+            method = "kd" if name == "online_kd" else name
+            inp = build_inputs(paths, distill_cfg, method, device=device)
+            inp.run.checkpoint = None  # a stored checkpoint would resume (skip) the epoch
+            variants[name] = Variant(name, inp, copy.deepcopy(inp.student.state_dict()))
+        teacher, _ = load_model(str(teacher_path))
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        if distill_cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        variants["online_kd"].teacher = teacher
+        setup["build_inputs_s (4 variants)"] = pc() - began
+        setup["prepare"] = prep
+        setup["rows"] = variants["ce"].inputs.num_rows
+        setup["steps_per_epoch"] = variants["ce"].inputs.batches.steps
+        setup["num_rdms"] = variants["cifd"].inputs.targets.num_rdms
+        setup["teacher_embed_dim"] = int(variants["cifd"].inputs.targets.teacher_emb.shape[-1])
+        result["setup"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in setup.items()}
+
+        flops = flops_per_image(variants)
+        result["flops_per_image"] = flops
+        print(f"FLOPs/image: teacher fwd {flops['teacher_forward'] / 1e6:.1f}M, student kd fwd+bwd "
+              f"{flops['student_kd_forward_backward'] / 1e6:.1f}M, cifd fwd+bwd "
+              f"{flops['student_cifd_forward_backward'] / 1e6:.1f}M; teacher share "
+              f"{flops['teacher_share_of_online_kd_step']}", flush=True)
+
+        ibm = ibm_cost(variants["cifd"], reps=args.micro_reps)
+        result["ibm_micro"] = ibm
+        print(f"IBM alone (B={args.batch_size}): forward {ibm['ibm_forward_ms']} ms, forward+backward "
+              f"{ibm['ibm_forward_backward_ms']} ms, {ibm['aten_ops_forward_backward']} aten ops", flush=True)
+
+        # On CPU the timed runs are instrumented (a few Python calls per ~1 s step, no syncs);
+        # on CUDA the wrappers would sync, so only the separate pass (--profile-steps) is.
+        instrument = device.type == "cpu" and not args.no_instrument
+        lockstep = args.schedule == "lockstep"
+        runs: dict[str, list[dict[str, Any]]] = {}
+        timers = {name: Timer() for name in VARIANTS}
+        check: dict[str, float] = {}
+        profile: dict[str, Any] = {}
+        with hooks():
+            for repeat in range(args.repeats):
+                began = pc()
+                out = run_round(variants, warmup=args.warmup, lockstep=lockstep,
+                                timers=timers if instrument else None, check=check, rotate=repeat)
+                for name in VARIANTS:
+                    runs.setdefault(name, []).append(out[name])
+                print(f"[{repeat + 1}/{args.repeats}] ({pc() - began:.0f}s, load {out['ce']['loadavg_after_round']}) "
+                      + ", ".join(f"{n} {out[n]['images_per_s']:.1f} img/s (steady {out[n]['steady_images_per_s']:.1f})"
+                                  for n in VARIANTS), flush=True)
+            if instrument:
+                profile["source"] = "the timed runs themselves (all repeats)"
+                for name in VARIANTS:
+                    profile[name] = breakdown(timers[name], wall=sum(r["seconds"] for r in runs[name]),
+                                              steps=sum(r["timed_steps"] for r in runs[name]), batch=args.batch_size)
+            if args.profile_steps > 0:
+                profile["source"] = f"a separate pass of {args.profile_steps} steps per variant after warm-up"
+                timers = {name: Timer() for name in VARIANTS}
+                out = run_round(variants, warmup=args.warmup, lockstep=lockstep, timers=timers, check=None,
+                                limit=args.profile_steps)
+                for name in VARIANTS:
+                    profile[name] = breakdown(timers[name], wall=out[name]["seconds"], steps=out[name]["timed_steps"],
+                                              batch=args.batch_size)
+        for name in VARIANTS:
+            if name in profile:
+                print(f"step parts {name} (ms): {profile[name]['parts_ms_per_step']}", flush=True)
+
+    result["timings"] = {"runs": runs}
+    result["step_breakdown"] = profile
+    result["checks"] = check
+    summarize(result)
+    path = write_result(args.out, result)
+    print(f"images/s: {result['timings']['images_per_s']}\nratios: {result['ratios']}\n"
+          f"paired: {result['paired_ratios']}\nspeedup: {result.get('speedup_cached_over_online_kd')}\n"
+          f"claim: {result['claim']}\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
