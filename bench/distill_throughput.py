@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from _common import (  # noqa: E402
     CIFAR_TEST,
@@ -85,7 +84,7 @@ class RunState:
     name: str
     device: torch.device
     timer: Timer | None = None  # books the loop's parts while ``active``
-    teacher: torch.nn.Module | None = None  # online KD: run it on every training batch
+    teacher: Any = None  # online KD (an ImageClassifier): run it on every training batch
     use_amp: bool = False
     check: dict[str, float] | None = None
     active: bool = False  # inside a timed step (not warm-up, not evaluation)
@@ -164,7 +163,7 @@ def hooks() -> Iterator[None]:
             st.check[key] = max(st.check.get(key, 0.0), float((z - batch.teacher_logits).abs().max()))
         return dataclasses.replace(batch, teacher_logits=z)
 
-    patches = [
+    patches: list[Any] = [
         mock.patch.object(D, "render_batch", render_batch),
         mock.patch.object(D, "gather_targets", gather_targets),
         mock.patch.object(D.Student, "forward", timed("student_forward", D.Student.forward)),
@@ -295,7 +294,7 @@ class Variant:
     name: str
     inputs: Any  # stages.distill.DistillInputs
     init_state: dict[str, torch.Tensor]
-    teacher: torch.nn.Module | None = None  # online_kd only
+    teacher: Any = None  # online_kd only: the frozen ImageClassifier
 
 
 def _train(v: Variant, state: RunState, *, warmup: int, limit: int | None, baton: Baton | None,
@@ -345,7 +344,7 @@ def run_round(variants: dict[str, Variant], *, warmup: int, lockstep: bool, time
     if lockstep:
         baton = Baton(tuple(variants))
         threads = [threading.Thread(target=_train, args=(v, states[name]), name=f"distill-{name}",
-                                    kwargs=dict(warmup=warmup, limit=limit, baton=baton, out=out))
+                                    kwargs={"warmup": warmup, "limit": limit, "baton": baton, "out": out})
                    for name, v in variants.items()]
         for t in threads:
             t.start()
@@ -367,20 +366,18 @@ def run_round(variants: dict[str, Variant], *, warmup: int, lockstep: bool, time
 
 # ------------------------------------------------------------------ FLOPs
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops that reach the kernels (forward and backward)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_ops(fn: Callable[[], Any]) -> int:
-    with _OpCounter() as counter:
+    """The aten ops ``fn`` sends to the kernels (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
         fn()
     return counter.count
 
@@ -447,7 +444,8 @@ def flops_per_image(variants: dict[str, Variant]) -> dict[str, Any]:
 def ibm_cost(v: Variant, *, reps: int) -> dict[str, Any]:
     """The cifd student's IBM (entropy model + noise + projection) alone on a (B, dim) batch:
     median forward and forward+backward time, and how many aten ops one fwd+bwd launches
-    (many tiny ops: on a CPU each pays the intra-op thread barrier, on a GPU a launch)."""
+    (many tiny ops: on a CPU each pays the intra-op thread barrier, so its time swings with
+    the machine's load far more than a convolution's; on a GPU each pays a launch)."""
     student = copy.deepcopy(v.inputs.student).train()
     ibm = student.ibm
     assert ibm is not None
@@ -505,6 +503,7 @@ def summarize(result: dict[str, Any]) -> None:
             "measured_kd": result["ratios"]["kd_over_online_kd"],
             "measured_kd_paired": result["paired_ratios"]["kd_over_online_kd"]["median"],
             "measured_cifd": result["ratios"]["cifd_over_online_kd"],
+            "teacher_flop_share_of_online_kd_step": flops["teacher_share_of_online_kd_step"],
             # Achieved GFLOP/s: the small student runs its FLOPs less efficiently than the teacher.
             "achieved_gflops_per_s": {
                 "ce (student fwd+bwd)": round(med["ce"] * flops["student_ce_forward_backward"] / 1e9, 2),
@@ -513,6 +512,13 @@ def summarize(result: dict[str, Any]) -> None:
                     med["online_kd"] * (flops["teacher_forward"] + flops["student_kd_forward_backward"]) / 1e9, 2),
             },
         }
+        online = result.get("step_breakdown", {}).get("online_kd")
+        if online:
+            key = "teacher_forward (online)"
+            sp = result["speedup_cached_over_online_kd"]
+            sp["teacher_time_share_of_online_kd_step (measured)"] = online["parts_share"][key]
+            sp["achieved_gflops_per_s"]["teacher forward alone, in the online loop"] = round(
+                flops["teacher_forward"] * flops["batch"] / (online["parts_ms_per_step"][key] / 1e3) / 1e9, 2)
     threshold = 0.9
 
     def verdict(a: float, b: float) -> str:
@@ -667,10 +673,13 @@ def main() -> None:
               f"{flops['student_cifd_forward_backward'] / 1e6:.1f}M; teacher share "
               f"{flops['teacher_share_of_online_kd_step']}", flush=True)
 
-        ibm = ibm_cost(variants["cifd"], reps=args.micro_reps)
-        result["ibm_micro"] = ibm
-        print(f"IBM alone (B={args.batch_size}): forward {ibm['ibm_forward_ms']} ms, forward+backward "
-              f"{ibm['ibm_forward_backward_ms']} ms, {ibm['aten_ops_forward_backward']} aten ops", flush=True)
+        def micro(when: str) -> None:
+            ibm = {**ibm_cost(variants["cifd"], reps=args.micro_reps), "loadavg": list(os.getloadavg())}
+            result.setdefault("ibm_micro", {})[when] = ibm
+            print(f"IBM alone ({when}, B={args.batch_size}): forward {ibm['ibm_forward_ms']} ms, forward+backward "
+                  f"{ibm['ibm_forward_backward_ms']} ms, {ibm['aten_ops_forward_backward']} aten ops", flush=True)
+
+        micro("before_rounds")
 
         # On CPU the timed runs are instrumented (a few Python calls per ~1 s step, no syncs);
         # on CUDA the wrappers would sync, so only the separate pass (--profile-steps) is.
@@ -706,6 +715,7 @@ def main() -> None:
         for name in VARIANTS:
             if name in profile:
                 print(f"step parts {name} (ms): {profile[name]['parts_ms_per_step']}", flush=True)
+        micro("after_rounds")
 
     result["timings"] = {"runs": runs}
     result["step_breakdown"] = profile

@@ -203,7 +203,6 @@ class RdmConfig(StrictConfig):
     kl_weight: float = 1.0
     temperature: float = 2.0
     distortion: Literal["mse", "smooth_l1"] = "mse"
-    chunk_rows: int = 64
     device: str = "auto"
     threads: int = 1
     seed: int = 0
@@ -220,7 +219,6 @@ class RdmConfig(StrictConfig):
         for name in ("ce_weight", "kl_weight"):
             require(getattr(self, name) >= 0, section, name, getattr(self, name), "expected >= 0")
         require(self.temperature > 0, section, "temperature", self.temperature, "expected > 0")
-        require(self.chunk_rows > 0, section, "chunk_rows", self.chunk_rows, "expected > 0")
         require(self.threads >= 1, section, "threads", self.threads, "expected >= 1")
         _check_device(section, self.device)
 

@@ -77,7 +77,7 @@ def run(params: Path) -> None:
     bank.to(device)
     attrs = {"rate_weights": list(cfg.rate_weights), "config": cfg.to_dict(), "embedding_scale": scale,
              "checkpoint_sha256": file_sha256(paths.rdm_models)}
-    cache_bank_outputs(bank, teacher=cache, path=Path(paths.rdm_cache), scale=scale, chunk_rows=cfg.chunk_rows,
+    cache_bank_outputs(bank, teacher=cache, path=Path(paths.rdm_cache), scale=scale,
                        attrs=attrs, batch_size=4 * cfg.batch_size)
 
     rows = []

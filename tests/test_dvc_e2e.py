@@ -23,7 +23,7 @@ TINY = {
     "teacher": {"model": "test_resnet", "in_chans": 1, "preprocess": {"image_size": 16, "mean": [0.5], "std": [0.5]},
                 "epochs": 2, "batch_size": 64},
     "embed": {"views": 2, "batch_size": 128, "chunk_rows": 20, "scheduler": "synchronous"},
-    "rdm": {"rate_weights": [4.0, 1.0], "hidden": 32, "epochs": 2, "batch_size": 128, "chunk_rows": 20},
+    "rdm": {"rate_weights": [4.0, 1.0], "hidden": 32, "epochs": 2, "batch_size": 128},
     "distill": {"student": "pipeline.models.cifar_resnet:resnet8", "student_kwargs": {"width": 4}, "epochs": 1,
                 "batch_size": 64, "threads": 1},
 }

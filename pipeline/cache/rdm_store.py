@@ -22,18 +22,16 @@ from pipeline.train.rdm import bank_outputs
 from schemas import layout as L
 
 
-def create_rdm_store(path: Path, *, teacher: TeacherCache, num_rdms: int, chunk_rows: int,
-                     attrs: dict[str, Any]) -> zarr.Group:
-    """Create a fresh RDM store shaped like ``teacher`` with ``num_rdms`` outputs per view."""
+def create_rdm_store(path: Path, *, teacher: TeacherCache, num_rdms: int, attrs: dict[str, Any]) -> zarr.Group:
+    """Create a fresh RDM store shaped like ``teacher`` with ``num_rdms`` outputs per view;
+    Zarr chunks and shards are those of the teacher cache (aligned rows, one writer)."""
     if path.exists():
         shutil.rmtree(path)
     root = zarr.open_group(path, mode="w", zarr_format=3)
     for name in teacher.splits:
         part = teacher.split(name)
         shard_rows = part.group[L.EMBEDDINGS].shards[0]  # type: ignore[index]
-        if shard_rows % chunk_rows:
-            raise CacheError(f"rdm.chunk_rows = {chunk_rows} does not divide the shard size {shard_rows}; "
-                             f"pick a divisor of {shard_rows}")
+        chunk_rows = part.group[L.EMBEDDINGS].chunks[0]  # type: ignore[index]
         group = root.create_group(name)
         n, v = part.num_rows, part.num_views
         for array, tail, dtype in ((L.RDM_X_HAT, (v, num_rdms, part.embed_dim), "float16"),
@@ -52,13 +50,13 @@ def create_rdm_store(path: Path, *, teacher: TeacherCache, num_rdms: int, chunk_
 
 
 def cache_bank_outputs(
-    bank: RDMBank, *, teacher: TeacherCache, path: Path, scale: float, chunk_rows: int,
+    bank: RDMBank, *, teacher: TeacherCache, path: Path, scale: float,
     attrs: dict[str, Any], batch_size: int = 2048,
 ) -> None:
     """Run ``bank`` once (rounding mode) over every cached (row, view) of ``teacher`` and
     write x̂ and logits to a fresh RDM store at ``path``, one teacher-cache shard at a time."""
     device = next(bank.parameters()).device
-    root = create_rdm_store(path, teacher=teacher, num_rdms=bank.num_rdms, chunk_rows=chunk_rows, attrs=attrs)
+    root = create_rdm_store(path, teacher=teacher, num_rdms=bank.num_rdms, attrs=attrs)
     for name in teacher.splits:
         part = teacher.split(name)
         d, v = part.embed_dim, part.num_views

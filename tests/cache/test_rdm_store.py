@@ -28,7 +28,7 @@ def bank_and_store(tmp_path_factory: pytest.TempPathFactory, embedded_cache):
     emb = torch.from_numpy(part.read_all((L.EMBEDDINGS,))[L.EMBEDDINGS].astype(np.float32))
     scale = embedding_scale(emb)
     path = tmp_path_factory.mktemp("rdm") / "rdm.zarr"
-    cache_bank_outputs(bank, teacher=teacher, path=path, scale=scale, chunk_rows=2,
+    cache_bank_outputs(bank, teacher=teacher, path=path, scale=scale,
                        attrs={"rate_weights": [2.0, 1.0], "embedding_scale": scale})
     return teacher, bank, scale, path
 
