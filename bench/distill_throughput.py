@@ -14,19 +14,26 @@ variant through the real ``stages.distill.build_inputs`` + ``pipeline.train.dist
     ResNet-56 run (eval, ``inference_mode``) on every batch's rendered views at every step:
     the same loop plus the teacher forward, i.e. what KD costs without a cache.
 
-Each timed run is one epoch of ``train_student`` after ``--warmup`` warm-up steps; a batch
-source wrapper announces warm-up + epoch steps and times every step body (the end-of-epoch
-val evaluation is not timed). By default the four variants run in **lockstep**: one thread
-per variant, each taking one step in turn (never two at once), so a shared machine's load
-bursts hit every variant alike and the ratios are paired step by step; ``--schedule
-sequential`` runs one whole epoch after another instead. The rotation order changes per
-repeat. On CPU the timed steps are also booked under the loop's own functions
-(render_batch, gather_targets, student forward and the IBM inside it, teacher forward,
-method_loss, backward, optimizer step) so the JSON says where the time goes; a dispatch-mode
-counter gives the aten ops of one step per method, and ``FlopCounterMode`` counts the
-teacher's forward FLOPs per image against the student's forward+backward FLOPs per image, so
-the expected speed-up of cached over online KD (FLOP-proportional) can be set against the
-measured one.
+Each timed run is one epoch of ``train_student`` after ``--warmup`` warm-up steps, in this
+process's main thread as the stage runs it; a batch source wrapper announces warm-up + epoch
+steps and times the epoch and every step body (the end-of-epoch val evaluation is not
+timed). Variants run one epoch after another, interleaved per repeat with the order rotated,
+so slow drifts of a shared machine's load hit them alike; ratios are given from medians and
+paired per round, and the median step gives a burst-robust "steady" rate. On CPU the timed
+steps are also booked under the loop's own functions (render_batch, gather_targets, student
+forward and the IBM inside it, teacher forward, method_loss, backward, optimizer step) so
+the JSON says where the time goes. A dispatch-mode counter gives the aten ops of one step
+per method, and ``FlopCounterMode`` counts the teacher's forward FLOPs per image against the
+student's forward+backward FLOPs per image, so the expected speed-up of cached over online
+KD (FLOP-proportional) can be set against the measured one.
+
+Threads: the default is 1 torch thread (``distill.threads`` defaults to 2). On the shared
+2-core machine this was written on, with another process busy on one core, every OpenMP
+parallel region of a 2-thread pool intermittently cost ~8 ms (``x + 1`` on 2M floats: 8 ms
+with 2 threads, 0.6 ms with 1), so a 2-thread run swung between two regimes ~15x apart
+within one run (the CE student at 105 and at 1650 images/s), and methods with many
+mid-sized ops (cifd's entropy model) suffered most. With 1 thread no parallel region is
+opened and the numbers measure compute; ``--threads 2`` measures the stage's default.
 
     uv run python bench/distill_throughput.py            # defaults sized for a 2-core CPU
 """
@@ -41,7 +48,6 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,11 +81,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# ------------------------------------------------------------------ per-thread run state
+# ------------------------------------------------------------------ run state and hooks
 
 @dataclasses.dataclass
 class RunState:
-    """What the hooks need to know about the training run on the calling thread."""
+    """What the hooks need to know about the training run in progress."""
 
     name: str
     device: torch.device
@@ -91,16 +97,16 @@ class RunState:
     live: torch.Tensor | None = None  # the online teacher's logits of the current batch
 
 
-_local = threading.local()
+_current: RunState | None = None  # the run in progress (set by _train)
 
 
 def _state() -> RunState | None:
-    return getattr(_local, "state", None)
+    return _current
 
 
 @contextlib.contextmanager
 def hooks() -> Iterator[None]:
-    """Wrap the loop's own functions once; each wrapper acts on the calling thread's
+    """Wrap the loop's own functions once; each wrapper acts on the current
     :class:`RunState` (none: a plain call-through).
 
     Timing (``state.timer``, timed steps only, never under ``inference_mode``, i.e. not in
@@ -182,73 +188,21 @@ def hooks() -> Iterator[None]:
         yield
 
 
-# ------------------------------------------------------------------ scheduling: lockstep or sequential
-
-class Baton:
-    """Round robin over the training threads, one step each: only the holder trains, so the
-    variants never compete for the CPU, and their steps are spread over the same stretch of
-    time (a shared machine's load bursts hit every variant alike)."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-        self.cond = threading.Condition()
-        self.turn = 0
-        self.finished: set[str] = set()
-        self.error: BaseException | None = None
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise RuntimeError("another training thread failed") from self.error
-
-    def _advance(self) -> None:
-        for _ in self.names:
-            self.turn = (self.turn + 1) % len(self.names)
-            if self.names[self.turn] not in self.finished:
-                return
-
-    def wait_turn(self, name: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.error is not None or self.names[self.turn] == name)
-            self._raise()
-
-    def pass_on(self) -> None:
-        with self.cond:
-            self._advance()
-            self.cond.notify_all()
-
-    def finish(self, name: str) -> None:
-        """After the last step: wait for every variant's last step (evaluation then runs
-        concurrently, untimed)."""
-        with self.cond:
-            self.finished.add(name)
-            if self.names[self.turn] == name:
-                self._advance()
-            self.cond.notify_all()
-            self.cond.wait_for(lambda: self.error is not None or len(self.finished) == len(self.names))
-            self._raise()
-
-    def fail(self, error: BaseException) -> None:
-        with self.cond:
-            self.error = error
-            self.cond.notify_all()
-
+# ------------------------------------------------------------------ timed epochs
 
 class TimedBatches:
     """A ``BatchSource`` that yields ``warmup`` batches, then the wrapped source's full epoch
     (or ``limit`` batches of it), announcing ``warmup + timed steps`` so ``train_student``'s
     step check and LR schedule agree.
 
-    Each step is timed from the batch request (the batch slicing included) to the loop's
-    request for the next batch, i.e. the whole step body of ``train_student``. With a
-    ``baton`` the step is taken in turn with the other variants (lockstep) and the time spent
-    waiting for the turn is not counted; without one the variants run one after another. On
-    CUDA the step is bracketed by syncs only in lockstep mode; sequentially, the epoch is
-    timed from a sync before the first timed step to a sync after the last.
+    Each timed step is timed from the batch request (the batch slicing included) to the
+    loop's request for the next batch, i.e. the whole step body of ``train_student``; the
+    epoch from the first timed batch request to the end of the last step (on CUDA with a
+    sync at both ends, none in between, so the GPU queue stays full as in the stage).
     """
 
-    def __init__(self, inner: Any, *, warmup: int, state: RunState, limit: int | None = None,
-                 baton: Baton | None = None) -> None:
-        self.inner, self.warmup, self.state, self.baton = inner, warmup, state, baton
+    def __init__(self, inner: Any, *, warmup: int, state: RunState, limit: int | None = None) -> None:
+        self.inner, self.warmup, self.state = inner, warmup, state
         self.timed_steps = inner.steps if limit is None else min(limit, inner.steps)
         self.steps = warmup + self.timed_steps
         self.step_s: list[float] = []
@@ -256,17 +210,14 @@ class TimedBatches:
         self.rows = 0
 
     def __call__(self, epoch: int, order: torch.Tensor, choice: torch.Tensor) -> Iterator[Any]:
-        st, baton, device = self.state, self.baton, self.state.device
-        lockstep = baton is not None
+        st, device = self.state, self.state.device
         it: Iterator[Any] = iter(())
         began_epoch = 0.0
         for k in range(self.steps):
             timed = k >= self.warmup
             if k in (0, self.warmup):  # the warm-up and the timed epoch both start at the epoch's first batch
                 it = iter(self.inner(epoch, order, choice))
-            if lockstep:
-                baton.wait_turn(st.name)  # type: ignore[union-attr]
-            if timed and (lockstep or k == self.warmup):
+            if k == self.warmup:
                 _sync(device)
             began = pc()
             if k == self.warmup:
@@ -275,18 +226,13 @@ class TimedBatches:
             st.active = timed
             yield item
             st.active = False
-            if timed and (lockstep or k == self.steps - 1):
+            if k == self.steps - 1:
                 _sync(device)
             ended = pc()
             if timed:
                 self.step_s.append(ended - began)
                 self.rows += len(item[0])
-            if k == self.steps - 1:
-                self.epoch_s = sum(self.step_s) if lockstep else ended - began_epoch
-            if lockstep:
-                baton.pass_on()  # type: ignore[union-attr]
-        if lockstep:
-            baton.finish(st.name)  # type: ignore[union-attr]
+        self.epoch_s = pc() - began_epoch
 
 
 @dataclasses.dataclass
@@ -297,70 +243,46 @@ class Variant:
     teacher: Any = None  # online_kd only: the frozen ImageClassifier
 
 
-def _train(v: Variant, state: RunState, *, warmup: int, limit: int | None, baton: Baton | None,
-           out: dict[str, Any]) -> None:
+def _train(v: Variant, state: RunState, *, warmup: int, limit: int | None) -> dict[str, Any]:
     """One ``train_student`` call (1 epoch: warm-up + timed steps) from the initial weights."""
+    global _current
     from pipeline.train.distill import train_student
 
-    _local.state = state
+    inp = v.inputs
+    inp.student.load_state_dict(v.init_state)
+    batches = TimedBatches(inp.batches, warmup=warmup, state=state, limit=limit)
+    _current = state
     try:
-        inp = v.inputs
-        inp.student.load_state_dict(v.init_state)
-        batches = TimedBatches(inp.batches, warmup=warmup, state=state, limit=limit, baton=baton)
         history = train_student(inp.student, run=inp.run, targets=inp.targets, batches=batches,
                                 num_rows=inp.num_rows, val=inp.val)
-        steps = batches.step_s
-        out[v.name] = {
-            "images": batches.rows, "timed_steps": len(steps), "seconds": round(batches.epoch_s, 4),
-            "images_per_s": batches.rows / batches.epoch_s,
-            "median_step_s": round(median(steps), 5),
-            # The median step: robust to load bursts, and a full batch (no partial last one).
-            "steady_images_per_s": inp.run.cfg.batch_size / median(steps),
-            "train_loss": round(history[-1].train_loss, 4),
-        }
-    except BaseException as error:
-        out[v.name] = error
-        if baton is not None:
-            baton.fail(error)
     finally:
-        _local.state = None
+        _current = None
+    steps = batches.step_s
+    return {
+        "images": batches.rows, "timed_steps": len(steps), "seconds": round(batches.epoch_s, 4),
+        "images_per_s": batches.rows / batches.epoch_s,
+        "median_step_s": round(median(steps), 5),
+        # The median step: robust to load bursts, and a full batch (no partial last one).
+        "steady_images_per_s": inp.run.cfg.batch_size / median(steps),
+        "train_loss": round(history[-1].train_loss, 4),
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
-def run_round(variants: dict[str, Variant], *, warmup: int, lockstep: bool, timers: dict[str, Timer] | None,
+def run_round(variants: dict[str, Variant], *, warmup: int, timers: dict[str, Timer] | None,
               check: dict[str, float] | None, limit: int | None = None, rotate: int = 0) -> dict[str, dict[str, Any]]:
-    """One timed epoch of every variant, in lockstep (a thread per variant, one step each in
-    turn) or one variant after another; the order is rotated by ``rotate`` (per repeat, so
-    no variant always follows the same one)."""
+    """One timed epoch of every variant, one after another, in the order rotated by
+    ``rotate`` (per repeat, so no variant always follows the same one)."""
     names = list(variants)
     names = names[rotate % len(names):] + names[:rotate % len(names)]
-    variants = {name: variants[name] for name in names}
     out: dict[str, Any] = {}
-    states = {}
-    for name, v in variants.items():
-        inp = v.inputs
-        states[name] = RunState(name=name, device=inp.run.device, timer=timers[name] if timers else None,
-                                teacher=v.teacher, use_amp=inp.run.cfg.amp and inp.run.device.type == "cuda",
-                                check=check if v.teacher is not None else None)
-    if lockstep:
-        baton = Baton(tuple(variants))
-        threads = [threading.Thread(target=_train, args=(v, states[name]), name=f"distill-{name}",
-                                    kwargs={"warmup": warmup, "limit": limit, "baton": baton, "out": out})
-                   for name, v in variants.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    else:
-        for name, v in variants.items():
-            _train(v, states[name], warmup=warmup, limit=limit, baton=None, out=out)
-    errors = {name: r for name, r in out.items() if isinstance(r, BaseException)}
-    if errors:  # the first failure, not the others' "another training thread failed"
-        name, error = next(((n, e) for n, e in errors.items() if not str(e).startswith("another training")),
-                           next(iter(errors.items())))
-        raise RuntimeError(f"training variant {name} failed") from error
-    load = [round(x, 2) for x in os.getloadavg()]
-    for r in out.values():
-        r["loadavg_after_round"] = load
+    for name in names:
+        v = variants[name]
+        device = v.inputs.run.device
+        state = RunState(name=name, device=device, timer=timers[name] if timers else None, teacher=v.teacher,
+                         use_amp=v.inputs.run.cfg.amp and device.type == "cuda",
+                         check=check if v.teacher is not None else None)
+        out[name] = _train(v, state, warmup=warmup, limit=limit)
     return out
 
 
@@ -549,22 +471,38 @@ def breakdown(timer: Timer, *, wall: float, steps: int, batch: int) -> dict[str,
 
 # ------------------------------------------------------------------ main
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the library (pipeline/, stages/, schemas/) differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    return {"git_head": git("rev-parse", "HEAD"),
+            "library_changes_vs_head": git("status", "--porcelain", "--", "pipeline", "stages", "schemas")
+            .splitlines()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2048, help="CIFAR-10 train images (default 2048)")
     parser.add_argument("--val", type=int, default=128, help="val images from test.tar (default 128)")
     parser.add_argument("--views", type=int, default=2, help="V, views per image in the cache (default 2)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads everywhere (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads everywhere (default 1; see the module docstring: with 2 on a shared "
+                             "2-core machine the results swing ~15x with the other work)")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed epoch (default 2)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="steps of a separate instrumented pass per variant (default 0: none; on CPU the "
                              "timed runs are instrumented)")
     parser.add_argument("--no-instrument", action="store_true", help="do not instrument the timed runs")
-    parser.add_argument("--schedule", choices=("lockstep", "sequential"), default="lockstep",
-                        help="lockstep: the variants take one step each in turn (default; robust to a shared "
-                             "machine's load); sequential: one whole epoch after another")
     parser.add_argument("--micro-reps", type=int, default=10, help="repetitions of the IBM micro-timing")
     parser.add_argument("--shard-size", type=int, default=512, help="prepare.samples_per_shard (default 512)")
     parser.add_argument("--rdm-epochs", type=int, default=1)
@@ -601,12 +539,14 @@ def main() -> None:
                                 optimizer="sgd", lr=0.05, weight_decay=0.0005, temperature=2.0, data="memory",
                                 device=args.device, threads=args.threads, seed=0)
     machine = machine_info(args.threads)
+    machine["note"] = "shared 2-core machine, loaded by other work during the run (see loadavg)"
     machine["device"] = str(device)
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     result: dict[str, Any] = {
         "benchmark": "distill_throughput",
         "machine": machine,
+        "code": code_version(),
         "params": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "teacher": "cifar10-resnet56 (pipeline.models.cifar_resnet:resnet56)", "student": STUDENT,
                    "dataset": "CIFAR-10 JPEG train.tar, stratified subset; val from test.tar",
@@ -684,7 +624,6 @@ def main() -> None:
         # On CPU the timed runs are instrumented (a few Python calls per ~1 s step, no syncs);
         # on CUDA the wrappers would sync, so only the separate pass (--profile-steps) is.
         instrument = device.type == "cpu" and not args.no_instrument
-        lockstep = args.schedule == "lockstep"
         runs: dict[str, list[dict[str, Any]]] = {}
         timers = {name: Timer() for name in VARIANTS}
         check: dict[str, float] = {}
@@ -692,11 +631,11 @@ def main() -> None:
         with hooks():
             for repeat in range(args.repeats):
                 began = pc()
-                out = run_round(variants, warmup=args.warmup, lockstep=lockstep,
-                                timers=timers if instrument else None, check=check, rotate=repeat)
+                out = run_round(variants, warmup=args.warmup, timers=timers if instrument else None, check=check,
+                                rotate=repeat)
                 for name in VARIANTS:
                     runs.setdefault(name, []).append(out[name])
-                print(f"[{repeat + 1}/{args.repeats}] ({pc() - began:.0f}s, load {out['ce']['loadavg_after_round']}) "
+                print(f"[{repeat + 1}/{args.repeats}] ({pc() - began:.0f}s, load {out['ce']['loadavg_after']}) "
                       + ", ".join(f"{n} {out[n]['images_per_s']:.1f} img/s (steady {out[n]['steady_images_per_s']:.1f})"
                                   for n in VARIANTS), flush=True)
             if instrument:
@@ -707,8 +646,7 @@ def main() -> None:
             if args.profile_steps > 0:
                 profile["source"] = f"a separate pass of {args.profile_steps} steps per variant after warm-up"
                 timers = {name: Timer() for name in VARIANTS}
-                out = run_round(variants, warmup=args.warmup, lockstep=lockstep, timers=timers, check=None,
-                                limit=args.profile_steps)
+                out = run_round(variants, warmup=args.warmup, timers=timers, check=None, limit=args.profile_steps)
                 for name in VARIANTS:
                     profile[name] = breakdown(timers[name], wall=out[name]["seconds"], steps=out[name]["timed_steps"],
                                               batch=args.batch_size)
