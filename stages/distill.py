@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.cache.embed import resolve_device
 from pipeline.cache.rdm_store import open_rdm_cache
 from pipeline.cache.reader import CacheExpectation, TeacherCache, open_cache
 from pipeline.cache.store import CacheError
 from pipeline.data.shards import Manifest, load_manifest, load_split
 from pipeline.models import build_model, load_model, save_model, state_dict_sha256
+from pipeline.train.common import resolve_device
 from pipeline.train.distill import (
     BatchSource,
     DistillRun,

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.embed import Preprocess, resolve_device
+from pipeline.cache.embed import Preprocess
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.shards import load_manifest, load_split
 from pipeline.models import load_model, state_dict_sha256
+from pipeline.train.common import resolve_device
 from pipeline.train.distill import evaluate_student
 from schemas import layout as L
 from schemas import metrics as M

@@ -10,13 +10,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cache.embed import resolve_device
 from pipeline.cache.rdm_store import cache_bank_outputs
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.shards import load_manifest
 from pipeline.models import file_sha256, load_model, state_dict_sha256
 from pipeline.rd import RDMBank
-from pipeline.train.rdm import EmbeddingSet, RdmEpochLog, embedding_scale, evaluate_bank, train_bank
+from pipeline.train.common import resolve_device
+from pipeline.train.rdm import (
+    EmbeddingSet,
+    RdmEpochLog,
+    embedding_scale,
+    evaluate_bank,
+    train_bank,
+)
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.config import RdmConfig, load_stage

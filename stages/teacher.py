@@ -7,10 +7,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache.embed import resolve_device
 from pipeline.data.shards import load_manifest, load_split
 from pipeline.models import build_model, file_sha256, save_model
-from pipeline.train.supervised import EpochLog, TrainSettings, predict, top1, train_classifier
+from pipeline.train.common import resolve_device
+from pipeline.train.supervised import (
+    EpochLog,
+    TrainSettings,
+    predict,
+    top1,
+    train_classifier,
+)
 from schemas import metrics as M
 from schemas.base import ConfigError
 from schemas.config import TeacherConfig, load_stage

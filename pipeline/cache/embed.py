@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache.store import SplitSpec, StoreSpec, create_store, finalize, open_for_resume, write_rows
+from pipeline.cache.store import (
+    SplitSpec,
+    StoreSpec,
+    create_store,
+    finalize,
+    open_for_resume,
+    write_rows,
+)
 from pipeline.data.shards import Manifest, read_shard
 from pipeline.data.views import render_views, sample_views
 from pipeline.models import (
@@ -32,6 +39,7 @@ from pipeline.models import (
     logits_from_embedding_check,
     state_dict_sha256,
 )
+from pipeline.train.common import resolve_device
 from schemas import layout as L
 from schemas.config import EmbedConfig
 
@@ -82,13 +90,6 @@ def teacher_outputs(
     emb = torch.cat(embs).view(n, v, -1) if embs else torch.zeros(n, v, model.embed_dim)
     lg = torch.cat(logits).view(n, v, -1) if logits else torch.zeros(n, v, model.num_classes)
     return emb, lg
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @functools.lru_cache(maxsize=2)

@@ -37,9 +37,16 @@ from torch import Tensor, nn
 
 from pipeline.cache.embed import Preprocess
 from pipeline.data.views import clean_views, render_views
-from pipeline.losses import cifd_loss, comparative_kd, dgkd_loss, hinton_kd, kd_dropout_mask
+from pipeline.losses import (
+    cifd_loss,
+    comparative_kd,
+    dgkd_loss,
+    hinton_kd,
+    kd_dropout_mask,
+)
 from pipeline.models import ImageClassifier
 from pipeline.rd import InformationBottleneck
+from pipeline.train.common import make_optimizer
 from schemas.config import DistillConfig
 
 log = logging.getLogger(__name__)
@@ -335,12 +342,7 @@ def train_student(
     if run.world > 1:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    opt: torch.optim.Optimizer
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                              weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(student.parameters(), name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = batches.steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
     history: list[EpochLog] = []

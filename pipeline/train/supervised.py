@@ -16,6 +16,7 @@ from torch import Tensor
 
 from pipeline.data.views import ViewPolicy, clean_views, render_views, sample_views
 from pipeline.models import ImageClassifier
+from pipeline.train.common import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,6 @@ def top1(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else math.nan
 
 
-def _optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=s.weight_decay, nesterov=True)
-    return torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-
-
 def train_classifier(
     model: ImageClassifier,
     *,
@@ -77,7 +72,8 @@ def train_classifier(
     """Train with cross-entropy and a cosine schedule; images stay on their device."""
     device = train_images.device
     generator = torch.Generator().manual_seed(settings.seed)
-    opt = _optimizer(model, settings)
+    opt = make_optimizer(model.parameters(), name=settings.optimizer, lr=settings.lr,
+                         weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_images) / settings.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=settings.lr, total_steps=max(1, settings.epochs * steps_per_epoch), pct_start=0.15)
