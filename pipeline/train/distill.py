@@ -221,9 +221,30 @@ def evaluate_student(model: nn.Module, images: Tensor, labels: Tensor, teacher_l
     return {"top1": correct / n, "agreement": agree / n, "kl": kl / n}
 
 
+def code_fingerprint() -> str:
+    """sha256 of the source of the modules that decide what a training step computes, so a
+    checkpoint from before a code change (a loss, the IBM, the view replay) is not resumed."""
+    import sys
+
+    import pipeline.data.views
+    import pipeline.losses
+    import pipeline.rd.entropy
+    import pipeline.rd.ibm
+    import pipeline.train.common
+    import pipeline.train.stream  # noqa: F401  (imported for its source file)
+
+    names = ("pipeline.data.views", "pipeline.losses", "pipeline.rd.entropy", "pipeline.rd.ibm",
+             "pipeline.train.common", "pipeline.train.stream", __name__)
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(Path(sys.modules[name].__file__ or "").read_bytes())
+    return digest.hexdigest()
+
+
 def config_fingerprint(cfg: DistillConfig, method: str, extra: dict[str, Any]) -> str:
-    """What decides a run's result: a checkpoint resumes only under the same fingerprint."""
-    data = {"cfg": cfg.to_dict(), "method": method, **extra}
+    """What decides a run's result: a checkpoint resumes only under the same fingerprint
+    (the config, the method, the caches, the layout of ranks and the training code)."""
+    data = {"cfg": cfg.to_dict(), "method": method, "code": code_fingerprint(), **extra}
     for volatile in ("device", "threads", "loader_workers", "methods"):
         data["cfg"].pop(volatile, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

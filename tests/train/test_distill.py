@@ -321,3 +321,15 @@ def test_cache_missing_rows_is_refused(project, tmp_path: Path, embedded_cache) 
 def test_manifest_rows_unchanged(manifest) -> None:
     # Guards the constants the tests above rely on (27 train rows in 7 shards of 4).
     assert [s["stop"] - s["start"] for s in manifest.split("train")["shards"]] == [4] * 6 + [3]
+
+
+def test_fingerprint_changes_with_the_training_code(monkeypatch) -> None:
+    """A finished checkpoint must not be resumed after the loss or IBM code changed."""
+    import pipeline.train.distill as distill
+    from schemas.config import DistillConfig
+
+    cfg = DistillConfig()
+    before = distill.config_fingerprint(cfg, "cifd", {"cache": "x"})
+    assert distill.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before
+    monkeypatch.setattr(distill, "code_fingerprint", lambda: "edited")
+    assert distill.config_fingerprint(cfg, "cifd", {"cache": "x"}) != before
