@@ -39,9 +39,17 @@ RDM_AGREEMENT = "teacher_agreement"
 RDM_CURVE = "rdm_curve.csv"
 RDM_PLOT = "rdm_rate_accuracy.png"
 
+# distill/<method>.json: the student's final val figures and the stage's wall time
+DISTILL_DIR = "distill"
+SECONDS = "seconds"  # wall time of the whole stage, cache loading to saved student
+DEVICE = "device"
+WORLD = "world_size"
+THREADS = "torch_threads"
+
 # evaluate.json: one entry per method plus "teacher"
 EVALUATE = "evaluate.json"
 EVAL_TOP1 = "val_top1"
 EVAL_AGREEMENT = "teacher_agreement"
 EVAL_KL = "kl_teacher_student"
+EVAL_SECONDS = "distill_seconds"  # copied from distill/<method>.json when present
 EVAL_PLOT = "distill_accuracy.png"

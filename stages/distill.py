@@ -41,9 +41,10 @@ from pipeline.train.distill import (
 )
 from pipeline.train.stream import StreamBatches
 from schemas import layout as L
+from schemas import metrics as M
 from schemas.base import ConfigError
 from schemas.config import DistillConfig, Paths, load_stage
-from stages._io import write_csv
+from stages._io import write_csv, write_json
 
 
 class DistillResult(NamedTuple):
@@ -177,10 +178,10 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
 
 def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world: int,
              device: torch.device) -> DistillResult:
+    began = time.perf_counter()  # end to end from the cache: loading, training, per-epoch val, saving
     inputs = build_inputs(paths, cfg, method, rank=rank, world=world, device=device)
     student = inputs.student
     bar = tqdm(total=cfg.epochs, desc=f"distill {method}", unit="epoch", disable=rank != 0, dynamic_ncols=True)
-    began = time.perf_counter()
 
     def on_epoch(log: EpochLog) -> None:
         bar.n = log.epoch
@@ -203,8 +204,14 @@ def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world:
                   [{"epoch": h.epoch, "train_loss": round(h.train_loss, 5), "val_top1": round(h.val_top1, 5),
                     "val_agreement": round(h.val_agreement, 5)} for h in history])
         last = history[-1]
+        seconds = time.perf_counter() - began
+        write_json(Path(paths.metrics) / M.DISTILL_DIR / f"{method}.json", {
+            M.VAL_TOP1: round(last.val_top1, 5), M.EVAL_AGREEMENT: round(last.val_agreement, 5),
+            M.EPOCHS: cfg.epochs, M.SECONDS: round(seconds, 2), M.DEVICE: device.type, M.WORLD: world,
+            M.THREADS: torch.get_num_threads(),
+        })
         print(f"distill {method}: val top-1 {last.val_top1:.4f}, agreement {last.val_agreement:.4f} "
-              f"after {cfg.epochs} epochs ({time.perf_counter() - began:.1f}s, {world} rank(s), data: {cfg.data})")
+              f"after {cfg.epochs} epochs ({seconds:.1f}s, {world} rank(s), data: {cfg.data})")
     if world > 1:
         dist.barrier()  # outputs are written before any rank leaves
     return DistillResult(student, history)

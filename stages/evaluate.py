@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ def run(params: Path) -> None:
                                   batch_size=cfg.batch_size, channels_last=False)
         table[method] = {M.EVAL_TOP1: round(result["top1"], 5), M.EVAL_AGREEMENT: round(result["agreement"], 5),
                          M.EVAL_KL: round(result["kl"], 5)}
+        timing = Path(paths.metrics) / M.DISTILL_DIR / f"{method}.json"
+        if timing.is_file():
+            table[method][M.EVAL_SECONDS] = json.loads(timing.read_text())[M.SECONDS]
         curve = Path(paths.plots) / "distill" / f"{method}.csv"
         if curve.is_file():
             with open(curve) as handle:

@@ -29,6 +29,8 @@ def test_cli_distill_cifd(project, tmp_path: Path) -> None:
     assert not any(k.startswith(("ibm", "proj")) for k in student.state_dict())
     assert (tmp_path / "students" / "cifd.ckpt").is_file()
     assert (tmp_path / "plots" / "distill" / "cifd.csv").read_text().startswith("epoch,train_loss,val_top1")
+    timing = json.loads((tmp_path / "metrics" / "distill" / "cifd.json").read_text())
+    assert timing[M.SECONDS] > 0 and timing[M.DEVICE] == "cpu" and timing[M.EPOCHS] >= 1
 
     # A user error is one clear line and exit status 2, not a traceback.
     broken = project.params(tmp_path / "broken", paths={"rdm_cache": str(tmp_path / "missing.zarr")})
@@ -48,3 +50,4 @@ def test_cli_evaluate_after_every_method(project, tmp_path: Path) -> None:
     for name, row in table.items():
         assert all(math.isfinite(v) for v in row.values()), name
         assert 0.0 <= row[M.EVAL_TOP1] <= 1.0 and 0.0 <= row[M.EVAL_AGREEMENT] <= 1.0
+    assert all(table[method][M.EVAL_SECONDS] > 0 for method in METHODS)  # each stage's wall time, for costs
