@@ -25,9 +25,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.shards import CorruptSampleError, ManifestError
     from pipeline.data.sources import SourceError
     from pipeline.models import ModelError
+    from pipeline.study import StudyError
     from schemas.base import ConfigError
 
-    return (ConfigError, CacheError, CorruptSampleError, ManifestError, SourceError, ModelError)
+    return (ConfigError, CacheError, CorruptSampleError, ManifestError, SourceError, ModelError, StudyError)
 
 
 def _run(fn: Callable[[], None]) -> None:
@@ -118,6 +119,22 @@ def evaluate(params: Path) -> None:
     from stages import evaluate as stage
 
     _run(lambda: stage.run(params))
+
+
+@main.command()
+@click.argument("listings", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/study"),
+              show_default=True, help="Directory for study.json, study.md and study_top1.png.")
+def report(listings: tuple[Path, ...], out: Path) -> None:
+    """The study table from DVC experiments: mean ± std of top-1, agreement and distill
+    wall time over seeds, one row per (variant, method).
+
+    LISTINGS are files written by `dvc exp show --json`. Experiments must be named
+    `<variant>-s<seed>` (`dvc exp run -n main-s1 -S distill.seed=1`); others are ignored.
+    """
+    from stages import report as stage
+
+    _run(lambda: stage.run(listings, out))
 
 
 @main.group()

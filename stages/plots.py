@@ -57,3 +57,38 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], *, teacher_
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
+
+
+def plot_study(rows: Sequence[Any], *, teacher_top1: Mapping[str, float], path: Path) -> None:
+    """Top-1 mean ± std (error bars over seeds) per method, one group of bars per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(variants) + 2), 3.6))
+    for j, method in enumerate(methods):
+        xs, means, stds = [], [], []
+        for i, variant in enumerate(variants):
+            for r in rows:
+                if r.variant == variant and r.method == method:
+                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                    means.append(100 * r.top1[0])
+                    stds.append(100 * r.top1[1])
+        ax.bar(xs, means, width=width, yerr=stds, capsize=3, label=method)
+    for i, variant in enumerate(variants):
+        if variant in teacher_top1:
+            ax.hlines(100 * teacher_top1[variant], i - 0.45, i + 0.45, colors="k", linestyles="dashed")
+    ax.set_xticks(range(len(variants)), variants)
+    low = min(100 * r.top1[0] - 100 * r.top1[1] for r in rows)
+    ax.set_ylim(max(0.0, low - 5), 100)
+    ax.set_ylabel("top-1 (%), mean ± std over seeds")
+    ax.set_title("students per variant (dashed: teacher)")
+    ax.legend(fontsize=8, ncols=min(4, len(methods)))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
