@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The CIFAR-10 study as DVC experiments. Every experiment is presets/cifar10.yaml plus the
+# -S overrides named here, so a piece can be rerun alone and pieces can run in two clones
+# that share one DVC cache (`dvc cache dir`). Run from the repository root, with ../shared
+# (the JPEG CIFAR-10 and the ResNet-56) beside the repository.
+#
+#   studies/cifar10.sh base                # prepare, fine-tune the teacher, embed, RDMs
+#   studies/cifar10.sh main [SEEDS...]     # CE, KD, DGKD, CIFD per seed (default 0 1 2)
+#   studies/cifar10.sh ablations [SEEDS...] # 1 and 5 RDMs, CIFD without the IBM
+#   studies/cifar10.sh timm [SEEDS...]     # a timm student (resnet10t) with CE, KD, CIFD
+#   studies/cifar10.sh assistant           # TAKD part 1: ResNet-20 assistant by KD
+#   studies/cifar10.sh report              # dvc exp show --json -> docs/cifar10_study
+#
+# TAKD part 2 (the assistant as teacher) runs in a second workspace: presets/cifar10_takd.yaml.
+set -euo pipefail
+
+preset=${PRESET:-presets/cifar10.yaml}
+
+exp() {  # exp NAME [-S key=value ...]: one experiment from the preset, replacing an older one
+    local name=$1
+    shift
+    cp "$preset" params.yaml
+    uv run dvc exp run -f -n "$name" "$@"
+    cp "$preset" params.yaml  # leave the workspace on the preset for the next piece
+}
+
+piece=${1:?usage: studies/cifar10.sh base|main|ablations|timm|assistant|report [SEEDS...]}
+shift || true
+seeds=${*:-0 1 2}
+case $piece in
+    base)
+        cp "$preset" params.yaml
+        uv run dvc repro rdm
+        ;;
+    main)
+        for s in $seeds; do exp "main-s$s" -S "distill.seed=$s"; done
+        ;;
+    ablations)
+        only_cifd=(-S 'distill.methods=[cifd]' -S 'evaluate.methods=[cifd]')
+        for s in $seeds; do
+            exp "rdm1-s$s" -S "distill.seed=$s" -S 'rdm.rate_weights=[4.0]' "${only_cifd[@]}"
+            exp "rdm5-s$s" -S "distill.seed=$s" -S 'rdm.rate_weights=[16.0,8.0,4.0,2.0,1.0]' "${only_cifd[@]}"
+            exp "noibm-s$s" -S "distill.seed=$s" -S 'distill.ibm=false' "${only_cifd[@]}"
+        done
+        ;;
+    timm)
+        for s in $seeds; do
+            exp "timm-s$s" -S "distill.seed=$s" -S 'distill.student=resnet10t' \
+                -S 'distill.methods=[ce,kd,cifd]' -S 'evaluate.methods=[ce,kd,cifd]'
+        done
+        ;;
+    assistant)
+        exp "assistant-s0" -S 'distill.student=pipeline.models.cifar_resnet:resnet20' \
+            -S 'distill.methods=[kd]' -S 'evaluate.methods=[kd]'
+        ;;
+    report)
+        uv run dvc exp show --json > "${EXPS:-exps.json}"
+        uv run cifd report "${EXPS:-exps.json}" --out "${OUT:-docs/cifar10_study}"
+        ;;
+    *)
+        echo "unknown piece '$piece'; expected base, main, ablations, timm, assistant or report" >&2
+        exit 2
+        ;;
+esac
