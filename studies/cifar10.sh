@@ -35,11 +35,11 @@ case $piece in
     main)
         for s in $seeds; do exp "main-s$s" -S "distill.seed=$s"; done
         ;;
-    ablations)
+    ablations)  # rdm.threads=1: the RDM bank retrains beside a student run in the other clone
         only_cifd=(-S 'distill.methods=[cifd]' -S 'evaluate.methods=[cifd]')
         for s in $seeds; do
-            exp "rdm1-s$s" -S "distill.seed=$s" -S 'rdm.rate_weights=[4.0]' "${only_cifd[@]}"
-            exp "rdm5-s$s" -S "distill.seed=$s" -S 'rdm.rate_weights=[16.0,8.0,4.0,2.0,1.0]' "${only_cifd[@]}"
+            exp "rdm1-s$s" -S "distill.seed=$s" -S 'rdm.rate_weights=[4.0]' -S rdm.threads=1 "${only_cifd[@]}"
+            exp "rdm5-s$s" -S "distill.seed=$s" -S 'rdm.rate_weights=[16.0,8.0,4.0,2.0,1.0]' -S rdm.threads=1 "${only_cifd[@]}"
             exp "noibm-s$s" -S "distill.seed=$s" -S 'distill.ibm=false' "${only_cifd[@]}"
         done
         ;;
