@@ -20,7 +20,7 @@ exp() {  # exp NAME [-S key=value ...]: one experiment from the preset, replacin
     local name=$1
     shift
     cp "$preset" params.yaml
-    uv run dvc exp run -f -n "$name" "$@"
+    uv run dvc exp run -n "$name" "$@"  # an existing name fails: `dvc exp remove NAME` first
     cp "$preset" params.yaml  # leave the workspace on the preset for the next piece
 }
 
