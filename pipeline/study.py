@@ -144,15 +144,29 @@ def teacher_top1(experiments: Iterable[Experiment]) -> dict[str, float]:
             if "teacher" in e.evaluate()}
 
 
+def cost_vs_kd(rows: Iterable[Summary]) -> dict[tuple[str, str], float]:
+    """Mean distill wall time of each row over the same variant's KD row (same cache, same
+    student), for the rows where both times were recorded."""
+    rows = list(rows)
+    kd = {r.variant: r.seconds[0] for r in rows if r.method == "kd" and r.seconds}
+    return {(r.variant, r.method): r.seconds[0] / kd[r.variant] for r in rows
+            if r.seconds and kd.get(r.variant)}
+
+
 def markdown_table(rows: Iterable[Summary], *, percent: bool = True) -> str:
-    """A Markdown table: variant, method, seeds, top-1 and agreement as mean ± std, time."""
+    """A Markdown table: variant, method, seeds, top-1 and agreement as mean ± std, wall
+    time and its ratio to KD's."""
+    rows = list(rows)
+    ratios = cost_vs_kd(rows)
     scale = 100.0 if percent else 1.0
     unit = " (%)" if percent else ""
-    lines = [f"| variant | method | seeds | top-1{unit} | agreement{unit} | distill wall time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| variant | method | seeds | top-1{unit} | agreement{unit} | distill wall time (s) | time / KD |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         time = f"{row.seconds[0]:.0f} ± {row.seconds[1]:.0f}" if row.seconds else "n/a"
+        ratio = ratios.get((row.variant, row.method))
         lines.append(f"| {row.variant} | {row.method} | {len(row.seeds)} | "
                      f"{row.top1[0] * scale:.2f} ± {row.top1[1] * scale:.2f} | "
-                     f"{row.agreement[0] * scale:.2f} ± {row.agreement[1] * scale:.2f} | {time} |")
+                     f"{row.agreement[0] * scale:.2f} ± {row.agreement[1] * scale:.2f} | {time} | "
+                     f"{'n/a' if ratio is None else f'{ratio:.2f}'} |")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.study import StudyError, markdown_table, parse_exp_show, summarize, teacher_top1
+from pipeline.study import StudyError, cost_vs_kd, markdown_table, parse_exp_show, summarize, teacher_top1
 from stages._io import write_json
 from stages.plots import plot_study
 
@@ -34,7 +34,7 @@ def run(listings: Sequence[Path], out: Path) -> None:
     write_json(out / "study.json", {
         "experiments": {e.name: {"variant": e.variant, "seed": e.seed} for e in experiments},
         "teacher_top1": teachers,
-        "rows": [dataclasses.asdict(r) for r in rows],
+        "rows": [dataclasses.asdict(r) | {"time_vs_kd": cost_vs_kd(rows).get((r.variant, r.method))} for r in rows],
     })
     table = markdown_table(rows)
     (out / "study.md").write_text(table)

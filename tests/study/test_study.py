@@ -80,7 +80,7 @@ def test_parse_groups_seeds_and_skips_failed_or_unnamed() -> None:
     assert math.isclose(kd.top1[0], 0.62) and math.isclose(kd.top1[1], math.sqrt(2 * 0.02 ** 2))
     assert kd.seconds == (10.0, 0.0)
     table = markdown_table(summarize(experiments))
-    assert "| main | kd | 2 | 62.00 ± 2.83 | 64.00 ± 2.83 | 10 ± 0 |" in table
+    assert "| main | kd | 2 | 62.00 ± 2.83 | 64.00 ± 2.83 | 10 ± 0 | 1.00 |" in table
 
 
 def test_missing_time_on_any_seed_gives_no_time() -> None:
@@ -98,7 +98,8 @@ def test_an_experiment_without_evaluate_metrics_is_an_error() -> None:
 
 def test_cli_report_writes_table_json_and_plot(tmp_path: Path) -> None:
     listing = _listing(*[_rev(f"main-s{s}", s, {"teacher": TEACHER, "ce": _row(0.5 + s / 100, 0.5),
-                                                 "cifd": _row(0.6 + s / 100, 0.6)}) for s in range(3)])
+                                                 "kd": _row(0.55, 0.55, 20.0 + s),
+                                                 "cifd": _row(0.6 + s / 100, 0.6, 22.0 + s)}) for s in range(3)])
     path = tmp_path / "exps.json"
     path.write_text(json.dumps(listing))
     out = tmp_path / "study"
@@ -106,7 +107,9 @@ def test_cli_report_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "study.json").read_text())
     assert summary["teacher_top1"] == {"main": 0.9}
-    assert {r["method"] for r in summary["rows"]} == {"ce", "cifd"}
+    assert {r["method"] for r in summary["rows"]} == {"ce", "kd", "cifd"}
+    times = {r["method"]: r["time_vs_kd"] for r in summary["rows"]}
+    assert times["kd"] == 1.0 and math.isclose(times["cifd"], 23 / 21) and math.isclose(times["ce"], 10 / 21)
     assert "| main | cifd | 3 | 61.00 ± 1.00 |" in (out / "study.md").read_text()
     assert (out / "study_top1.png").stat().st_size > 1000
 
