@@ -7,7 +7,7 @@
 #   studies/cifar10.sh base                # prepare, fine-tune the teacher, embed, RDMs
 #   studies/cifar10.sh main [SEEDS...]     # CE, KD, DGKD, CIFD per seed (default 0 1 2)
 #   studies/cifar10.sh ablations [SEEDS...] # 1 and 5 RDMs, CIFD without the IBM
-#   studies/cifar10.sh timm [SEEDS...]     # a timm student (resnet10t) with CE, KD, CIFD
+#   studies/cifar10.sh timm [SEEDS...]     # a timm student (mobilenetv3_small_050) with CE, KD, CIFD
 #   studies/cifar10.sh assistant           # TAKD part 1: ResNet-20 assistant by KD
 #   studies/cifar10.sh report              # dvc exp show --json -> docs/cifar10_study
 #
@@ -45,7 +45,7 @@ case $piece in
         ;;
     timm)
         for s in $seeds; do
-            exp "timm-s$s" -S "distill.seed=$s" -S 'distill.student=resnet10t' \
+            exp "timm-s$s" -S "distill.seed=$s" -S 'distill.student=mobilenetv3_small_050' \
                 -S 'distill.methods=[ce,kd,cifd]' -S 'evaluate.methods=[ce,kd,cifd]'
         done
         ;;
