@@ -2,8 +2,11 @@
 # TAKD part 2 (Mirzadeh et al. 2020): the ResNet-8 student learns by KD from the ResNet-20
 # assistant that `studies/cifar10.sh assistant` distilled from the ResNet-56 cache. Run it in
 # a second workspace (a clone beside the first, sharing its DVC cache) after copying the
-# assistant there:
-#   cp ../<first>/models/students/kd.pt models/assistant.pt && studies/takd.sh 0 1 2
+# assistant there right after that piece (a later experiment replaces the first workspace's
+# students; the assistant stays in the DVC cache under the md5 that the assistant-s0
+# experiment's dvc.lock lists for models/students/kd.pt):
+#   mkdir -p models && cp ../<first>/models/students/kd.pt models/assistant.pt
+#   studies/takd.sh 0 1 2
 # The assistant is frozen as this workspace's teacher and cached once by `embed`; each seed
 # is one `cifd distill --method kd` plus `cifd evaluate` with its own params file
 # (params_takd_s<seed>.yaml), writing metrics_takd_s<seed>/. No RDMs are trained: KD needs none.
