@@ -7,6 +7,7 @@
 #   studies/cifar10.sh base                # prepare, fine-tune the teacher, embed, RDMs
 #   studies/cifar10.sh main [SEEDS...]     # CE, KD, DGKD, CIFD per seed (default 0 1 2)
 #   studies/cifar10.sh ablations [SEEDS...] # 1 and 5 RDMs, CIFD without the IBM
+#   studies/cifar10.sh rdm1|rdm5|noibm [SEEDS...] # one of those ablations
 #   studies/cifar10.sh timm [SEEDS...]     # a timm student (mobilenetv3_small_050) with CE, KD, CIFD
 #   studies/cifar10.sh assistant           # TAKD part 1: ResNet-20 assistant by KD
 #   studies/cifar10.sh report              # dvc exp show --json -> docs/cifar10_study
@@ -16,7 +17,7 @@ set -euo pipefail
 
 preset=${PRESET:-presets/cifar10.yaml}
 
-exp() {  # exp NAME [-S key=value ...]: one experiment from the preset, replacing an older one
+exp() {  # exp NAME [-S key=value ...]: one experiment from the preset
     local name=$1
     shift
     cp "$preset" params.yaml
@@ -24,7 +25,19 @@ exp() {  # exp NAME [-S key=value ...]: one experiment from the preset, replacin
     cp "$preset" params.yaml  # leave the workspace on the preset for the next piece
 }
 
-piece=${1:?usage: studies/cifar10.sh base|main|ablations|timm|assistant|report [SEEDS...]}
+ablation() {  # ablation KIND SEED: CIFD only, one change against the main experiments
+    # rdm.threads=1: the RDM bank retrains beside a student run in the other clone.
+    # ++ adds a key the preset leaves to its schema default (plain -S only replaces keys).
+    local only_cifd=(-S 'distill.methods=[cifd]' -S 'evaluate.methods=[cifd]')
+    case $1 in
+        rdm1) exp "rdm1-s$2" -S "distill.seed=$2" -S 'rdm.rate_weights=[4.0]' -S rdm.threads=1 "${only_cifd[@]}" ;;
+        rdm5) exp "rdm5-s$2" -S "distill.seed=$2" -S 'rdm.rate_weights=[16.0,8.0,4.0,2.0,1.0]' -S rdm.threads=1 \
+                  "${only_cifd[@]}" ;;
+        noibm) exp "noibm-s$2" -S "distill.seed=$2" -S '++distill.ibm=false' "${only_cifd[@]}" ;;
+    esac
+}
+
+piece=${1:?usage: studies/cifar10.sh base|main|ablations|rdm1|rdm5|noibm|timm|assistant|report [SEEDS...]}
 shift || true
 seeds=${*:-0 1 2}
 case $piece in
@@ -35,13 +48,11 @@ case $piece in
     main)
         for s in $seeds; do exp "main-s$s" -S "distill.seed=$s"; done
         ;;
-    ablations)  # rdm.threads=1: the RDM bank retrains beside a student run in the other clone
-        only_cifd=(-S 'distill.methods=[cifd]' -S 'evaluate.methods=[cifd]')
-        for s in $seeds; do
-            exp "rdm1-s$s" -S "distill.seed=$s" -S 'rdm.rate_weights=[4.0]' -S rdm.threads=1 "${only_cifd[@]}"
-            exp "rdm5-s$s" -S "distill.seed=$s" -S 'rdm.rate_weights=[16.0,8.0,4.0,2.0,1.0]' -S rdm.threads=1 "${only_cifd[@]}"
-            exp "noibm-s$s" -S "distill.seed=$s" -S 'distill.ibm=false' "${only_cifd[@]}"
-        done
+    ablations)  # every ablation per seed; each is also a piece of its own (rdm1, rdm5, noibm)
+        for s in $seeds; do ablation rdm1 "$s"; ablation rdm5 "$s"; ablation noibm "$s"; done
+        ;;
+    rdm1 | rdm5 | noibm)
+        for s in $seeds; do ablation "$piece" "$s"; done
         ;;
     timm)
         for s in $seeds; do
@@ -58,7 +69,7 @@ case $piece in
         uv run cifd report "${EXPS:-exps.json}" --out "${OUT:-docs/cifar10_study}"
         ;;
     *)
-        echo "unknown piece '$piece'; expected base, main, ablations, timm, assistant or report" >&2
+        echo "unknown piece '$piece'; expected base, main, ablations, rdm1, rdm5, noibm, timm, assistant or report" >&2
         exit 2
         ;;
 esac

@@ -42,7 +42,8 @@ def _overrides(script: str) -> list[list[tuple[str, Any]]]:
             match = re.fullmatch(r"\$\{(\w+)\[@\]\}", word)
             expanded.extend(shlex.split(arrays[match.group(1)]) if match else [word])
         sets = [expanded[i + 1] for i, w in enumerate(expanded) if w == "-S"]
-        calls.append([(s.split("=", 1)[0], yaml.safe_load(s.split("=", 1)[1].replace("$s", "0"))) for s in sets])
+        calls.append([(s.split("=", 1)[0], yaml.safe_load(re.sub(r"\$(s|2)\b", "0", s.split("=", 1)[1])))
+                      for s in sets])
     return calls
 
 
@@ -55,10 +56,16 @@ def test_every_study_experiment_passes_the_schemas() -> None:
     preset = yaml.safe_load((ROOT / "presets" / "cifar10.yaml").read_text())
     calls = _overrides((ROOT / "studies" / "cifar10.sh").read_text())
     assert len(calls) >= 6  # main, three ablations, timm, assistant
+    assert any(key == "++distill.ibm" for sets in calls for key, _ in sets)
     for sets in calls:
         params = yaml.safe_load(yaml.safe_dump(preset))
         for key, value in sets:
-            section, _, field = key.partition(".")
+            # DVC's -S replaces only keys the params file has; ++ adds one or replaces it.
+            adds = key.startswith("++")
+            section, _, field = key.removeprefix("++").partition(".")
             assert section in params and field, f"override {key} names no params section"
+            assert adds or field in params[section], (
+                f"-S {key}: the preset has no '{field}' in '{section}', so DVC refuses the override; "
+                f"write -S '++{key}=...'")
             params[section][field] = value
         _validate(params)
