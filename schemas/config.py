@@ -253,6 +253,7 @@ class DistillConfig(StrictConfig):
     rate_weight: float = 0.005
     kd_dropout: float = 0.25
     ibm: bool = True
+    grad_clip: float | None = None  # max global gradient norm per step; null = no clipping
     distortion: Literal["mse", "smooth_l1"] = "mse"
     ckd_weight: float = 0.0
     data: Literal["memory", "stream"] = "memory"
@@ -267,6 +268,8 @@ class DistillConfig(StrictConfig):
         require(len(self.methods) >= 1 and all(m in METHODS for m in self.methods), section, "methods",
                 self.methods, f"expected a non-empty list of {list(METHODS)}")
         require(bool(self.student), section, "student", self.student, "expected a timm name or module:function")
+        require(self.grad_clip is None or self.grad_clip > 0, section, "grad_clip", self.grad_clip,
+                "expected null (no clipping) or > 0")
         require(self.epochs >= 1, section, "epochs", self.epochs, "expected >= 1")
         require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
         require(self.lr > 0 and math.isfinite(self.lr), section, "lr", self.lr, "expected a finite value > 0")

@@ -26,9 +26,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.sources import SourceError
     from pipeline.models import ModelError
     from pipeline.study import StudyError
+    from pipeline.train.distill import TrainingDiverged
     from schemas.base import ConfigError
 
-    return (ConfigError, CacheError, CorruptSampleError, ManifestError, SourceError, ModelError, StudyError)
+    return (ConfigError, CacheError, CorruptSampleError, ManifestError, SourceError, ModelError, StudyError,
+            TrainingDiverged)
 
 
 def _run(fn: Callable[[], None]) -> None:

@@ -88,6 +88,10 @@ class Targets:
         return 0 if self.rdm_logits is None else self.rdm_logits.shape[2]
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became inf/nan: nothing after the last finite epoch is saved."""
+
+
 class StudentOutput(NamedTuple):
     logits: Tensor  # (B, C)
     projected: Tensor | None  # (B, D) student embedding mapped to the teacher's dim
@@ -402,6 +406,8 @@ def train_student(
                                generator=generator, device=device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             total += loss.detach() * len(rows)
@@ -415,6 +421,12 @@ def train_student(
             sums = torch.stack([total, count])
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
             total, count = sums[0], sums[1]
+        if not torch.isfinite(total):  # checked once per epoch: a per-step check would sync the GPU
+            raise TrainingDiverged(
+                f"distill {run.method}: the training loss is not finite ({float(total)}) in epoch {epoch + 1}; "
+                f"the student ({cfg.student}) diverged. Lower distill.lr (now {cfg.lr:g}) or "
+                f"distill.feature_weight (now {cfg.feature_weight:g}), or set distill.grad_clip "
+                f"(now {cfg.grad_clip}); the checkpoint keeps epoch {epoch} and a changed config restarts")
         metrics = evaluate_student(student, val_images, val_labels, val_teacher, preprocess=run.preprocess,
                                    batch_size=4 * cfg.batch_size, channels_last=cfg.channels_last)
         epoch_log = EpochLog(epoch=epoch + 1, train_loss=float(total) / max(float(count), 1.0),

@@ -23,6 +23,7 @@ from pipeline.train.distill import (
     train_student,
 )
 from pipeline.train.stream import StreamBatches
+from pipeline.train.distill import TrainingDiverged
 from schemas import layout as L
 from schemas.config import DistillConfig, load_stage
 
@@ -333,3 +334,27 @@ def test_fingerprint_changes_with_the_training_code(monkeypatch) -> None:
     assert distill.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before
     monkeypatch.setattr(distill, "code_fingerprint", lambda: "edited")
     assert distill.config_fingerprint(cfg, "cifd", {"cache": "x"}) != before
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(project, tmp_path: Path) -> None:
+    # An absurd learning rate drives the CIFD loss to inf/nan in the first epoch (as the paper's
+    # weights did for a timm MobileNetV3 student at lr 0.05): stop, say what to change, save nothing.
+    inputs = _inputs(project, tmp_path, "cifd", epochs=2, lr=1e12, optimizer="sgd")
+    with pytest.raises(TrainingDiverged, match=r"distill cifd: the training loss is not finite .* epoch 1.*"
+                                               r"distill.lr \(now 1e\+12\).*distill.grad_clip"):
+        _train(inputs)
+    assert not inputs.run.checkpoint.exists()  # no epoch of garbage was checkpointed
+
+
+def test_grad_clip_bounds_the_update(project, tmp_path: Path) -> None:
+    # An absurd learning rate with the gradient norm clipped to 1e-12 (and no weight decay,
+    # which clipping does not bound): every step moves a weight by at most ~1e-4.
+    inputs = _inputs(project, tmp_path, "cifd", epochs=1, lr=1e8, optimizer="sgd", weight_decay=0.0,
+                     grad_clip=1e-12)
+    before = {k: v.clone() for k, v in inputs.student.state_dict().items()}
+    history = _train(inputs)
+    assert math.isfinite(history[0].train_loss)
+    after = inputs.student.state_dict()
+    moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in before
+                if before[k].is_floating_point() and "running" not in k)
+    assert moved < 1e-2
