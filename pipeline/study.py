@@ -72,9 +72,16 @@ def _file_data(section: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _walk(rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
-    """Every experiment record in ``dvc exp show --json`` output (DVC 3 layout)."""
+    """Every finished experiment record in ``dvc exp show --json`` output (DVC 3 layout).
+
+    A running, queued or failed experiment has an ``executor`` whose data are the
+    workspace's current files, i.e. another experiment's metrics: it is skipped.
+    """
     for row in rows:
         for group in row.get("experiments") or ():
+            executor = group.get("executor")
+            if executor and executor.get("state") != "success":
+                continue
             for rev in group.get("revs") or ():
                 yield rev
                 yield from _walk([rev])

@@ -83,6 +83,13 @@ def test_parse_groups_seeds_and_skips_failed_or_unnamed() -> None:
     assert "| main | kd | 2 | 62.00 ± 2.83 | 64.00 ± 2.83 | 10 ± 0 | 1.00 |" in table
 
 
+def test_a_running_experiment_is_not_counted() -> None:
+    # While `dvc exp run` works, DVC lists it with the workspace's files: another run's metrics.
+    listing = _listing(_rev("main-s0", 0, {"kd": _row(0.6, 0.6)}), _rev("main-s1", 1, {"kd": _row(0.6, 0.6)}))
+    listing[1]["experiments"][1]["executor"] = {"state": "running", "name": "workspace"}
+    assert [e.name for e in parse_exp_show(listing)] == ["main-s0"]
+
+
 def test_missing_time_on_any_seed_gives_no_time() -> None:
     listing = _listing(_rev("main-s0", 0, {"kd": _row(0.6, 0.6)}), _rev("main-s1", 1, {"kd": _row(0.6, 0.6, None)}))
     (row,) = summarize(parse_exp_show(listing))
