@@ -67,7 +67,8 @@ def plot_study(rows: Sequence[Any], *, teacher_top1: Mapping[str, float], path: 
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r.variant for r in rows))
-    methods = list(dict.fromkeys(r.method for r in rows))
+    order = ("ce", "kd", "dgkd", "cifd")
+    methods = sorted(dict.fromkeys(r.method for r in rows), key=lambda m: (order.index(m) if m in order else 9, m))
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(variants) + 2), 3.6))
     for j, method in enumerate(methods):
