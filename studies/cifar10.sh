@@ -9,6 +9,7 @@
 #   studies/cifar10.sh ablations [SEEDS...] # 1 and 5 RDMs, CIFD without the IBM
 #   studies/cifar10.sh rdm1|rdm5|noibm [SEEDS...] # one of those ablations
 #   studies/cifar10.sh timm [SEEDS...]     # a timm student (mobilenetv3_small_050) with CE, KD, CIFD
+#   studies/cifar10.sh timmclip [SEEDS...] # the timm student's CIFD with grad_clip 5 (validated)
 #   studies/cifar10.sh assistant           # TAKD part 1: ResNet-20 assistant by KD
 #   studies/cifar10.sh report              # dvc exp show --json -> docs/cifar10_study
 #
@@ -37,7 +38,7 @@ ablation() {  # ablation KIND SEED: CIFD only, one change against the main exper
     esac
 }
 
-piece=${1:?usage: studies/cifar10.sh base|main|ablations|rdm1|rdm5|noibm|timm|assistant|report [SEEDS...]}
+piece=${1:?usage: studies/cifar10.sh base|main|ablations|rdm1|rdm5|noibm|timm|timmclip|assistant|report [SEEDS...]}
 shift || true
 seeds=${*:-0 1 2}
 case $piece in
@@ -60,6 +61,12 @@ case $piece in
                 -S 'distill.methods=[ce,kd,cifd]' -S 'evaluate.methods=[ce,kd,cifd]'
         done
         ;;
+    timmclip)  # the timm student's CIFD with the setting chosen on a validation split (README)
+        for s in $seeds; do
+            exp "timmclip-s$s" -S "distill.seed=$s" -S 'distill.student=mobilenetv3_small_050' \
+                -S '++distill.grad_clip=5.0' -S 'distill.methods=[cifd]' -S 'evaluate.methods=[cifd]'
+        done
+        ;;
     assistant)
         exp "assistant-s0" -S 'distill.student=pipeline.models.cifar_resnet:resnet20' \
             -S 'distill.methods=[kd]' -S 'evaluate.methods=[kd]'
@@ -69,7 +76,7 @@ case $piece in
         uv run cifd report "${EXPS:-exps.json}" --out "${OUT:-docs/cifar10_study}"
         ;;
     *)
-        echo "unknown piece '$piece'; expected base, main, ablations, rdm1, rdm5, noibm, timm, assistant or report" >&2
+        echo "unknown piece '$piece'; expected base, main, ablations, rdm1, rdm5, noibm, timm, timmclip, assistant or report" >&2
         exit 2
         ;;
 esac
