@@ -30,11 +30,12 @@ def run(listings: Sequence[Path], out: Path) -> None:
                          "`dvc exp run -n main-s0 ...`")
     rows = summarize(experiments)
     teachers = teacher_top1(experiments)
+    ratios = cost_vs_kd(rows)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "study.json", {
         "experiments": {e.name: {"variant": e.variant, "seed": e.seed} for e in experiments},
         "teacher_top1": teachers,
-        "rows": [dataclasses.asdict(r) | {"time_vs_kd": cost_vs_kd(rows).get((r.variant, r.method))} for r in rows],
+        "rows": [dataclasses.asdict(r) | {"time_vs_kd": ratios.get((r.variant, r.method))} for r in rows],
     })
     table = markdown_table(rows)
     (out / "study.md").write_text(table)
