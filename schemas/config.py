@@ -112,6 +112,35 @@ class PreprocessConfig(StrictConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimConfig(StrictConfig):
+    """Optimizer and one-cycle learning-rate schedule: ``teacher.optim`` and ``distill.optim``.
+
+    ``name``: ``sgd`` (Nesterov, the CIFAR recipe) or ``adamw``. ``momentum`` is SGD's
+    momentum or AdamW's β1. The schedule is one-cycle: warm-up over ``pct_start`` of the
+    steps to ``lr``, then cosine annealing. ``cycle_momentum`` lets the schedule also cycle
+    the momentum between 0.85 and 0.95 (torch's ``OneCycleLR`` default, which would ignore
+    ``momentum``); off by default, so the configured momentum is the one used.
+    ``grad_clip``: max global gradient norm per step; null = no clipping.
+    """
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    pct_start: float = 0.15
+    cycle_momentum: bool = False
+    grad_clip: float | None = None
+
+    def check(self, section: str) -> None:
+        require(self.lr > 0 and math.isfinite(self.lr), section, "lr", self.lr, "expected a finite value > 0")
+        require(self.weight_decay >= 0, section, "weight_decay", self.weight_decay, "expected >= 0")
+        require(0.0 <= self.momentum < 1.0, section, "momentum", self.momentum, "expected 0 <= momentum < 1")
+        require(0.0 < self.pct_start < 1.0, section, "pct_start", self.pct_start, "expected 0 < pct_start < 1")
+        require(self.grad_clip is None or self.grad_clip > 0, section, "grad_clip", self.grad_clip,
+                "expected null (no clipping) or > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherConfig(StrictConfig):
     """The frozen teacher (``cifd teacher``): build, optionally fine-tune, evaluate, freeze.
 
@@ -126,9 +155,8 @@ class TeacherConfig(StrictConfig):
     preprocess: PreprocessConfig = PreprocessConfig()
     epochs: int = 12
     batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optim: OptimConfig = OptimConfig()
+    eval_batch_size: int = 512
     label_smoothing: float = 0.0
     augment: ViewPolicyConfig = ViewPolicyConfig(kind="pad_crop", pad=2, flip=False)
     device: str = "auto"
@@ -141,8 +169,7 @@ class TeacherConfig(StrictConfig):
                 self.preprocess.mean, f"expected {self.in_chans} values (one per input channel)")
         require(self.epochs >= 0, section, "epochs", self.epochs, "expected >= 0 (0 = no fine-tune)")
         require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
-        require(self.lr > 0 and math.isfinite(self.lr), section, "lr", self.lr, "expected a finite value > 0")
-        require(self.weight_decay >= 0, section, "weight_decay", self.weight_decay, "expected >= 0")
+        require(self.eval_batch_size > 0, section, "eval_batch_size", self.eval_batch_size, "expected > 0")
         require(0 <= self.label_smoothing < 1, section, "label_smoothing", self.label_smoothing,
                 "expected 0 <= x < 1")
         _check_device(section, self.device)
@@ -197,7 +224,9 @@ class RdmConfig(StrictConfig):
     init_scale: float = 1.0
     epochs: int = 30
     batch_size: int = 512
+    eval_batch_size: int = 2048
     lr: float = 1e-3
+    pct_start: float = 0.1
     density_lr_factor: float = 10.0
     ce_weight: float = 1.0
     kl_weight: float = 1.0
@@ -215,7 +244,9 @@ class RdmConfig(StrictConfig):
         require(self.density_lr_factor > 0, section, "density_lr_factor", self.density_lr_factor, "expected > 0")
         require(self.epochs >= 1, section, "epochs", self.epochs, "expected >= 1")
         require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
+        require(self.eval_batch_size > 0, section, "eval_batch_size", self.eval_batch_size, "expected > 0")
         require(self.lr > 0 and math.isfinite(self.lr), section, "lr", self.lr, "expected a finite value > 0")
+        require(0.0 < self.pct_start < 1.0, section, "pct_start", self.pct_start, "expected 0 < pct_start < 1")
         for name in ("ce_weight", "kl_weight"):
             require(getattr(self, name) >= 0, section, name, getattr(self, name), "expected >= 0")
         require(self.temperature > 0, section, "temperature", self.temperature, "expected > 0")
@@ -241,9 +272,8 @@ class DistillConfig(StrictConfig):
     student_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     epochs: int = 15
     batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    eval_batch_size: int = 512
+    optim: OptimConfig = OptimConfig()
     temperature: float = 2.0
     kd_alpha: float = 0.9
     ce_weight: float = 1.0
@@ -253,11 +283,12 @@ class DistillConfig(StrictConfig):
     rate_weight: float = 0.005
     kd_dropout: float = 0.25
     ibm: bool = True
-    grad_clip: float | None = None  # max global gradient norm per step; null = no clipping
+    ibm_init_scale: float = 10.0
     distortion: Literal["mse", "smooth_l1"] = "mse"
     ckd_weight: float = 0.0
     data: Literal["memory", "stream"] = "memory"
     loader_workers: int = 0
+    shuffle_buffer: int = 1000
     channels_last: bool = True
     amp: bool = True
     device: str = "auto"
@@ -268,15 +299,15 @@ class DistillConfig(StrictConfig):
         require(len(self.methods) >= 1 and all(m in METHODS for m in self.methods), section, "methods",
                 self.methods, f"expected a non-empty list of {list(METHODS)}")
         require(bool(self.student), section, "student", self.student, "expected a timm name or module:function")
-        require(self.grad_clip is None or self.grad_clip > 0, section, "grad_clip", self.grad_clip,
-                "expected null (no clipping) or > 0")
         require(self.epochs >= 1, section, "epochs", self.epochs, "expected >= 1")
         require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
-        require(self.lr > 0 and math.isfinite(self.lr), section, "lr", self.lr, "expected a finite value > 0")
+        require(self.eval_batch_size > 0, section, "eval_batch_size", self.eval_batch_size, "expected > 0")
+        require(self.ibm_init_scale > 0, section, "ibm_init_scale", self.ibm_init_scale, "expected > 0")
+        require(self.shuffle_buffer >= 1, section, "shuffle_buffer", self.shuffle_buffer, "expected >= 1")
         require(self.temperature > 0, section, "temperature", self.temperature, "expected > 0")
         require(0.0 <= self.kd_alpha <= 1.0, section, "kd_alpha", self.kd_alpha, "expected 0 <= α <= 1")
         require(0.0 <= self.kd_dropout < 1.0, section, "kd_dropout", self.kd_dropout, "expected 0 <= p < 1")
-        for name in ("ce_weight", "kl_weight", "feature_weight", "rate_weight", "ckd_weight", "weight_decay"):
+        for name in ("ce_weight", "kl_weight", "feature_weight", "rate_weight", "ckd_weight"):
             require(getattr(self, name) >= 0, section, name, getattr(self, name), "expected >= 0")
         require(self.rdm_weights is None or all(w >= 0 for w in self.rdm_weights), section, "rdm_weights",
                 self.rdm_weights, "expected null (all 1) or one weight >= 0 per RDM")

@@ -32,6 +32,8 @@ LABELS = "labels"  # (N,) int64
 INDEX = "index"  # (N,) int64, the global row index (the WebDataset key as an integer)
 DONE = "done"  # (num_shards,) uint8, 1 once a shard's rows are fully written
 ROW_ARRAYS = (EMBEDDINGS, LOGITS, VIEWS, LABELS, INDEX)
+# Chunk compression of every cache array (Blosc): zstd level 3 with byte shuffle.
+COMPRESSOR = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
 
 # Root attributes of the teacher cache.
 ATTR_SCHEMA = "schema_version"

@@ -25,8 +25,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.shards import CorruptSampleError, ManifestError
     from pipeline.data.sources import SourceError
     from pipeline.models import ModelError
-    from pipeline.study import StudyError
     from pipeline.train.distill import TrainingDiverged
+    from report.study import StudyError
     from schemas.base import ConfigError
 
     return (ConfigError, CacheError, CorruptSampleError, ManifestError, SourceError, ModelError, StudyError,

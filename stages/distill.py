@@ -21,25 +21,25 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.cache.rdm_store import open_rdm_cache
-from pipeline.cache.reader import CacheExpectation, TeacherCache, open_cache
+from pipeline.cache.reader import CacheExpectation, check_alignment, open_cache
 from pipeline.cache.store import CacheError
+from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import Manifest, load_manifest, load_split
 from pipeline.models import build_model, load_model, save_model, state_dict_sha256
-from pipeline.train.common import resolve_device
+from pipeline.runtime import resolve_device
+from pipeline.train.batches import BatchSource, MemoryBatches
+from pipeline.train.checkpoint import config_fingerprint
 from pipeline.train.distill import (
-    BatchSource,
     DistillRun,
     EpochLog,
-    Preprocess,
-    Student,
-    Targets,
-    config_fingerprint,
-    memory_batches,
+    LoopSettings,
+    ValSet,
     train_student,
-    uses_features,
-    uses_rdms,
 )
+from pipeline.train.objective import LossWeights
 from pipeline.train.stream import StreamBatches
+from pipeline.train.student import Student, uses_features, uses_rdms
+from pipeline.train.targets import Targets, load_targets
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.base import ConfigError
@@ -66,19 +66,18 @@ def _distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def _check_rows(cache: TeacherCache, manifest: Manifest) -> None:
-    """Refuse a cache whose rows are not exactly the shards' rows, before any training."""
-    for split in L.SPLITS:
-        part = cache.split(split)
-        shards = manifest.split(split)["num_samples"]
-        if part.num_rows != shards:
-            raise CacheError(f"teacher cache {cache.path} split {split} has {part.num_rows} rows but the shards "
-                             f"have {shards}; the cache is incomplete or from other shards: rerun `cifd embed`")
-        index = part.read_all((L.INDEX,))[L.INDEX]
-        if not np.array_equal(index, np.arange(shards)):
-            first = int(np.flatnonzero(index != np.arange(shards))[0])
-            raise CacheError(f"teacher cache {cache.path} split {split} holds row {int(index[first])} at position "
-                             f"{first}; the cache rows are not aligned with the shards: rerun `cifd embed`")
+def loss_weights(cfg: DistillConfig) -> LossWeights:
+    """The loss's record of weights, from the stage config."""
+    return LossWeights(temperature=cfg.temperature, kd_alpha=cfg.kd_alpha, ce_weight=cfg.ce_weight,
+                       kl_weight=cfg.kl_weight, rdm_weights=cfg.rdm_weights, feature_weight=cfg.feature_weight,
+                       rate_weight=cfg.rate_weight, kd_dropout=cfg.kd_dropout, distortion=cfg.distortion,
+                       ckd_weight=cfg.ckd_weight)
+
+
+def loop_settings(cfg: DistillConfig) -> LoopSettings:
+    """The loop's settings, from the stage config."""
+    return LoopSettings(epochs=cfg.epochs, seed=cfg.seed, optim=cfg.optim, amp=cfg.amp,
+                        channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size)
 
 
 def run(params: Path, method: str) -> DistillResult:
@@ -102,8 +101,7 @@ class DistillInputs:
     run: DistillRun
     targets: Targets
     batches: BatchSource
-    num_rows: int
-    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    val: ValSet
     manifest: Manifest
     teacher_spec: dict[str, Any]
     cache_fingerprint: str
@@ -119,61 +117,53 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
     del teacher  # stage three never runs the teacher: its outputs come from the cache
-    _check_rows(cache, manifest)
+    check_alignment(cache, manifest)
     preprocess = Preprocess.from_spec(spec, source=str(paths.teacher))
-    train = cache.split("train").read_all((L.VIEWS, L.LABELS, L.LOGITS, L.EMBEDDINGS))
-    rdm_logits = rdm_emb = None
-    emb = train[L.EMBEDDINGS]
-    scale = float(np.sqrt(np.mean(np.square(emb.astype(np.float32))))) or 1.0
+    rdm = None
     rdm_info = {}
     if uses_rdms(method):
         rdm = open_rdm_cache(paths.rdm_cache, cache)
         if cfg.rdm_weights is not None and len(cfg.rdm_weights) != rdm.num_rdms:
             raise ConfigError(f"distill.rdm_weights has {len(cfg.rdm_weights)} values but the RDM cache "
                               f"{paths.rdm_cache} holds {rdm.num_rdms} RDMs; give one weight per RDM, or null")
-        block = rdm.read_all("train")
-        rdm_logits = torch.from_numpy(block[L.RDM_LOGITS]).to(device)
-        rdm_emb = torch.from_numpy(block[L.RDM_X_HAT]).to(device) if uses_features(method) else None
-        scale = float(rdm.attrs[L.ATTR_RDM]["embedding_scale"])
-        rdm_info = {"rdm_cache": rdm.attrs[L.ATTR_RDM]["checkpoint_sha256"]}
-    targets = Targets(
-        views=torch.from_numpy(train[L.VIEWS]).to(device), labels=torch.from_numpy(train[L.LABELS]).to(device),
-        teacher_logits=torch.from_numpy(train[L.LOGITS].astype(np.float32)).to(device),
-        teacher_emb=torch.from_numpy(emb).to(device), rdm_logits=rdm_logits, rdm_emb=rdm_emb, emb_scale=scale,
-    )
-    num_rows = len(train[L.LABELS])
+        rdm_info = {"rdm_cache": rdm.checkpoint_sha256}
+    targets = load_targets(cache, rdm, method=method, device=device)
+    labels = targets.labels.cpu().numpy()
     batches: BatchSource
     if cfg.data == "stream":  # labels are checked sample by sample as they stream
-        batches = StreamBatches(manifest, "train", labels=train[L.LABELS], batch_size=cfg.batch_size,
-                                workers=cfg.loader_workers, device=device, rank=rank, world=world, seed=cfg.seed)
+        batches = StreamBatches(manifest, "train", labels=labels, batch_size=cfg.batch_size,
+                                workers=cfg.loader_workers, device=device, rank=rank, world=world, seed=cfg.seed,
+                                shuffle_buffer=cfg.shuffle_buffer)
     else:
         images = load_split(manifest, "train")
-        if not np.array_equal(images.labels, train[L.LABELS]):
-            row = int(np.flatnonzero(images.labels != train[L.LABELS])[0])
+        if not np.array_equal(images.labels, labels):
+            row = int(np.flatnonzero(images.labels != labels)[0])
             raise CacheError(f"cache and shards disagree at row {row}: label {int(images.labels[row])} in the "
-                             f"shards, {int(train[L.LABELS][row])} in the cache; rerun `cifd embed`")
-        batches = memory_batches(torch.from_numpy(images.images).to(device), cfg.batch_size, rank, world)
+                             f"shards, {int(labels[row])} in the cache; rerun `cifd embed`")
+        batches = MemoryBatches(torch.from_numpy(images.images).to(device), cfg.batch_size, rank, world)
     if batches.steps < 1:
-        raise ConfigError(f"distill.batch_size = {cfg.batch_size} leaves no full batch per rank ({num_rows} rows, "
-                          f"{world} ranks, data: {cfg.data}); lower it")
+        raise ConfigError(f"distill.batch_size = {cfg.batch_size} leaves no full batch per rank "
+                          f"({targets.num_rows} rows, {world} ranks, data: {cfg.data}); lower it")
     val_block = load_split(manifest, "val")
-    val_cache = cache.split("val").read_all((L.LOGITS,))
-    val = (torch.from_numpy(val_block.images).to(device), torch.from_numpy(val_block.labels).to(device),
-           torch.from_numpy(val_cache[L.LOGITS][:, 0].astype(np.float32)).to(device))
+    val_logits = cache.split("val").read_all((L.LOGITS,))[L.LOGITS][:, 0]  # (n, C) clean view
+    val = ValSet(images=torch.from_numpy(val_block.images).to(device),
+                 labels=torch.from_numpy(val_block.labels).to(device),
+                 teacher_logits=torch.from_numpy(val_logits.astype(np.float32)).to(device))
     torch.manual_seed(cfg.seed)  # timm initialisers use the global generator: the same init on every rank
-    backbone = build_model(cfg.student, num_classes=cache.split("train").num_classes,
+    train_split = cache.split("train")
+    backbone = build_model(cfg.student, num_classes=train_split.num_classes,
                            in_chans=manifest.image_shape[0], model_kwargs=dict(cfg.student_kwargs))
-    student = Student(backbone, teacher_dim=cache.split("train").embed_dim if uses_features(method) else None,
-                      ibm=cfg.ibm and method == "cifd").to(device)
+    student = Student(backbone, teacher_dim=train_split.embed_dim if uses_features(method) else None,
+                      ibm=cfg.ibm and method == "cifd", ibm_init_scale=cfg.ibm_init_scale).to(device)
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    run_ = DistillRun(method=method, cfg=cfg, preprocess=preprocess, device=device, rank=rank, world=world,
-                      checkpoint=Path(paths.students) / f"{method}.ckpt",
+    run_ = DistillRun(method=method, loop=loop_settings(cfg), weights=loss_weights(cfg), preprocess=preprocess,
+                      device=device, rank=rank, world=world, checkpoint=Path(paths.students) / f"{method}.ckpt",
                       # The schedule and each rank's rows depend on the world size and steps per epoch.
-                      fingerprint=config_fingerprint(cfg, method, {"cache": cache.fingerprint, **rdm_info,
-                                                                   "world": world, "steps": batches.steps}))
-    return DistillInputs(student=student, run=run_, targets=targets, batches=batches, num_rows=num_rows, val=val,
-                         manifest=manifest, teacher_spec=spec, cache_fingerprint=cache.fingerprint)
+                      fingerprint=config_fingerprint(cfg.to_dict(), method, {"cache": cache.fingerprint, **rdm_info,
+                                                                             "world": world, "steps": batches.steps}))
+    return DistillInputs(student=student, run=run_, targets=targets, batches=batches, val=val, manifest=manifest,
+                         teacher_spec=spec, cache_fingerprint=cache.fingerprint)
 
 
 def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world: int,
@@ -190,7 +180,7 @@ def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world:
         bar.refresh()
 
     history = train_student(student, run=inputs.run, targets=inputs.targets, batches=inputs.batches,
-                            num_rows=inputs.num_rows, val=inputs.val, on_epoch=on_epoch)
+                            val=inputs.val, on_epoch=on_epoch)
     bar.close()
     if rank == 0:
         out_dir = Path(paths.students)

@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.embed import Preprocess
 from pipeline.cache.reader import CacheExpectation, open_cache
+from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest, load_split
+from pipeline.evaluate import evaluate_classifier, top1
 from pipeline.models import load_model, state_dict_sha256
-from pipeline.train.common import resolve_device
-from pipeline.train.distill import evaluate_student
+from pipeline.runtime import resolve_device
+from report.plots import plot_curves
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.base import ConfigError
 from schemas.config import EvaluateConfig, load_stage
 from stages._io import write_json
-from stages.plots import plot_curves
 
 
 def run(params: Path) -> None:
@@ -37,7 +37,7 @@ def run(params: Path) -> None:
     teacher_logits = torch.from_numpy(cache.split("val").read_all((L.LOGITS,))[L.LOGITS][:, 0].astype(np.float32))
     teacher_logits = teacher_logits.to(device)
     table: dict[str, dict[str, float]] = {}
-    teacher_top1 = float((teacher_logits.argmax(-1) == labels).float().mean())
+    teacher_top1 = top1(teacher_logits, labels)
     table["teacher"] = {M.EVAL_TOP1: round(teacher_top1, 5), M.EVAL_AGREEMENT: 1.0, M.EVAL_KL: 0.0}
     curves = {}
     for method in cfg.methods:
@@ -47,10 +47,10 @@ def run(params: Path) -> None:
         student, student_spec = load_model(path)
         if student_spec.get("teacher_cache_fingerprint") != cache.fingerprint:
             raise ConfigError(f"student {path} was distilled from another teacher cache; rerun `dvc repro`")
-        result = evaluate_student(student.to(device), images, labels, teacher_logits, preprocess=preprocess,
-                                  batch_size=cfg.batch_size, channels_last=False)
-        table[method] = {M.EVAL_TOP1: round(result["top1"], 5), M.EVAL_AGREEMENT: round(result["agreement"], 5),
-                         M.EVAL_KL: round(result["kl"], 5)}
+        result = evaluate_classifier(student.to(device), images, labels, teacher_logits, preprocess=preprocess,
+                                     batch_size=cfg.batch_size)
+        table[method] = {M.EVAL_TOP1: round(result.top1, 5), M.EVAL_AGREEMENT: round(result.agreement, 5),
+                         M.EVAL_KL: round(result.kl, 5)}
         timing = Path(paths.metrics) / M.DISTILL_DIR / f"{method}.json"
         if timing.is_file():
             table[method][M.EVAL_SECONDS] = json.loads(timing.read_text())[M.SECONDS]

@@ -6,28 +6,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.cache.rdm_store import cache_bank_outputs
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.shards import load_manifest
+from pipeline.evaluate import top1
 from pipeline.models import file_sha256, load_model, state_dict_sha256
 from pipeline.rd import RDMBank
-from pipeline.train.common import resolve_device
+from pipeline.runtime import resolve_device
 from pipeline.train.rdm import (
-    EmbeddingSet,
     RdmEpochLog,
-    embedding_scale,
+    RdmTrainSettings,
+    embedding_set,
     evaluate_bank,
     train_bank,
 )
+from report.plots import plot_rate_accuracy
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.config import RdmConfig, load_stage
 from stages._io import write_csv, write_json
-from stages.plots import plot_rate_accuracy
 
 
 def _expectation(teacher: Path, shards: Path) -> CacheExpectation:
@@ -44,23 +44,16 @@ def run(params: Path) -> None:
     device = resolve_device(cfg.device)
     cache = open_cache(paths.cache, _expectation(Path(paths.teacher), Path(paths.shards)))
     began = time.perf_counter()
-    train = cache.split("train").read_all((L.EMBEDDINGS, L.LOGITS, L.LABELS))
-    val = cache.split("val").read_all((L.EMBEDDINGS, L.LOGITS, L.LABELS))
-    n, v, d = train[L.EMBEDDINGS].shape
-    c = train[L.LOGITS].shape[-1]
-
-    def flat(block: dict[str, np.ndarray], views: slice) -> EmbeddingSet:
-        emb = torch.from_numpy(block[L.EMBEDDINGS][:, views].astype(np.float32))
-        k = emb.shape[1]
-        return EmbeddingSet(
-            embeddings=emb.reshape(-1, d).to(device),
-            logits=torch.from_numpy(block[L.LOGITS][:, views].astype(np.float32)).reshape(-1, c).to(device),
-            labels=torch.from_numpy(np.repeat(block[L.LABELS], k)).to(device),
-        )
-
-    train_set = flat(train, slice(None))  # every view of every train image
-    val_set = flat(val, slice(0, 1))  # the clean view
-    scale = embedding_scale(train_set.embeddings) if cfg.scale_embeddings else 1.0
+    train_split, val_split = cache.split("train"), cache.split("val")
+    n, v, d, c = train_split.num_rows, train_split.num_views, train_split.embed_dim, train_split.num_classes
+    train_set = embedding_set(train_split, views=slice(None), device=device)  # every view of every train image
+    val_set = embedding_set(val_split, views=slice(0, 1), device=device)  # the clean view
+    scale = max(train_split.rms(L.EMBEDDINGS), 1e-12) if cfg.scale_embeddings else 1.0
+    settings = RdmTrainSettings(
+        rate_weights=cfg.rate_weights, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
+        temperature=cfg.temperature, distortion=cfg.distortion, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size, lr=cfg.lr, pct_start=cfg.pct_start,
+        density_lr_factor=cfg.density_lr_factor, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     bank = RDMBank(num_rdms=len(cfg.rate_weights), in_dim=d, hidden=cfg.hidden, num_classes=c,
                    init_scale=cfg.init_scale, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -71,10 +64,10 @@ def run(params: Path) -> None:
         bar.set_postfix(loss=f"{log.loss:.3f}", bits=[round(b, 1) for b in log.val.rate_bits],
                         top1=[round(t, 3) for t in log.val.top1])
 
-    train_bank(bank, train=train_set, val=val_set, cfg=cfg, scale=scale, on_epoch=on_epoch)
+    train_bank(bank, train=train_set, val=val_set, cfg=settings, scale=scale, on_epoch=on_epoch)
     bar.close()
     train_seconds = time.perf_counter() - began
-    result = evaluate_bank(bank, val_set, scale=scale, batch_size=4 * cfg.batch_size)
+    result = evaluate_bank(bank, val_set, scale=scale, batch_size=cfg.eval_batch_size)
 
     Path(paths.rdm_models).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": cfg.to_dict(), "scale": scale, "in_dim": d, "num_classes": c,
@@ -84,7 +77,7 @@ def run(params: Path) -> None:
     attrs = {"rate_weights": list(cfg.rate_weights), "config": cfg.to_dict(), "embedding_scale": scale,
              "checkpoint_sha256": file_sha256(paths.rdm_models)}
     cache_bank_outputs(bank, teacher=cache, path=Path(paths.rdm_cache), scale=scale,
-                       attrs=attrs, batch_size=4 * cfg.batch_size)
+                       attrs=attrs, batch_size=cfg.eval_batch_size)
 
     rows = []
     metrics = {}
@@ -94,7 +87,7 @@ def run(params: Path) -> None:
                  M.RDM_AGREEMENT: round(result.teacher_agreement[i], 5)}
         metrics[f"rdm_{i}"] = entry
         rows.append(entry)
-    teacher_val = float((val_set.logits.argmax(-1) == val_set.labels).float().mean())
+    teacher_val = top1(val_set.logits, val_set.labels)
     metrics["teacher_val_top1"] = round(teacher_val, 5)
     write_json(Path(paths.metrics) / M.RDM, metrics)
     write_csv(Path(paths.plots) / M.RDM_CURVE, sorted(rows, key=lambda e: e[M.RDM_RATE_BITS]))

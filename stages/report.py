@@ -7,9 +7,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.study import StudyError, cost_vs_kd, markdown_table, parse_exp_show, summarize, teacher_top1
+from report.plots import plot_study
+from report.study import (
+    StudyError,
+    cost_vs_kd,
+    markdown_table,
+    parse_exp_show,
+    summarize,
+    teacher_top1,
+)
 from stages._io import write_json
-from stages.plots import plot_study
 
 
 def run(listings: Sequence[Path], out: Path) -> None:

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest, load_split
+from pipeline.evaluate import predict, top1
 from pipeline.models import build_model, file_sha256, save_model
-from pipeline.train.common import resolve_device
-from pipeline.train.supervised import (
-    EpochLog,
-    TrainSettings,
-    predict,
-    top1,
-    train_classifier,
-)
+from pipeline.runtime import resolve_device
+from pipeline.train.supervised import EpochLog, TrainSettings, train_classifier
 from schemas import metrics as M
 from schemas.base import ConfigError
 from schemas.config import TeacherConfig, load_stage
@@ -41,10 +37,10 @@ def run(params: Path) -> None:
     train_x, train_y = torch.from_numpy(train.images).to(device), torch.from_numpy(train.labels).to(device)
     val_x, val_y = torch.from_numpy(val.images).to(device), torch.from_numpy(val.labels).to(device)
     pre = cfg.preprocess
+    preprocess = Preprocess(image_size=pre.image_size, mean=pre.mean, std=pre.std)
     settings = TrainSettings(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
-        image_size=pre.image_size, mean=pre.mean, std=pre.std, seed=cfg.seed,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, optim=cfg.optim,
+        label_smoothing=cfg.label_smoothing, augment=cfg.augment, preprocess=preprocess, seed=cfg.seed,
     )
     curve: list[dict[str, float]] = []
 
@@ -55,9 +51,8 @@ def run(params: Path) -> None:
     began = time.perf_counter()
     train_classifier(model, train_images=train_x, train_labels=train_y, val_images=val_x, val_labels=val_y,
                      settings=settings, on_epoch=on_epoch)
-    kwargs = {"image_size": pre.image_size, "mean": pre.mean, "std": pre.std}
-    val_top1 = top1(predict(model, val_x, **kwargs), val_y)
-    train_top1 = top1(predict(model, train_x, **kwargs), train_y)
+    val_top1 = top1(predict(model, val_x, preprocess=preprocess, batch_size=cfg.eval_batch_size), val_y)
+    train_top1 = top1(predict(model, train_x, preprocess=preprocess, batch_size=cfg.eval_batch_size), train_y)
     spec = {
         "name": cfg.model, "num_classes": len(manifest.classes), "in_chans": cfg.in_chans,
         "model_kwargs": dict(cfg.model_kwargs), "preprocess": pre.to_dict(),

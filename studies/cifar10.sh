@@ -64,7 +64,7 @@ case $piece in
     timmclip)  # the timm student's CIFD with the setting chosen on a validation split (README)
         for s in $seeds; do
             exp "timmclip-s$s" -S "distill.seed=$s" -S 'distill.student=mobilenetv3_small_050' \
-                -S '++distill.grad_clip=5.0' -S 'distill.methods=[cifd]' -S 'evaluate.methods=[cifd]'
+                -S '++distill.optim.grad_clip=5.0' -S 'distill.methods=[cifd]' -S 'evaluate.methods=[cifd]'
         done
         ;;
     assistant)

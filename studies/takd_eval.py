@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.embed import Preprocess
 from pipeline.cache.reader import CacheExpectation, open_cache
+from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest, load_split
+from pipeline.evaluate import evaluate_classifier
 from pipeline.models import load_model
-from pipeline.study import mean_std
-from pipeline.train.distill import evaluate_student
+from report.study import mean_std
 from schemas import layout as L
 
 
@@ -44,11 +44,11 @@ def main() -> None:
     runs = {}
     for seed in args.seeds:
         student, _ = load_model(args.takd / f"models/students_takd_s{seed}/kd.pt")
-        result = evaluate_student(student, images, labels, teacher_logits, preprocess=preprocess, batch_size=1000,
-                                  channels_last=False)
+        result = evaluate_classifier(student, images, labels, teacher_logits, preprocess=preprocess,
+                                     batch_size=1000)
         seconds = json.loads((args.takd / f"metrics_takd_s{seed}/distill/kd.json").read_text())["seconds"]
-        runs[f"takd-s{seed}"] = {"val_top1": round(result["top1"], 5), "teacher_agreement": round(result["agreement"], 5),
-                                 "kl_teacher_student": round(result["kl"], 5), "distill_seconds": seconds}
+        runs[f"takd-s{seed}"] = {"val_top1": round(result.top1, 5), "teacher_agreement": round(result.agreement, 5),
+                                 "kl_teacher_student": round(result.kl, 5), "distill_seconds": seconds}
     summary = {key: mean_std(run[key] for run in runs.values())
                for key in ("val_top1", "teacher_agreement", "distill_seconds")}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     path = tmp_path_factory.mktemp("e2e")
-    for name in ("pipeline", "stages", "schemas"):
+    for name in ("pipeline", "stages", "schemas", "report"):
         shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

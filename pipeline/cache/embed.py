@@ -29,40 +29,21 @@ from pipeline.cache.store import (
     open_for_resume,
     write_rows,
 )
+from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import Manifest, read_shard
-from pipeline.data.views import render_views, sample_views
+from pipeline.data.views import sample_views
 from pipeline.models import (
     ImageClassifier,
-    ModelFileError,
     library_versions,
     load_model,
     logits_from_embedding_check,
     state_dict_sha256,
 )
-from pipeline.train.common import resolve_device
+from pipeline.runtime import resolve_device
 from schemas import layout as L
 from schemas.config import EmbedConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], *, source: str) -> Preprocess:
-        """The ``preprocess`` entry of a frozen teacher's spec (as ``cifd teacher`` writes it)."""
-        pre = spec.get("preprocess")
-        if not isinstance(pre, dict) or not {"image_size", "mean", "std"} <= set(pre):
-            raise ModelFileError(
-                f"teacher {source}: its spec has preprocess = {pre!r}, expected a mapping with image_size, "
-                "mean and std; freeze the teacher with `cifd teacher`, or give save_model a spec with "
-                "'preprocess': {image_size, mean, std}"
-            )
-        return cls(image_size=int(pre["image_size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]))
 
 
 @torch.inference_mode()
@@ -82,8 +63,7 @@ def teacher_outputs(
     embs, logits = [], []
     for start in range(0, n * v, batch_size):
         sel = slice(start, start + batch_size)
-        x = render_views(images[rows[sel]], flat_views[sel], out_size=preprocess.image_size,
-                         mean=preprocess.mean, std=preprocess.std)
+        x = render_inputs(images[rows[sel]], flat_views[sel], preprocess=preprocess)
         e = model.embed(x)
         embs.append(e.float())
         logits.append(model.classify(e).float())
@@ -257,10 +237,9 @@ def run_embed(
     # Does classifier(embedding) reproduce the logits? Checked on a few clean views.
     first = manifest.split(splits[0])["shards"][0]
     probe = read_shard(manifest.root / first["file"], channels=channels, start=first["start"], stop=first["stop"])
-    x = render_views(torch.from_numpy(probe.images[:16]), sample_views(
+    x = render_inputs(torch.from_numpy(probe.images[:16]), sample_views(
         num_images=min(16, len(probe.images)), num_views=1, height=height, width=width,
-        policy=settings.policy, generator=torch.Generator().manual_seed(0))[:, 0],
-        out_size=preprocess.image_size, mean=preprocess.mean, std=preprocess.std)
+        policy=settings.policy, generator=torch.Generator().manual_seed(0))[:, 0], preprocess=preprocess)
     check = logits_from_embedding_check(model, x)
 
     provenance = build_provenance(model=model, spec=spec, sha256=sha, manifest=manifest,

@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.embed import Preprocess, teacher_outputs
+from pipeline.cache.embed import teacher_outputs
 from pipeline.cache.reader import CacheExpectation, open_cache
+from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest, read_shard
+from pipeline.evaluate import agreement_hits
 from pipeline.models import load_model, state_dict_sha256
 from schemas import layout as L
 
@@ -129,7 +131,7 @@ def verify_cache(
         log_err = max(log_err, float((logits - c_log).abs().max()))
         cos = torch.nn.functional.cosine_similarity(emb, c_emb, dim=-1, eps=1e-12)
         min_cos = min(min_cos, float(cos.min()))
-        agree += int((logits.argmax(-1) == c_log.argmax(-1)).sum())
+        agree += int(agreement_hits(logits, c_log).sum())
     agreement = agree / max(count, 1)
     emb_rel, log_rel = emb_err / emb_scale, log_err / log_scale
     ok = emb_rel <= tolerance and log_rel <= tolerance and agreement >= 0.99

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache.reader import TeacherCache
+from pipeline.cache.reader import ShardedSplit, TeacherCache
 from pipeline.cache.store import CacheError, default_compressor, finalize
-from pipeline.rd import RDMBank
-from pipeline.train.rdm import bank_outputs
+from pipeline.rd import RDMBank, bank_outputs
 from schemas import layout as L
 
 
@@ -87,14 +86,21 @@ class RdmCache:
     def num_rdms(self) -> int:
         return len(self.attrs[L.ATTR_RDM]["rate_weights"])
 
-    def read(self, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
-        group = self.root[split]
-        return {L.RDM_X_HAT: group[L.RDM_X_HAT][start:stop], L.RDM_LOGITS: group[L.RDM_LOGITS][start:stop]}  # type: ignore[index]
+    @property
+    def embedding_scale(self) -> float:
+        """The scale (teacher embedding RMS) the RDMs were trained and run with."""
+        return float(self.attrs[L.ATTR_RDM]["embedding_scale"])
 
-    def read_all(self, split: str) -> dict[str, np.ndarray]:
-        bounds = self.root[split].attrs["shard_bounds"]
-        blocks = [self.read(split, a, b) for a, b in bounds]  # type: ignore[misc]
-        return {k: np.concatenate([blk[k] for blk in blocks]) for k in (L.RDM_X_HAT, L.RDM_LOGITS)}
+    @property
+    def checkpoint_sha256(self) -> str:
+        """sha256 of the RDM model file whose outputs this store holds."""
+        return str(self.attrs[L.ATTR_RDM]["checkpoint_sha256"])
+
+    def split(self, name: str) -> ShardedSplit:
+        """One split, read with the same shard-aligned reader as the teacher cache."""
+        if name not in self.root:
+            raise CacheError(f"RDM cache {self.path} has no split '{name}'")
+        return ShardedSplit(self.root[name], name)  # type: ignore[arg-type]
 
 
 def open_rdm_cache(path: str | Path, teacher: TeacherCache) -> RdmCache:

@@ -3,7 +3,8 @@ rows in blocks (one read per Zarr shard, never row by row)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import zarr
 
 from pipeline.cache.store import CacheError
+from pipeline.data.shards import Manifest
 from schemas import layout as L
 
 
@@ -29,27 +31,60 @@ def _mismatch(path: Path, what: str, found: Any, expected: Any, fix: str) -> Cac
     return CacheError(f"teacher cache {path}: {what} is {found!r}, expected {expected!r}. {fix}")
 
 
-class CacheSplit:
-    """One split of the cache; reads are in blocks aligned with Zarr shards."""
+class ShardedSplit:
+    """One split of a shard-aligned Zarr store (the teacher cache or the RDM cache).
+
+    Every read covers whole row ranges with one request per array; :meth:`blocks` walks the
+    split one Zarr shard at a time, so a pass over it holds one shard in memory.
+    """
 
     def __init__(self, group: zarr.Group, name: str) -> None:
         self.group = group
         self.name = name
         self.shard_bounds: list[tuple[int, int]] = [tuple(b) for b in group.attrs["shard_bounds"]]  # type: ignore[misc]
+        self.num_rows = self.shard_bounds[-1][1] if self.shard_bounds else 0
+
+    def read(self, start: int, stop: int, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` of ``fields`` (one request per array)."""
+        return {name: self.group[name][start:stop] for name in fields}  # type: ignore[index]
+
+    def blocks(self, fields: Sequence[str]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """``(start, stop, arrays)`` for each Zarr shard of the split, in row order."""
+        for a, b in self.shard_bounds:
+            yield a, b, self.read(a, b, fields)
+
+    def read_all(self, fields: Sequence[str]) -> dict[str, np.ndarray]:
+        """The whole split, read shard by shard (memory grows with the split: small data only)."""
+        blocks = [blk for _, _, blk in self.blocks(fields)]
+        if not blocks:
+            return {name: self.group[name][0:0] for name in fields}  # type: ignore[index]
+        return {name: np.concatenate([blk[name] for blk in blocks]) for name in fields}
+
+    def rms(self, field: str) -> float:
+        """Root mean square of every value of ``field``, in one pass over the shards (float64
+        sums, so the result does not depend on the shard size)."""
+        total, count = 0.0, 0
+        for _, _, blk in self.blocks((field,)):
+            values = blk[field].astype(np.float64)
+            total += float(np.square(values).sum())
+            count += values.size
+        return math.sqrt(total / count) if count else 0.0
+
+
+class CacheSplit(ShardedSplit):
+    """One split of the teacher cache: N rows of V views, D-dim embeddings, C classes."""
+
+    def __init__(self, group: zarr.Group, name: str) -> None:
+        super().__init__(group, name)
         emb = group[L.EMBEDDINGS]
-        self.num_rows, self.num_views, self.embed_dim = emb.shape
-        self.num_classes = group[L.LOGITS].shape[2]
+        self.num_rows, self.num_views, self.embed_dim = emb.shape  # type: ignore[misc]
+        self.num_classes = group[L.LOGITS].shape[2]  # type: ignore[index]
 
     def read(self, start: int, stop: int, fields: Sequence[str] = L.ROW_ARRAYS) -> dict[str, np.ndarray]:
-        """Rows ``start:stop`` of ``fields`` (one request per array)."""
-        return {name: self.group[name][start:stop] for name in fields}
+        return super().read(start, stop, fields)
 
     def read_all(self, fields: Sequence[str] = L.ROW_ARRAYS) -> dict[str, np.ndarray]:
-        """The whole split, read shard by shard."""
-        blocks = [self.read(a, b, fields) for a, b in self.shard_bounds]
-        if not blocks:
-            return {name: self.group[name][0:0] for name in fields}
-        return {name: np.concatenate([blk[name] for blk in blocks]) for name in fields}
+        return super().read_all(fields)
 
 
 class TeacherCache:
@@ -119,3 +154,21 @@ def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> Teac
             raise CacheError(f"teacher cache {path} split {name}: shards {np.flatnonzero(done == 0).tolist()} "
                              "are not written although the store says complete; rerun `cifd embed`")
     return cache
+
+
+def check_alignment(cache: TeacherCache, manifest: Manifest) -> None:
+    """Refuse a cache whose rows are not exactly the shards' rows, before any training."""
+    for split in L.SPLITS:
+        part = cache.split(split)
+        shards = manifest.split(split)["num_samples"]
+        if part.num_rows != shards:
+            raise CacheError(f"teacher cache {cache.path} split {split} has {part.num_rows} rows but the shards "
+                             f"have {shards}; the cache is incomplete or from other shards: rerun `cifd embed`")
+        for a, b, blk in part.blocks((L.INDEX,)):
+            index = blk[L.INDEX]
+            expected = np.arange(a, b)
+            if not np.array_equal(index, expected):
+                first = int(np.flatnonzero(index != expected)[0]) if len(index) == len(expected) else 0
+                raise CacheError(f"teacher cache {cache.path} split {split} holds row {int(index[first])} at "
+                                 f"position {a + first}; the cache rows are not aligned with the shards: "
+                                 "rerun `cifd embed`")

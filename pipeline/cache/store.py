@@ -58,7 +58,9 @@ class StoreSpec:
 
 
 def default_compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+    """The Blosc codec of every cache array, as ``schemas.layout.COMPRESSOR`` says."""
+    spec = L.COMPRESSOR
+    return BloscCodec(cname=spec["cname"], clevel=int(spec["clevel"]), shuffle=BloscShuffle(spec["shuffle"]))
 
 
 def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any], sources: dict[str, str]) -> zarr.Group:

@@ -21,7 +21,12 @@ from pipeline.models.factory import (
     logits_from_embedding_check,
     save_model,
 )
-from pipeline.models.weights import file_sha256, load_weights, read_state_dict, state_dict_sha256
+from pipeline.models.weights import (
+    file_sha256,
+    load_weights,
+    read_state_dict,
+    state_dict_sha256,
+)
 
 __all__ = [
     "MODEL_FILE_FORMAT",

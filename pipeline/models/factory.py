@@ -34,7 +34,11 @@ import torchvision
 from torch import nn
 
 from pipeline.models.classifier import ImageClassifier
-from pipeline.models.errors import ModelFileError, ModelInterfaceError, ModelNotFoundError
+from pipeline.models.errors import (
+    ModelFileError,
+    ModelInterfaceError,
+    ModelNotFoundError,
+)
 from pipeline.models.weights import (
     file_sha256,
     load_state_dict_into,

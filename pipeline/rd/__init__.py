@@ -2,7 +2,14 @@
 
 from pipeline.rd.entropy import BottleneckOutput, EntropyBottleneck, uniform_noise
 from pipeline.rd.ibm import IBMOutput, InformationBottleneck
-from pipeline.rd.rdm import DISTORTIONS, RDMBank, RDMLoss, RDMOutput, rdm_loss
+from pipeline.rd.rdm import (
+    DISTORTIONS,
+    RDMBank,
+    RDMLoss,
+    RDMOutput,
+    bank_outputs,
+    rdm_loss,
+)
 
 __all__ = [
     "DISTORTIONS",
@@ -13,6 +20,7 @@ __all__ = [
     "RDMBank",
     "RDMLoss",
     "RDMOutput",
+    "bank_outputs",
     "rdm_loss",
     "uniform_noise",
 ]

@@ -19,8 +19,10 @@ Choosing ``init_scale``: the initial density is close to a logistic of that scal
 0, so it should be at least the spread of the latent. Too narrow (latent spread 30, scale 1)
 starts near the likelihood bound (~22 bits/channel here) and the rate gradient then
 collapses weakly weighted latents before the density catches up; too wide only costs about
-``log2(init_scale / spread)`` extra bits at the start. The default 10 worked for latents of
-spread 0.5 to 30 (a discretised Gaussian's entropy is reached within ~100 Adam steps).
+``log2(init_scale / spread)`` extra bits at the start. 10 worked for latents of spread 0.5
+to 30 (a discretised Gaussian's entropy is reached within ~100 Adam steps). There is no
+default here: the RDMs' (``rdm.init_scale``) and the student IBM's
+(``distill.ibm_init_scale``) are set in ``schemas/config.py``.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class EntropyBottleneck(nn.Module):
         channels: int,
         *,
         filters: tuple[int, ...] = (3, 3, 3),
-        init_scale: float = 10.0,
+        init_scale: float,
         likelihood_bound: float = 1e-9,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,

@@ -21,7 +21,8 @@ __all__ = ["IBMOutput", "InformationBottleneck"]
 
 
 class IBMOutput(NamedTuple):
-    """noisy ``(B, dim)`` in the input dtype; projected û ``(B, out_dim)``; bits ``(B,)`` f32."""
+    """noisy ``(B, dim)`` float32 in training (``w`` unchanged in eval); projected û
+    ``(B, out_dim)`` float32; bits ``(B,)`` float32."""
 
     noisy: Tensor
     projected: Tensor
@@ -43,7 +44,7 @@ class InformationBottleneck(nn.Module):
         dim: int,
         *,
         out_dim: int | None = None,
-        init_scale: float = 10.0,
+        init_scale: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
@@ -79,5 +80,9 @@ class InformationBottleneck(nn.Module):
                 f"InformationBottleneck: expected (B, {self.dim}), got {tuple(w.shape)}"
             )
         q = self.entropy(w, generator=generator)  # noise in training, rounding in eval
-        noisy = q.values.to(w.dtype) if self.training else w
-        return IBMOutput(noisy=noisy, projected=self.projection(noisy), bits=q.bits)
+        # float32 with autocast off: under bf16, w + u cast back to bf16 would round the noise
+        # away wherever |w| >= 64 (bf16 spacing 0.5 there) while the rate counted it.
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            noisy = q.values if self.training else w
+            projected = self.projection(noisy.float())
+        return IBMOutput(noisy=noisy, projected=projected, bits=q.bits)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pipeline.rd.entropy import EntropyBottleneck
 
-__all__ = ["DISTORTIONS", "RDMBank", "RDMLoss", "RDMOutput", "rdm_loss"]
+__all__ = ["DISTORTIONS", "RDMBank", "RDMLoss", "RDMOutput", "bank_outputs", "rdm_loss"]
 
 DISTORTIONS = ("mse", "smooth_l1")
 
@@ -98,7 +98,7 @@ class RDMBank(nn.Module):
         in_dim: int,
         hidden: int,
         num_classes: int,
-        init_scale: float = 10.0,
+        init_scale: float,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
@@ -268,3 +268,18 @@ def rdm_loss(
         + kl_weight * temperature**2 * kl
     )
     return RDMLoss(total=per_rdm.sum(), distortion=dist, rate=rate, ce=ce, kl=kl)
+
+
+@torch.inference_mode()
+def bank_outputs(bank: RDMBank, embeddings: Tensor, *, scale: float, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Rounding-mode outputs for (n, D) embeddings: x̂ (n, M, D) in the teacher's embedding
+    units, and logits (n, M, C)."""
+    was_training = bank.training
+    bank.eval()
+    xs, zs = [], []
+    for start in range(0, len(embeddings), batch_size):
+        out = bank(embeddings[start:start + batch_size] / scale)
+        xs.append((out.x_hat * scale).transpose(0, 1))
+        zs.append(out.logits.transpose(0, 1))
+    bank.train(was_training)
+    return torch.cat(xs), torch.cat(zs)

@@ -10,11 +10,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.cache.reader import CacheSplit
+from pipeline.evaluate import agreement_hits, top1_hits
 from pipeline.rd import RDMBank, rdm_loss
-from schemas.config import RdmConfig
+from schemas import layout as L
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,39 @@ class EmbeddingSet:
     embeddings: Tensor
     logits: Tensor
     labels: Tensor
+
+
+@dataclass(frozen=True)
+class RdmTrainSettings:
+    """What :func:`train_bank` needs: the loss weights (R per RDM, λ_CE, λ_KL, τ, the
+    distortion) and the schedule (Adam, one-cycle; the density gets ``density_lr_factor``
+    times the learning rate)."""
+
+    rate_weights: tuple[float, ...]
+    ce_weight: float
+    kl_weight: float
+    temperature: float
+    distortion: str
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    pct_start: float
+    density_lr_factor: float
+    seed: int
+
+
+def embedding_set(split: CacheSplit, *, views: slice, device: torch.device) -> EmbeddingSet:
+    """The cached embeddings, logits and labels of ``views`` of every row of ``split``,
+    flattened to one row per (row, view) and moved to ``device``."""
+    block = split.read_all((L.EMBEDDINGS, L.LOGITS, L.LABELS))
+    emb = torch.from_numpy(block[L.EMBEDDINGS][:, views].astype(np.float32))  # (N, k, D)
+    k = emb.shape[1]
+    return EmbeddingSet(
+        embeddings=emb.reshape(-1, split.embed_dim).to(device),  # (N*k, D)
+        logits=torch.from_numpy(block[L.LOGITS][:, views].astype(np.float32)).reshape(-1, split.num_classes).to(device),
+        labels=torch.from_numpy(np.repeat(block[L.LABELS], k)).to(device),
+    )
 
 
 @dataclass(frozen=True)
@@ -43,11 +79,6 @@ class RdmEpochLog:
     val: RdmEval
 
 
-def embedding_scale(embeddings: Tensor) -> float:
-    """Root mean square of the embeddings: the unit in which distortion is measured."""
-    return float(embeddings.float().pow(2).mean().sqrt().clamp_min(1e-12))
-
-
 @torch.inference_mode()
 def evaluate_bank(bank: RDMBank, data: EmbeddingSet, *, scale: float, batch_size: int) -> RdmEval:
     was_training = bank.training
@@ -57,13 +88,13 @@ def evaluate_bank(bank: RDMBank, data: EmbeddingSet, *, scale: float, batch_size
     for start in range(0, n, batch_size):
         x = data.embeddings[start:start + batch_size] / scale
         out = bank(x)
-        teacher_top = data.logits[start:start + batch_size].argmax(-1)
+        teacher_logits = data.logits[start:start + batch_size]
         labels = data.labels[start:start + batch_size]
         parts = {
             "rate": out.bits.sum(1),
             "dist": (out.x_hat - x).pow(2).mean(-1).sum(1),
-            "top1": (out.logits.argmax(-1) == labels).float().sum(1),
-            "agree": (out.logits.argmax(-1) == teacher_top).float().sum(1),
+            "top1": top1_hits(out.logits, labels).sum(1),
+            "agree": agreement_hits(out.logits, teacher_logits).sum(1),
         }
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.double()
@@ -78,7 +109,7 @@ def train_bank(
     *,
     train: EmbeddingSet,
     val: EmbeddingSet,
-    cfg: RdmConfig,
+    cfg: RdmTrainSettings,
     scale: float,
     on_epoch: Callable[[RdmEpochLog], None] | None = None,
 ) -> list[RdmEpochLog]:
@@ -96,7 +127,10 @@ def train_bank(
     opt = torch.optim.Adam([{"params": others, "lr": cfg.lr},
                             {"params": density, "lr": cfg.lr * cfg.density_lr_factor}])
     steps = cfg.epochs * math.ceil(len(train.embeddings) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.lr, cfg.lr * cfg.density_lr_factor], total_steps=max(steps, 1), pct_start=0.1)
+    # cycle_momentum=False: Adam's β1 stays 0.9 (OneCycleLR would cycle it in 0.85–0.95).
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.lr, cfg.lr * cfg.density_lr_factor],
+                                                total_steps=max(steps, 1), pct_start=cfg.pct_start,
+                                                cycle_momentum=False)
     logs = []
     for epoch in range(cfg.epochs):
         bank.train()
@@ -116,23 +150,8 @@ def train_bank(
             total += loss.total.detach() * len(idx)
             count += len(idx)
         log = RdmEpochLog(epoch=epoch + 1, loss=float(total) / max(count, 1),
-                          val=evaluate_bank(bank, val, scale=scale, batch_size=4 * cfg.batch_size))
+                          val=evaluate_bank(bank, val, scale=scale, batch_size=cfg.eval_batch_size))
         logs.append(log)
         if on_epoch is not None:
             on_epoch(log)
     return logs
-
-
-@torch.inference_mode()
-def bank_outputs(bank: RDMBank, embeddings: Tensor, *, scale: float, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Rounding-mode outputs for (n, D) embeddings: x̂ (n, M, D) in the teacher's embedding
-    units, and logits (n, M, C)."""
-    was_training = bank.training
-    bank.eval()
-    xs, zs = [], []
-    for start in range(0, len(embeddings), batch_size):
-        out = bank(embeddings[start:start + batch_size] / scale)
-        xs.append((out.x_hat * scale).transpose(0, 1))
-        zs.append(out.logits.transpose(0, 1))
-    bank.train(was_training)
-    return torch.cat(xs), torch.cat(zs)

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from pipeline.cache.store import CacheError
 from pipeline.data.shards import CorruptSampleError, Manifest, decode_image
-from pipeline.train.distill import derived_seed, steps_per_epoch
+from pipeline.runtime import derived_seed
+from pipeline.train.batches import steps_per_epoch
 from schemas.layout import IMAGE_EXTS, KEY_DIGITS, LABEL_EXT
 
 __all__ = ["StreamBatches"]
@@ -70,7 +71,7 @@ def _collate(samples: list[tuple[int, np.ndarray]]) -> tuple[Tensor, Tensor]:
 
 
 class StreamBatches:
-    """A :class:`~pipeline.train.distill.BatchSource` streaming one split of the shards.
+    """A :class:`~pipeline.train.batches.BatchSource` streaming one split of the shards.
 
     Args:
         manifest: the shard manifest (its split must have as many rows as ``labels``).
@@ -86,7 +87,7 @@ class StreamBatches:
     """
 
     def __init__(self, manifest: Manifest, split: str, *, labels: np.ndarray, batch_size: int, workers: int,
-                 device: torch.device, rank: int, world: int, seed: int, shuffle_buffer: int = 1000) -> None:
+                 device: torch.device, rank: int, world: int, seed: int, shuffle_buffer: int) -> None:
         entry = manifest.split(split)
         if entry["num_samples"] != len(labels):
             raise CacheError(f"the {split} shards hold {entry['num_samples']} rows but the cache holds {len(labels)}; "

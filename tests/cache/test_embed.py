@@ -20,9 +20,20 @@ import pipeline.cache.embed as embed_module
 from pipeline.cache.embed import run_embed
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.cache.store import CacheError
-from pipeline.data.shards import CorruptSampleError, content_hash, load_manifest, load_split
+from pipeline.data.shards import (
+    CorruptSampleError,
+    content_hash,
+    load_manifest,
+    load_split,
+)
 from pipeline.data.views import normalize, render_views, sample_views
-from pipeline.models import ModelFileError, build_model, load_model, save_model, state_dict_sha256
+from pipeline.models import (
+    ModelFileError,
+    build_model,
+    load_model,
+    save_model,
+    state_dict_sha256,
+)
 from schemas import layout as L
 from schemas.config import EmbedConfig
 

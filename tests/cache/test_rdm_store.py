@@ -15,7 +15,6 @@ from pipeline.cache.rdm_store import cache_bank_outputs, open_rdm_cache
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheError
 from pipeline.rd import RDMBank
-from pipeline.train.rdm import bank_outputs, embedding_scale
 from schemas import layout as L
 
 
@@ -23,10 +22,10 @@ from schemas import layout as L
 def bank_and_store(tmp_path_factory: pytest.TempPathFactory, embedded_cache):
     teacher = open_cache(embedded_cache[0])
     part = teacher.split("train")
-    bank = RDMBank(num_rdms=2, in_dim=part.embed_dim, hidden=8, num_classes=part.num_classes,
+    bank = RDMBank(init_scale=10.0, num_rdms=2, in_dim=part.embed_dim, hidden=8, num_classes=part.num_classes,
                    generator=torch.Generator().manual_seed(0)).eval()
     emb = torch.from_numpy(part.read_all((L.EMBEDDINGS,))[L.EMBEDDINGS].astype(np.float32))
-    scale = embedding_scale(emb)
+    scale = float(emb.pow(2).mean().sqrt())
     path = tmp_path_factory.mktemp("rdm") / "rdm.zarr"
     cache_bank_outputs(bank, teacher=teacher, path=path, scale=scale,
                        attrs={"rate_weights": [2.0, 1.0], "embedding_scale": scale})
@@ -39,13 +38,16 @@ def test_layout_round_trip(bank_and_store) -> None:
     assert rdm.num_rdms == 2
     for split in teacher.splits:
         part = teacher.split(split)
-        block = rdm.read_all(split)
+        block = rdm.split(split).read_all((L.RDM_X_HAT, L.RDM_LOGITS))
         n, v, d, c = part.num_rows, part.num_views, part.embed_dim, part.num_classes
         assert block[L.RDM_X_HAT].shape == (n, v, 2, d) and block[L.RDM_X_HAT].dtype == np.float16
         assert block[L.RDM_LOGITS].shape == (n, v, 2, c) and block[L.RDM_LOGITS].dtype == np.float32
-        # Row-aligned: row r, view j holds the bank's output for the cached embedding (r, j).
+        # Row-aligned: row r, view j holds the bank's output for the cached embedding (r, j),
+        # computed here by one direct forward of the bank in rounding mode (no batching).
         emb = torch.from_numpy(part.read_all((L.EMBEDDINGS,))[L.EMBEDDINGS].astype(np.float32))
-        x_hat, logits = bank_outputs(bank, emb.reshape(-1, d), scale=scale, batch_size=7)
+        with torch.no_grad():
+            out = bank.eval()(emb.reshape(-1, d) / scale)
+        x_hat, logits = (out.x_hat * scale).transpose(0, 1), out.logits.transpose(0, 1)
         np.testing.assert_allclose(block[L.RDM_LOGITS].reshape(-1, 2, c), logits.numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(block[L.RDM_X_HAT].reshape(-1, 2, d).astype(np.float32),
                                    x_hat.numpy(), rtol=2e-3, atol=2e-3)

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from pipeline.data.views import clean_views, normalize, render_views, replay_views, sample_views
+from pipeline.data.views import (
+    clean_views,
+    normalize,
+    render_views,
+    replay_views,
+    sample_views,
+)
 from schemas.config import ViewPolicyConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -31,7 +31,7 @@ def _train(eb: EntropyBottleneck, w: torch.Tensor, steps: int, lr: float = 1e-2)
 
 
 def test_output_shapes_and_rate_nonnegative() -> None:
-    eb = EntropyBottleneck(5, generator=_gen())
+    eb = EntropyBottleneck(5, init_scale=10.0, generator=_gen())
     w = torch.randn(7, 5, generator=_gen()) * 3
     for mode in (True, False):
         eb.train(mode)
@@ -45,7 +45,7 @@ def test_output_shapes_and_rate_nonnegative() -> None:
 
 
 def test_bits_capped_by_likelihood_bound() -> None:
-    eb = EntropyBottleneck(2, likelihood_bound=1e-6).eval()
+    eb = EntropyBottleneck(2, init_scale=10.0, likelihood_bound=1e-6).eval()
     out = eb(torch.full((3, 2), 1e6))  # far outside the density
     torch.testing.assert_close(out.likelihoods, torch.full((3, 2), 1e-6))
 
@@ -59,7 +59,7 @@ def test_integer_bins_sum_to_one_at_init(init_scale: float) -> None:
 
 
 def test_integer_bins_sum_to_one_after_training() -> None:
-    eb = EntropyBottleneck(3, generator=_gen())
+    eb = EntropyBottleneck(3, init_scale=10.0, generator=_gen())
     w = torch.randn(256, 3, generator=_gen(2)) * torch.tensor([0.5, 3.0, 20.0]) + 2.0
     _train(eb, w, steps=60, lr=5e-2)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_integer_bins_sum_to_one_after_training() -> None:
 
 
 def test_noise_mode_is_bounded_non_integer_and_reproducible() -> None:
-    eb = EntropyBottleneck(6).train()
+    eb = EntropyBottleneck(6, init_scale=10.0).train()
     w = torch.randn(32, 6, generator=_gen()) * 4
     a = eb(w, generator=_gen(7)).values
     b = eb(w, generator=_gen(7)).values
@@ -81,7 +81,7 @@ def test_noise_mode_is_bounded_non_integer_and_reproducible() -> None:
 
 
 def test_eval_mode_rounds() -> None:
-    eb = EntropyBottleneck(6).eval()
+    eb = EntropyBottleneck(6, init_scale=10.0).eval()
     w = torch.randn(32, 6, generator=_gen()) * 4
     out = eb(w)
     torch.testing.assert_close(out.values, torch.round(w), rtol=0, atol=0)
@@ -89,7 +89,7 @@ def test_eval_mode_rounds() -> None:
 
 @pytest.mark.parametrize("training", [True, False])
 def test_gradients_reach_density_and_input(training: bool) -> None:
-    eb = EntropyBottleneck(3, generator=_gen()).train(training)
+    eb = EntropyBottleneck(3, init_scale=10.0, generator=_gen()).train(training)
     w = (torch.randn(16, 3, generator=_gen()) * 2).requires_grad_()
     out = eb(w, generator=_gen())
     (out.bits.mean() + out.values.square().sum()).backward()
@@ -99,14 +99,14 @@ def test_gradients_reach_density_and_input(training: bool) -> None:
 
 
 def test_straight_through_rounding_passes_identity_gradient() -> None:
-    eb = EntropyBottleneck(2).eval()
+    eb = EntropyBottleneck(2, init_scale=10.0).eval()
     w = torch.randn(4, 2, generator=_gen()).requires_grad_()
     eb(w).values.sum().backward()
     torch.testing.assert_close(w.grad, torch.ones_like(w))
 
 
 def test_float32_rate_under_bf16_autocast_and_half_input() -> None:
-    eb = EntropyBottleneck(4, generator=_gen())
+    eb = EntropyBottleneck(4, init_scale=10.0, generator=_gen())
     w = torch.randn(8, 4, generator=_gen()) * 3
     ref = eb.eval()(w)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
@@ -129,7 +129,7 @@ def _discretised_gaussian_entropy_bits(sigma: float) -> float:
 def test_training_lowers_rate_to_gaussian_entropy() -> None:
     sigma = 4.0
     w = torch.randn(1024, 2, generator=_gen(3)) * sigma
-    eb = EntropyBottleneck(2, generator=_gen())
+    eb = EntropyBottleneck(2, init_scale=10.0, generator=_gen())
     with torch.no_grad():
         before = eb.eval()(w).bits.mean().item() / 2
     _train(eb, w, steps=150)
@@ -150,7 +150,7 @@ def test_generator_on_cpu_is_reproducible_as_a_plain_draw() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_generator_gives_same_noise_on_cuda() -> None:
-    eb = EntropyBottleneck(3).train()
+    eb = EntropyBottleneck(3, init_scale=10.0).train()
     w = torch.randn(5, 3, generator=_gen())
     cpu = eb(w, generator=_gen(4))
     cuda = eb.cuda()(w.cuda(), generator=_gen(4))
@@ -161,10 +161,10 @@ def test_cpu_generator_gives_same_noise_on_cuda() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"channels": 0}, "channels"),
-        ({"channels": 2, "filters": ()}, "filters"),
+        ({"channels": 0, "init_scale": 10.0}, "channels"),
+        ({"channels": 2, "filters": (), "init_scale": 10.0}, "filters"),
         ({"channels": 2, "init_scale": 0.0}, "init_scale"),
-        ({"channels": 2, "likelihood_bound": 0.0}, "likelihood_bound"),
+        ({"channels": 2, "likelihood_bound": 0.0, "init_scale": 10.0}, "likelihood_bound"),
     ],
 )
 def test_bad_construction_fails_clearly(kwargs: dict, match: str) -> None:
@@ -173,7 +173,7 @@ def test_bad_construction_fails_clearly(kwargs: dict, match: str) -> None:
 
 
 def test_bad_input_shape_fails_clearly() -> None:
-    eb = EntropyBottleneck(3)
+    eb = EntropyBottleneck(3, init_scale=10.0)
     with pytest.raises(ValueError, match=r"\(B, 3\).*\(4, 5\)"):
         eb(torch.zeros(4, 5))
     with pytest.raises(ValueError, match="floating-point"):

@@ -14,7 +14,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def test_eval_is_identity() -> None:
-    ibm = InformationBottleneck(6, generator=_gen()).eval()
+    ibm = InformationBottleneck(6, init_scale=10.0, generator=_gen()).eval()
     w = torch.randn(5, 6, generator=_gen()) * 3
     out = ibm(w)
     assert isinstance(out, IBMOutput)
@@ -24,7 +24,7 @@ def test_eval_is_identity() -> None:
 
 
 def test_training_noise_is_bounded_and_reproducible() -> None:
-    ibm = InformationBottleneck(6, generator=_gen()).train()
+    ibm = InformationBottleneck(6, init_scale=10.0, generator=_gen()).train()
     w = torch.randn(32, 6, generator=_gen()) * 3
     a, b = ibm(w, generator=_gen(4)), ibm(w, generator=_gen(4))
     torch.testing.assert_close(a.noisy, b.noisy, rtol=0, atol=0)
@@ -34,16 +34,16 @@ def test_training_noise_is_bounded_and_reproducible() -> None:
 
 
 def test_projection_shape_and_identity_when_same_width() -> None:
-    ibm = InformationBottleneck(6, out_dim=10, generator=_gen())
+    ibm = InformationBottleneck(6, init_scale=10.0, out_dim=10, generator=_gen())
     assert isinstance(ibm.projection, nn.Linear)
     out = ibm(torch.randn(4, 6, generator=_gen()), generator=_gen())
     assert out.noisy.shape == (4, 6) and out.projected.shape == (4, 10)
-    assert isinstance(InformationBottleneck(6, out_dim=6).projection, nn.Identity)
-    assert isinstance(InformationBottleneck(6).projection, nn.Identity)
+    assert isinstance(InformationBottleneck(6, init_scale=10.0, out_dim=6).projection, nn.Identity)
+    assert isinstance(InformationBottleneck(6, init_scale=10.0).projection, nn.Identity)
 
 
 def test_gradients_reach_input_projection_and_entropy_model() -> None:
-    ibm = InformationBottleneck(4, out_dim=3, generator=_gen()).train()
+    ibm = InformationBottleneck(4, init_scale=10.0, out_dim=3, generator=_gen()).train()
     w = torch.randn(8, 4, generator=_gen()).requires_grad_()
     out = ibm(w, generator=_gen())
     (out.projected.square().mean() + 0.01 * out.bits.mean()).backward()
@@ -52,20 +52,27 @@ def test_gradients_reach_input_projection_and_entropy_model() -> None:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_dtypes_noisy_keeps_input_dtype_rate_is_float32() -> None:
-    ibm = InformationBottleneck(4, out_dim=3, generator=_gen()).train()
-    w = torch.randn(8, 4, generator=_gen())
+def test_under_bf16_autocast_the_noise_survives_large_embeddings() -> None:
+    """|w| >= 64: bf16's spacing there is 0.5, so casting w + u back to bf16 (the old code)
+    rounded the noise away while the rate still counted it. The IBM now stays float32:
+    noisy is exactly w + u with u the generator's U(-0.5, 0.5), and û is its projection."""
+    from pipeline.rd import uniform_noise
+
+    ibm = InformationBottleneck(4, init_scale=10.0, out_dim=3, generator=_gen()).train()
+    w = (100.0 + torch.randn(8, 4, generator=_gen())).bfloat16()
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        out = ibm(w.bfloat16(), generator=_gen())
-    assert out.noisy.dtype == torch.bfloat16
-    assert out.projected.dtype == torch.bfloat16
-    assert out.bits.dtype == torch.float32
-    assert (out.noisy.float() - w).abs().max() <= 0.5 + 0.05  # bf16 rounding of w + u
+        out = ibm(w, generator=_gen(5))
+    u = uniform_noise((8, 4), device=torch.device("cpu"), generator=_gen(5))
+    assert out.noisy.dtype == out.projected.dtype == out.bits.dtype == torch.float32
+    torch.testing.assert_close(out.noisy, w.float() + u, rtol=0, atol=1e-5)
+    assert len(torch.unique(out.noisy - w.float())) > 8  # not three values {-0.5, 0, 0.5}
+    expected = w.float() + u
+    torch.testing.assert_close(out.projected, expected @ ibm.projection.weight.t() + ibm.projection.bias)
 
 
 def test_bad_shapes_fail_clearly() -> None:
-    ibm = InformationBottleneck(4)
+    ibm = InformationBottleneck(4, init_scale=10.0)
     with pytest.raises(ValueError, match=r"\(B, 4\).*\(2, 5\)"):
         ibm(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="dim"):
-        InformationBottleneck(0)
+        InformationBottleneck(0, init_scale=10.0)

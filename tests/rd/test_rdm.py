@@ -49,7 +49,7 @@ def _fit(bank: RDMBank, x, y, zt, rates, *, steps: int, lr: float = 1e-2, **kw) 
 
 
 def test_shapes_and_nonnegative_rate() -> None:
-    bank = RDMBank(num_rdms=3, in_dim=6, hidden=8, num_classes=5, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=3, in_dim=6, hidden=8, num_classes=5, generator=_gen())
     x = torch.randn(10, 6, generator=_gen())
     for mode in (True, False):
         out = bank.train(mode)(x, generator=_gen())
@@ -61,17 +61,17 @@ def test_shapes_and_nonnegative_rate() -> None:
 
 
 def test_same_generator_same_output() -> None:
-    bank = RDMBank(num_rdms=2, in_dim=4, hidden=8, num_classes=3, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=2, in_dim=4, hidden=8, num_classes=3, generator=_gen())
     x = torch.randn(5, 4, generator=_gen())
     a, b = bank(x, generator=_gen(9)), bank(x, generator=_gen(9))
     torch.testing.assert_close(a.x_hat, b.x_hat, rtol=0, atol=0)
-    again = RDMBank(num_rdms=2, in_dim=4, hidden=8, num_classes=3, generator=_gen())
+    again = RDMBank(init_scale=10.0, num_rdms=2, in_dim=4, hidden=8, num_classes=3, generator=_gen())
     for p, q in zip(bank.parameters(), again.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_rdms_are_initialised_independently() -> None:
-    bank = RDMBank(num_rdms=2, in_dim=4, hidden=8, num_classes=3, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=2, in_dim=4, hidden=8, num_classes=3, generator=_gen())
     assert not torch.equal(bank.enc1.weight[0], bank.enc1.weight[1])
     bound = 1 / 4**0.5  # nn.Linear's kaiming-uniform bound for fan_in = 4
     assert bank.enc1.weight.abs().max() <= bound
@@ -80,7 +80,7 @@ def test_rdms_are_initialised_independently() -> None:
 def _single_from_bank(bank: RDMBank, m: int) -> RDMBank:
     """Copy RDM m of ``bank`` into a fresh bank of one, by hand from the state dict."""
     h = bank.hidden
-    one = RDMBank(num_rdms=1, in_dim=bank.in_dim, hidden=h, num_classes=bank.num_classes)
+    one = RDMBank(init_scale=10.0, num_rdms=1, in_dim=bank.in_dim, hidden=h, num_classes=bank.num_classes)
     own = bank.state_dict()
     state = {}
     for key, value in one.state_dict().items():
@@ -94,7 +94,7 @@ def _single_from_bank(bank: RDMBank, m: int) -> RDMBank:
 
 
 def test_batched_bank_equals_each_rdm_alone() -> None:
-    bank = RDMBank(num_rdms=3, in_dim=6, hidden=8, num_classes=4, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=3, in_dim=6, hidden=8, num_classes=4, generator=_gen())
     x = torch.randn(9, 6, generator=_gen(1)) * 3
     zt = torch.randn(9, 4, generator=_gen())
     _fit(bank, x, torch.arange(9) % 4, zt, [1.0, 2.0, 3.0], steps=5)
@@ -107,7 +107,7 @@ def test_batched_bank_equals_each_rdm_alone() -> None:
 
 
 def test_subset_matches_manual_copy_and_order() -> None:
-    bank = RDMBank(num_rdms=3, in_dim=5, hidden=4, num_classes=3, generator=_gen()).eval()
+    bank = RDMBank(init_scale=10.0, num_rdms=3, in_dim=5, hidden=4, num_classes=3, generator=_gen()).eval()
     x = torch.randn(6, 5, generator=_gen(1))
     full = bank(x)
     sub = bank.subset([2, 0])
@@ -120,7 +120,7 @@ def test_subset_matches_manual_copy_and_order() -> None:
 
 
 def test_rdms_do_not_share_gradients() -> None:
-    bank = RDMBank(num_rdms=2, in_dim=4, hidden=6, num_classes=3, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=2, in_dim=4, hidden=6, num_classes=3, generator=_gen())
     x = torch.randn(8, 4, generator=_gen())
     y, zt = torch.arange(8) % 3, torch.randn(8, 3, generator=_gen())
     loss = _loss(bank(x, generator=_gen()), x, y, zt, [1.0, 1.0])
@@ -132,7 +132,7 @@ def test_rdms_do_not_share_gradients() -> None:
 
 
 def test_loss_total_is_sum_of_weighted_parts() -> None:
-    bank = RDMBank(num_rdms=2, in_dim=4, hidden=6, num_classes=3, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=2, in_dim=4, hidden=6, num_classes=3, generator=_gen())
     x = torch.randn(8, 4, generator=_gen())
     y, zt = torch.arange(8) % 3, torch.randn(8, 3, generator=_gen())
     out = bank(x, generator=_gen())
@@ -163,7 +163,7 @@ def test_kl_is_zero_when_rdm_matches_teacher_and_smooth_l1() -> None:
 
 
 def test_loss_validation_errors() -> None:
-    bank = RDMBank(num_rdms=2, in_dim=4, hidden=6, num_classes=3, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=2, in_dim=4, hidden=6, num_classes=3, generator=_gen())
     x = torch.randn(8, 4, generator=_gen())
     y, zt = torch.arange(8) % 3, torch.randn(8, 3, generator=_gen())
     out = bank(x, generator=_gen())
@@ -182,11 +182,11 @@ def test_loss_validation_errors() -> None:
     with pytest.raises(ValueError, match=r"\(B, 4\).*\(8, 5\)"):
         bank(torch.zeros(8, 5))
     with pytest.raises(ValueError, match="hidden"):
-        RDMBank(num_rdms=1, in_dim=4, hidden=0, num_classes=3)
+        RDMBank(init_scale=10.0, num_rdms=1, in_dim=4, hidden=0, num_classes=3)
 
 
 def test_bf16_autocast_keeps_rate_float32() -> None:
-    bank = RDMBank(num_rdms=2, in_dim=4, hidden=6, num_classes=3, generator=_gen()).eval()
+    bank = RDMBank(init_scale=10.0, num_rdms=2, in_dim=4, hidden=6, num_classes=3, generator=_gen()).eval()
     x = torch.randn(8, 4, generator=_gen())
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = bank(x)
@@ -199,7 +199,7 @@ def test_bf16_autocast_keeps_rate_float32() -> None:
 
 def test_bank_overfits_a_tiny_batch() -> None:
     x, y, zt = _clusters(n=32, dim=8, classes=4, scale=1.0, spread=0.3, seed=0)
-    bank = RDMBank(num_rdms=1, in_dim=8, hidden=32, num_classes=4, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=1, in_dim=8, hidden=32, num_classes=4, generator=_gen())
     with torch.no_grad():
         before = _loss(bank.eval()(x), x, y, zt, [1000.0]).distortion
     _fit(bank, x, y, zt, [1000.0], steps=300)
@@ -213,7 +213,7 @@ def test_bank_overfits_a_tiny_batch() -> None:
 
 def test_rate_rises_and_distortion_falls_with_rate_weight() -> None:
     x, y, zt = _clusters(n=128, dim=4, classes=4, scale=10.0, spread=1.0, seed=1)
-    bank = RDMBank(num_rdms=3, in_dim=4, hidden=16, num_classes=4, generator=_gen())
+    bank = RDMBank(init_scale=10.0, num_rdms=3, in_dim=4, hidden=16, num_classes=4, generator=_gen())
     rates = [0.1, 1.0, 10.0]
     _fit(bank, x, y, zt, rates, steps=200, ce_weight=0.0, kl_weight=0.0)
     with torch.no_grad():

@@ -21,7 +21,7 @@ import yaml
 RDM = {"rate_weights": [4.0, 1.0], "hidden": 8, "epochs": 1, "batch_size": 32,
        "device": "cpu", "threads": 1, "seed": 0}
 DISTILL = {"student": "pipeline.models.cifar_resnet:resnet8", "student_kwargs": {"width": 2}, "epochs": 1,
-           "batch_size": 8, "lr": 0.01, "amp": False, "device": "cpu", "threads": 1, "seed": 0}
+           "batch_size": 8, "optim": {"lr": 0.01}, "amp": False, "device": "cpu", "threads": 1, "seed": 0}
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

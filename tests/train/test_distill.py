@@ -13,33 +13,31 @@ import torch
 import zarr
 
 from pipeline.cache.store import CacheError
+from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import load_split
-from pipeline.train.distill import (
-    EpochLog,
-    gather_targets,
-    memory_batches,
-    method_loss,
-    render_batch,
-    train_student,
-)
+from pipeline.train.batches import MemoryBatches
+from pipeline.train.distill import EpochLog, TrainingDiverged, train_student
+from pipeline.train.objective import method_loss, rdm_weight_tensor
 from pipeline.train.stream import StreamBatches
-from pipeline.train.distill import TrainingDiverged
+from pipeline.train.targets import gather_targets
 from schemas import layout as L
 from schemas.config import DistillConfig, load_stage
 
 CPU = torch.device("cpu")
 
 
-def _inputs(project, where: Path, method: str, **distill):
+def _inputs(project, where: Path, method: str, *, optim: dict | None = None, **distill):
     from stages.distill import build_inputs
 
+    if optim is not None:
+        distill["optim"] = {**project.base["distill"]["optim"], **optim}
     paths, cfg = load_stage(project.params(where, distill=distill), "distill", DistillConfig)
     return build_inputs(paths, cfg, method, device=CPU)
 
 
 def _train(inputs, **kwargs) -> list[EpochLog]:
     return train_student(inputs.student, run=inputs.run, targets=inputs.targets, batches=inputs.batches,
-                         num_rows=inputs.num_rows, val=inputs.val, **kwargs)
+                         val=inputs.val, **kwargs)
 
 
 def _cached_labels(embedded_cache) -> np.ndarray:
@@ -59,16 +57,17 @@ def _epoch_pairs(source, choice: torch.Tensor, epoch: int = 0) -> list[tuple[tor
 @pytest.mark.parametrize("method", ["ce", "kd", "dgkd", "cifd"])
 def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
     inputs = _inputs(project, tmp_path, method)
-    student, targets, cfg = inputs.student, inputs.targets, inputs.run.cfg
-    choice = torch.randint(targets.num_views, (inputs.num_rows,), generator=torch.Generator().manual_seed(0))
+    student, targets, run = inputs.student, inputs.targets, inputs.run
+    choice = torch.randint(targets.num_views, (targets.num_rows,), generator=torch.Generator().manual_seed(0))
     rows, views, images = _epoch_pairs(inputs.batches, choice)[0]
-    x = render_batch(images, targets.views[rows, views], preprocess=inputs.run.preprocess,
-                     channels_last=cfg.channels_last)
+    x = render_inputs(images, targets.views[rows, views], preprocess=run.preprocess,
+                      channels_last=run.loop.channels_last)
     batch = gather_targets(targets, rows, views)
     student.train()
     out = student(x, generator=torch.Generator().manual_seed(1))
-    loss = method_loss(method, out=out, batch=batch, cfg=cfg, emb_scale=targets.emb_scale,
-                       generator=torch.Generator().manual_seed(2), device=CPU)
+    loss = method_loss(method, out=out, batch=batch, weights=run.weights,
+                       rdm_weights=rdm_weight_tensor(run.weights, targets.num_rdms, CPU),
+                       emb_scale=targets.emb_scale, generator=torch.Generator().manual_seed(2))
     loss.backward()
 
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -112,7 +111,7 @@ def test_resume_is_bit_exact_and_foreign_checkpoints_are_ignored(project, tmp_pa
     with pytest.raises(Killed):
         _train(_inputs(project, tmp_path / "split", "cifd", epochs=2), on_epoch=kill)
     ckpt = tmp_path / "split" / "students" / "cifd.ckpt"
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
     shutil.copy(ckpt, tmp_path / "after_epoch_1.ckpt")
 
     resumed = _inputs(project, tmp_path / "split", "cifd", epochs=2)  # a fresh process: new student
@@ -131,7 +130,7 @@ def test_resume_is_bit_exact_and_foreign_checkpoints_are_ignored(project, tmp_pa
     seen.clear()
     assert _train(other, on_epoch=lambda log: seen.append(log.epoch)) == expected
     assert seen == [1, 2]
-    assert torch.load(other.run.checkpoint, weights_only=False)["fingerprint"] == "f" * 64
+    assert torch.load(other.run.checkpoint, weights_only=True)["fingerprint"] == "f" * 64
 
 
 # ----------------------------------------------------------------------------- stream mode
@@ -141,7 +140,7 @@ def test_stream_join_with_two_workers(manifest, embedded_cache) -> None:
     labels = _cached_labels(embedded_cache)
     n = len(labels)
     source = StreamBatches(manifest, "train", labels=labels, batch_size=5, workers=2, device=CPU, rank=0, world=1,
-                           seed=0)
+                           seed=0, shuffle_buffer=1000)
     choice = torch.randint(3, (n,), generator=torch.Generator().manual_seed(0))
     batches = _epoch_pairs(source, choice)
     assert len(batches) == source.steps == math.ceil(n / 5)
@@ -159,9 +158,9 @@ def test_memory_and_stream_sources_yield_the_same_pairs(manifest, embedded_cache
     labels = _cached_labels(embedded_cache)
     images = torch.from_numpy(load_split(manifest, "train").images)
     choice = torch.randint(3, (len(labels),), generator=torch.Generator().manual_seed(3))
-    memory = memory_batches(images, 8, 0, 1)
+    memory = MemoryBatches(images, 8, 0, 1)
     stream = StreamBatches(manifest, "train", labels=labels, batch_size=8, workers=0, device=CPU, rank=0, world=1,
-                           seed=0)
+                           seed=0, shuffle_buffer=1000)
     assert memory.steps == stream.steps
 
     def pairs(source) -> set[tuple[int, int]]:
@@ -182,7 +181,7 @@ def test_stream_ranks_get_disjoint_shards_and_equal_steps(manifest, embedded_cac
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         source = StreamBatches(manifest, "train", labels=labels, batch_size=4, workers=0, device=CPU, rank=rank,
-                               world=2, seed=0)
+                               world=2, seed=0, shuffle_buffer=1000)
         assert source.steps == (4 + 4 + 3) // 4  # the 3 smallest of 7 shards: the fewest rows a rank can get
         epoch0 = _epoch_pairs(source, choice)
         assert len(epoch0) == source.steps and all(len(b[0]) == 4 for b in epoch0)
@@ -195,19 +194,19 @@ def test_stream_ranks_get_disjoint_shards_and_equal_steps(manifest, embedded_cac
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="webdataset sees rank 0 of 2 but training runs as rank 1"):
         next(StreamBatches(manifest, "train", labels=labels, batch_size=4, workers=0, device=CPU, rank=1,
-                           world=2, seed=0)(0, torch.arange(len(labels)), choice))
+                           world=2, seed=0, shuffle_buffer=1000)(0, torch.arange(len(labels)), choice))
 
 
 def test_stream_join_check_names_row_and_shard(manifest, embedded_cache) -> None:
     labels = _cached_labels(embedded_cache).copy()
     labels[5] = (labels[5] + 1) % 3
     source = StreamBatches(manifest, "train", labels=labels, batch_size=4, workers=0, device=CPU, rank=0, world=1,
-                           seed=0)
+                           seed=0, shuffle_buffer=1000)
     with pytest.raises(CacheError, match=r"cache and shards disagree at row 5 \(train-000001\.tar\).*cifd embed"):
         _epoch_pairs(source, torch.zeros(len(labels), dtype=torch.int64))
     with pytest.raises(CacheError, match="27 rows but the cache holds 26"):
         StreamBatches(manifest, "train", labels=labels[:-1], batch_size=4, workers=0, device=CPU, rank=0, world=1,
-                      seed=0)
+                      seed=0, shuffle_buffer=1000)
 
 
 class _Recording:
@@ -243,13 +242,14 @@ def test_training_sees_the_same_pairs_from_memory_and_stream(project, tmp_path: 
 def test_replayed_crops_equal_the_crops_embed_rendered(manifest, embedded_cache, teacher_file, monkeypatch) -> None:
     """The student loop's rendering of cached (row, view) pairs is pixel for pixel what
     ``embed`` fed the teacher, and the teacher on it gives the cached embeddings."""
-    import pipeline.cache.embed as embed
+    import pipeline.data.preprocess as preprocess_module
+    from pipeline.cache.embed import teacher_outputs
     from pipeline.cache.reader import open_cache
     from pipeline.models import load_model
 
     teacher, spec = load_model(teacher_file)
     teacher.eval()
-    preprocess = embed.Preprocess.from_spec(spec, source=str(teacher_file))
+    preprocess = Preprocess.from_spec(spec, source=str(teacher_file))
     n = 8
     cached = open_cache(embedded_cache[0]).split("train").read(0, n, (L.VIEWS, L.EMBEDDINGS))
     views = torch.from_numpy(cached[L.VIEWS])  # (n, V, 5)
@@ -264,9 +264,10 @@ def test_replayed_crops_equal_the_crops_embed_rendered(manifest, embedded_cache,
         rendered.append(out.clone())
         return out
 
-    embed_render = embed.render_views
-    monkeypatch.setattr(embed, "render_views", spy)
-    embed.teacher_outputs(teacher, images, views, preprocess=preprocess, batch_size=5)
+    embed_render = preprocess_module.render_views
+    monkeypatch.setattr(preprocess_module, "render_views", spy)
+    teacher_outputs(teacher, images, views, preprocess=preprocess, batch_size=5)
+    monkeypatch.undo()
     teacher_saw = torch.cat(rendered)  # (n*V, C, S, S), row-major (row, view)
 
     # The student loop: (row, view) pairs in a shuffled order, other batch boundaries.
@@ -274,7 +275,7 @@ def test_replayed_crops_equal_the_crops_embed_rendered(manifest, embedded_cache,
     view_ids = torch.arange(v).repeat(n)
     perm = torch.randperm(n * v, generator=torch.Generator().manual_seed(0))
     student_sees = torch.cat([
-        render_batch(images[rows[p]], views[rows[p], view_ids[p]], preprocess=preprocess, channels_last=True)
+        render_inputs(images[rows[p]], views[rows[p], view_ids[p]], preprocess=preprocess, channels_last=True)
         for p in perm.split(7)
     ])
     assert torch.equal(student_sees, teacher_saw[perm])
@@ -326,22 +327,22 @@ def test_manifest_rows_unchanged(manifest) -> None:
 
 def test_fingerprint_changes_with_the_training_code(monkeypatch) -> None:
     """A finished checkpoint must not be resumed after the loss or IBM code changed."""
-    import pipeline.train.distill as distill
+    import pipeline.train.checkpoint as checkpoint
     from schemas.config import DistillConfig
 
-    cfg = DistillConfig()
-    before = distill.config_fingerprint(cfg, "cifd", {"cache": "x"})
-    assert distill.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before
-    monkeypatch.setattr(distill, "code_fingerprint", lambda: "edited")
-    assert distill.config_fingerprint(cfg, "cifd", {"cache": "x"}) != before
+    cfg = DistillConfig().to_dict()
+    before = checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"})
+    assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before
+    monkeypatch.setattr(checkpoint, "code_fingerprint", lambda: "edited")
+    assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) != before
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(project, tmp_path: Path) -> None:
     # An absurd learning rate drives the CIFD loss to inf/nan in the first epoch (as the paper's
     # weights did for a timm MobileNetV3 student at lr 0.05): stop, say what to change, save nothing.
-    inputs = _inputs(project, tmp_path, "cifd", epochs=2, lr=1e12, optimizer="sgd")
+    inputs = _inputs(project, tmp_path, "cifd", epochs=2, optim={"lr": 1e12, "name": "sgd"})
     with pytest.raises(TrainingDiverged, match=r"distill cifd: the training loss is not finite .* epoch 1.*"
-                                               r"distill.lr \(now 1e\+12\).*distill.grad_clip"):
+                                               r"distill.optim.lr \(now 1e\+12\).*distill.optim.grad_clip"):
         _train(inputs)
     assert not inputs.run.checkpoint.exists()  # no epoch of garbage was checkpointed
 
@@ -349,8 +350,8 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_finite_chec
 def test_grad_clip_bounds_the_update(project, tmp_path: Path) -> None:
     # An absurd learning rate with the gradient norm clipped to 1e-12 (and no weight decay,
     # which clipping does not bound): every step moves a weight by at most ~1e-4.
-    inputs = _inputs(project, tmp_path, "cifd", epochs=1, lr=1e8, optimizer="sgd", weight_decay=0.0,
-                     grad_clip=1e-12)
+    inputs = _inputs(project, tmp_path, "cifd", epochs=1,
+                     optim={"lr": 1e8, "name": "sgd", "weight_decay": 0.0, "grad_clip": 1e-12})
     before = {k: v.clone() for k, v in inputs.student.state_dict().items()}
     history = _train(inputs)
     assert math.isfinite(history[0].train_loss)

@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from pipeline.study import StudyError, flatten, markdown_table, mean_std, parse_exp_show, summarize
+from report.study import (
+    StudyError,
+    flatten,
+    markdown_table,
+    mean_std,
+    parse_exp_show,
+    summarize,
+)
 from schemas import metrics as M
 from stages.cli import main
 

@@ -62,10 +62,14 @@ def test_every_study_experiment_passes_the_schemas() -> None:
         for key, value in sets:
             # DVC's -S replaces only keys the params file has; ++ adds one or replaces it.
             adds = key.startswith("++")
-            section, _, field = key.removeprefix("++").partition(".")
+            section, *parents, field = key.removeprefix("++").split(".")
             assert section in params and field, f"override {key} names no params section"
-            assert adds or field in params[section], (
+            node = params[section]
+            for part in parents:  # nested keys, e.g. distill.optim.grad_clip
+                assert adds or part in node, f"-S {key}: the preset has no '{part}' in '{section}'"
+                node = node.setdefault(part, {})
+            assert adds or field in node, (
                 f"-S {key}: the preset has no '{field}' in '{section}', so DVC refuses the override; "
                 f"write -S '++{key}=...'")
-            params[section][field] = value
+            node[field] = value
         _validate(params)

@@ -1,0 +1,85 @@
+"""Evaluators, kept apart from the training loops: top-1, agreement with the teacher, KL.
+
+Distillation is judged by how well the student agrees with its teacher, not only by
+accuracy (big_vision's ``evaluators/proj/distill/distance.py`` keeps these beside, not
+inside, the trainer). Every top-1 and agreement figure of the tool comes from
+:func:`top1_hits` / :func:`agreement_hits`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.data.preprocess import Preprocess, render_inputs
+from pipeline.data.views import clean_views
+
+__all__ = ["Scores", "agreement", "agreement_hits", "evaluate_classifier", "predict", "top1", "top1_hits"]
+
+
+def top1_hits(logits: Tensor, labels: Tensor) -> Tensor:
+    """1.0 where the arg-max of ``logits`` (..., C) is the label (...), else 0.0 (float32).
+
+    Leading dims broadcast: RDM logits (M, B, C) against labels (B,) give (M, B).
+    """
+    return (logits.argmax(-1) == labels).float()
+
+
+def agreement_hits(logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """1.0 where ``logits`` (..., C) and ``teacher_logits`` (..., C) have the same arg-max."""
+    return top1_hits(logits, teacher_logits.argmax(-1))
+
+
+def top1(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows whose arg-max is the label (NaN for no rows)."""
+    return float(top1_hits(logits, labels).mean()) if len(labels) else math.nan
+
+
+def agreement(logits: Tensor, teacher_logits: Tensor) -> float:
+    """Fraction of rows whose arg-max is the teacher's (NaN for no rows)."""
+    return float(agreement_hits(logits, teacher_logits).mean()) if len(teacher_logits) else math.nan
+
+
+class Scores(NamedTuple):
+    """Means over the evaluated images; ``agreement``/``kl`` are NaN without teacher logits."""
+
+    top1: float
+    agreement: float
+    kl: float  # KL(teacher ‖ model) at τ = 1, nats per image
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: Tensor, *, preprocess: Preprocess, batch_size: int,
+            channels_last: bool = False) -> Tensor:
+    """float32 logits (n, C) of ``model`` on the clean views of uint8 ``images`` (n, C, H, W)."""
+    was = model.training
+    model.eval()
+    _, _, h, w = images.shape
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        x = render_inputs(batch, clean_views(len(batch), h, w), preprocess=preprocess, channels_last=channels_last)
+        out.append(model(x).float())
+    model.train(was)
+    if not out:
+        return torch.zeros(0, 0, device=images.device)
+    return torch.cat(out)
+
+
+def evaluate_classifier(model: nn.Module, images: Tensor, labels: Tensor, teacher_logits: Tensor | None, *,
+                        preprocess: Preprocess, batch_size: int, channels_last: bool = False) -> Scores:
+    """Top-1, top-1 agreement with the teacher and KL(teacher ‖ model) at τ = 1 on clean views.
+
+    ``model`` maps inputs to logits (a deployed student, or ``Student.backbone``).
+    """
+    logits = predict(model, images, preprocess=preprocess, batch_size=batch_size, channels_last=channels_last)
+    if teacher_logits is None:
+        return Scores(top1=top1(logits, labels), agreement=math.nan, kl=math.nan)
+    t = teacher_logits.float()
+    n = max(len(images), 1)
+    kl = float(F.kl_div(logits.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")) / n
+    return Scores(top1=top1(logits, labels), agreement=agreement(logits, t), kl=kl)

@@ -1,0 +1,1 @@
+"""Reporting: the study table and the plots of the pipeline's stages (not library code)."""
