@@ -17,7 +17,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SHARED = Path(os.environ.get("CIFD_SHARED", "/work/shared"))
+# The shared data and models sit beside the repository (``../shared``); CIFD_SHARED overrides.
+SHARED = Path(os.environ.get("CIFD_SHARED") or ROOT.parent / "shared")
 CIFAR_TRAIN = SHARED / "data" / "cifar10-jpeg" / "train.tar"
 CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test.tar"
 RESNET56 = SHARED / "models" / "cifar10-resnet56.th"
@@ -35,7 +36,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(threads: int) -> dict[str, Any]:
+def machine_info(threads: int, device: str | torch.device = "cpu") -> dict[str, Any]:
     """What the numbers were measured on. ``loadavg`` shows other work sharing the CPU."""
     import dask
     import numpy as np
@@ -45,13 +46,14 @@ def machine_info(threads: int) -> dict[str, Any]:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
-    return {
+    device = torch.device(device)
+    info = {
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
         "torch_threads": threads,
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "device": "cpu",
+        "device": str(device),
         "cuda_available": torch.cuda.is_available(),
         "torch": str(torch.__version__),
         "numpy": np.__version__,
@@ -62,6 +64,10 @@ def machine_info(threads: int) -> dict[str, Any]:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "loadavg_at_start": list(os.getloadavg()),
     }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 def median(values: Sequence[float]) -> float:

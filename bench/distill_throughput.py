@@ -16,13 +16,15 @@ variant through the real ``stages.distill.build_inputs`` + ``pipeline.train.dist
 
 Each timed run is one epoch of ``train_student`` after ``--warmup`` warm-up steps, in this
 process's main thread as the stage runs it; a batch source wrapper announces warm-up + epoch
-steps and times the epoch and every step body (the end-of-epoch val evaluation is not
-timed). Variants run one epoch after another, interleaved per repeat with the order rotated,
-so slow drifts of a shared machine's load hit them alike; ratios are given from medians and
-paired per round, and the median step gives a burst-robust "steady" rate. On CPU the timed
-steps are also booked under the loop's own functions (render_batch, gather_targets, student
-forward and the IBM inside it, teacher forward, method_loss, backward, optimizer step) so
-the JSON says where the time goes. A dispatch-mode counter gives the aten ops of one step
+steps, and ``train_student``'s ``on_step`` hook ends every timed step (the end-of-epoch val
+evaluation is not timed). Online KD is a batch source too (:class:`OnlineTeacher`): nothing
+of the library is patched. Variants run one epoch after another, interleaved per repeat with
+the order rotated, so slow drifts of a shared machine's load hit them alike; ratios are given
+from medians and paired per round, and the median step gives a burst-robust "steady" rate.
+A separate pass of ``--profile-steps`` steps per variant runs under ``torch.profiler`` with
+ranges around the student's and the IBM's forward (module forward hooks) and the online
+teacher, plus torch's own optimizer ranges and autograd events, so the JSON says where the
+time goes (``step_breakdown``). A dispatch-mode counter gives the aten ops of one step
 per method, and ``FlopCounterMode`` counts the teacher's forward FLOPs per image against the
 student's forward+backward FLOPs per image, so the expected speed-up of cached over online
 KD (FLOP-proportional) can be set against the measured one.
@@ -36,6 +38,7 @@ mid-sized ops (cifd's entropy model) suffered most. With 1 thread no parallel re
 opened and the numbers measure compute; ``--threads 2`` measures the stage's default.
 
     uv run python bench/distill_throughput.py            # defaults sized for a 2-core CPU
+    uv run python bench/distill_throughput.py --smoke    # a tiny run (about 1 min), to a temp file
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -62,7 +64,6 @@ import yaml  # noqa: E402
 from _common import (  # noqa: E402
     CIFAR_TEST,
     RESULTS,
-    Timer,
     machine_info,
     median,
     prepare_cifar,
@@ -89,151 +90,152 @@ class RunState:
 
     name: str
     device: torch.device
-    timer: Timer | None = None  # books the loop's parts while ``active``
-    teacher: Any = None  # online KD (an ImageClassifier): run it on every training batch
-    use_amp: bool = False
+    step_s: list[float] = dataclasses.field(default_factory=list)  # timed steps (from on_step)
+    rows: int = 0
+    began: float = 0.0  # start of the timed epoch, or end of the previous timed step
+    epoch_s: float = 0.0
+    timed: bool = False  # inside the timed steps (not warm-up, not evaluation)
     check: dict[str, float] | None = None
-    active: bool = False  # inside a timed step (not warm-up, not evaluation)
-    live: torch.Tensor | None = None  # the online teacher's logits of the current batch
+    profiler: Any = None  # a torch.profiler.profile, started and stopped around the timed steps
 
-
-_current: RunState | None = None  # the run in progress (set by _train)
-
-
-def _state() -> RunState | None:
-    return _current
-
-
-@contextlib.contextmanager
-def hooks() -> Iterator[None]:
-    """Wrap the loop's own functions once; each wrapper acts on the current
-    :class:`RunState` (none: a plain call-through).
-
-    Timing (``state.timer``, timed steps only, never under ``inference_mode``, i.e. not in
-    evaluation): ``render_batch``, ``gather_targets``, ``Student.forward`` (and the IBM's
-    forward inside it), ``method_loss``, ``Tensor.backward``, the optimizer's and the LR
-    scheduler's ``step``; on CUDA each booked call is bracketed by syncs. Overhead: a few
-    Python calls per step.
-
-    Online KD (``state.teacher``): ``render_batch`` also runs ``teacher.classify(teacher.embed(x))``
-    (as ``embed`` does) on the rendered training views under ``inference_mode`` (and the
-    loop's bf16 autocast on CUDA), and ``gather_targets`` swaps the batch's cached teacher
-    logits for those; ``state.check`` gets the largest |live - cached| logit difference (the
-    cache holds the same teacher on the same views, so it should be ~0).
-    """
-    import pipeline.train.distill as D
-    from pipeline.rd import InformationBottleneck
-
-    def timed(name: str, fn: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            st = _state()
-            if st is None or st.timer is None or not st.active or torch.is_inference_mode_enabled():
-                return fn(*args, **kwargs)
-            _sync(st.device)
-            began = pc()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _sync(st.device)
-                st.timer.add(name, pc() - began)
-        return wrapper
-
-    timed_render = timed("render_batch (view replay + normalise)", D.render_batch)
-    timed_gather = timed("gather_targets", D.gather_targets)
-
-    def render_batch(images: torch.Tensor, views: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        x = timed_render(images, views, **kwargs)
-        st = _state()
-        if st is None or st.teacher is None or torch.is_inference_mode_enabled():
-            return x
-        began = pc()
-        autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if st.use_amp
-                    else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
-            z = st.teacher.classify(st.teacher.embed(x)).float()
-        st.live = z.clone()  # a normal tensor: inference tensors cannot enter autograd
-        if st.timer is not None and st.active:
-            _sync(st.device)
-            st.timer.add("teacher_forward (online)", pc() - began)
-        return x
-
-    def gather_targets(targets: Any, rows: torch.Tensor, views: torch.Tensor) -> Any:
-        batch = timed_gather(targets, rows, views)
-        st = _state()
-        if st is None or st.teacher is None:
-            return batch
-        z, st.live = st.live, None
-        assert z is not None
-        if st.check is not None:
-            key = "max_abs_logit_diff_online_teacher_vs_cache"
-            st.check[key] = max(st.check.get(key, 0.0), float((z - batch.teacher_logits).abs().max()))
-        return dataclasses.replace(batch, teacher_logits=z)
-
-    patches: list[Any] = [
-        mock.patch.object(D, "render_batch", render_batch),
-        mock.patch.object(D, "gather_targets", gather_targets),
-        mock.patch.object(D.Student, "forward", timed("student_forward", D.Student.forward)),
-        mock.patch.object(InformationBottleneck, "forward",
-                          timed("ibm_forward (inside student_forward)", InformationBottleneck.forward)),
-        mock.patch.object(D, "method_loss", timed("method_loss", D.method_loss)),
-        mock.patch.object(torch.Tensor, "backward", timed("backward", torch.Tensor.backward)),
-        mock.patch.object(torch.optim.SGD, "step", timed("optimizer_step", torch.optim.SGD.step)),
-        mock.patch.object(torch.optim.AdamW, "step", timed("optimizer_step", torch.optim.AdamW.step)),
-        mock.patch.object(torch.optim.lr_scheduler.OneCycleLR, "step",
-                          timed("lr_scheduler_step", torch.optim.lr_scheduler.OneCycleLR.step)),
-    ]
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
-        yield
-
-
-# ------------------------------------------------------------------ timed epochs
 
 class TimedBatches:
     """A ``BatchSource`` that yields ``warmup`` batches, then the wrapped source's full epoch
     (or ``limit`` batches of it), announcing ``warmup + timed steps`` so ``train_student``'s
     step check and LR schedule agree.
 
-    Each timed step is timed from the batch request (the batch slicing included) to the
-    loop's request for the next batch, i.e. the whole step body of ``train_student``; the
-    epoch from the first timed batch request to the end of the last step (on CUDA with a
-    sync at both ends, none in between, so the GPU queue stays full as in the stage).
+    The timed epoch starts when its first batch is requested (on CUDA after a sync); each
+    step ends at the loop's ``on_step`` hook (after ``optimizer.step()``), so a step is the
+    whole step body of ``train_student``. The epoch ends at the last step's hook (on CUDA
+    with a sync; none in between, so the GPU queue stays full as in the stage). The
+    end-of-epoch val evaluation comes after and is not timed.
     """
 
     def __init__(self, inner: Any, *, warmup: int, state: RunState, limit: int | None = None) -> None:
         self.inner, self.warmup, self.state = inner, warmup, state
         self.timed_steps = inner.steps if limit is None else min(limit, inner.steps)
         self.steps = warmup + self.timed_steps
-        self.step_s: list[float] = []
-        self.epoch_s = 0.0
-        self.rows = 0
 
     def __call__(self, epoch: int, order: torch.Tensor, choice: torch.Tensor) -> Iterator[Any]:
-        st, device = self.state, self.state.device
+        st = self.state
         it: Iterator[Any] = iter(())
-        began_epoch = 0.0
         for k in range(self.steps):
-            timed = k >= self.warmup
             if k in (0, self.warmup):  # the warm-up and the timed epoch both start at the epoch's first batch
                 it = iter(self.inner(epoch, order, choice))
             if k == self.warmup:
-                _sync(device)
-            began = pc()
-            if k == self.warmup:
-                began_epoch = began
-            item = next(it)
-            st.active = timed
-            yield item
-            st.active = False
-            if k == self.steps - 1:
-                _sync(device)
-            ended = pc()
-            if timed:
-                self.step_s.append(ended - began)
-                self.rows += len(item[0])
-        self.epoch_s = pc() - began_epoch
+                _sync(st.device)
+                if st.profiler is not None:
+                    st.profiler.start()
+                st.timed, st.began = True, pc()
+            yield next(it)
 
+    def on_step(self, info: Any) -> None:
+        """``train_student``'s per-step hook: books the step that just ended."""
+        st = self.state
+        if not st.timed:
+            return
+        last = info.step == self.steps - 1
+        if last:
+            _sync(st.device)
+        now = pc()
+        st.step_s.append(now - st.began)
+        st.rows += len(info.rows)
+        st.began = now
+        if last:
+            st.timed = False
+            st.epoch_s = sum(st.step_s)
+            if st.profiler is not None:
+                st.profiler.stop()
+
+
+class OnlineTeacher:
+    """Online KD as a batch source: for every batch the wrapped source yields, run the frozen
+    teacher (``teacher.classify(teacher.embed(x))``, eval, ``inference_mode``, the loop's
+    bf16 autocast on CUDA) on the batch's rendered views (``render_inputs``, the loop's own
+    rendering) and write its logits into the targets table the loop gathers from
+    (``targets.teacher_logits[rows, views]``), so the unchanged ``train_student`` trains on
+    live teacher logits. The view rendering is done twice (here and in the loop), which
+    costs a small fraction of the teacher forward. ``check`` gets the largest
+    |live - cached| logit difference (the cache holds this teacher on these views: ~0).
+    """
+
+    def __init__(self, inner: Any, *, teacher: Any, targets: Any, cached: torch.Tensor, run: Any,
+                 state: RunState) -> None:
+        self.inner, self.teacher, self.targets, self.run, self.state = inner, teacher, targets, run, state
+        self.cached = cached  # (N, V, C) the cached logits, as read: the check's reference
+        self.steps = inner.steps
+
+    def __call__(self, epoch: int, order: torch.Tensor, choice: torch.Tensor) -> Iterator[Any]:
+        from pipeline.data.preprocess import render_inputs
+
+        run = self.run
+        use_amp = run.loop.amp and run.device.type == "cuda"
+        for rows, views, images in self.inner(epoch, order, choice):
+            autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp
+                        else contextlib.nullcontext())
+            with torch.inference_mode(), autocast, torch.profiler.record_function("teacher_forward (online)"):
+                x = render_inputs(images, self.targets.views[rows, views], preprocess=run.preprocess,
+                                  channels_last=run.loop.channels_last)
+                z = self.teacher.classify(self.teacher.embed(x)).float()
+            self.targets.teacher_logits[rows, views] = z
+            if self.state.check is not None:
+                key = "max_abs_logit_diff_online_teacher_vs_cache"
+                diff = float((z - self.cached[rows, views]).abs().max())
+                self.state.check[key] = max(self.state.check.get(key, 0.0), diff)
+            yield rows, views, images
+
+
+@contextlib.contextmanager
+def forward_ranges(student: Any) -> Iterator[None]:
+    """``torch.profiler.record_function`` ranges around the student's forward and its IBM's,
+    opened and closed by the modules' own forward hooks (``register_forward_pre_hook`` /
+    ``register_forward_hook``), removed on exit."""
+    handles = []
+    for name, module in (("student_forward", student), ("ibm_forward (inside student_forward)", student.ibm)):
+        if module is None:
+            continue
+        open_ranges: list[Any] = []
+
+        def pre(mod: Any, args: Any, name: str = name, open_ranges: list[Any] = open_ranges) -> None:
+            r = torch.profiler.record_function(name)
+            r.__enter__()
+            open_ranges.append(r)
+
+        def post(mod: Any, args: Any, out: Any, open_ranges: list[Any] = open_ranges) -> None:
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# Ranges of a profiled step, by the profiler event names that carry them: our own ranges
+# (forward hooks, the online teacher), torch.optim's built-in "Optimizer.step#SGD.step" /
+# "Optimizer.zero_grad#SGD.zero_grad", and the autograd engine's per-node events.
+PART_KEYS = {
+    "teacher_forward (online)": lambda k: k == "teacher_forward (online)",
+    "student_forward": lambda k: k == "student_forward",
+    "ibm_forward (inside student_forward)": lambda k: k == "ibm_forward (inside student_forward)",
+    "backward": lambda k: k.startswith("autograd::engine::evaluate_function"),
+    "optimizer_step": lambda k: k.startswith("Optimizer.step#"),
+    "optimizer_zero_grad": lambda k: k.startswith("Optimizer.zero_grad#"),
+}
+
+
+def profiled_parts(prof: Any) -> dict[str, float]:
+    """Seconds booked under each of ``PART_KEYS`` (CPU time of the range, children included)."""
+    out = dict.fromkeys(PART_KEYS, 0.0)
+    for e in prof.key_averages():
+        for part, match in PART_KEYS.items():
+            if match(e.key):
+                out[part] += e.cpu_time_total / 1e6
+    return out
+
+
+# ------------------------------------------------------------------ timed epochs
 
 @dataclasses.dataclass
 class Variant:
@@ -241,36 +243,37 @@ class Variant:
     inputs: Any  # stages.distill.DistillInputs
     init_state: dict[str, torch.Tensor]
     teacher: Any = None  # online_kd only: the frozen ImageClassifier
+    cached_logits: torch.Tensor | None = None  # online_kd only: the cache's teacher logits (N, V, C)
 
 
 def _train(v: Variant, state: RunState, *, warmup: int, limit: int | None) -> dict[str, Any]:
     """One ``train_student`` call (1 epoch: warm-up + timed steps) from the initial weights."""
-    global _current
     from pipeline.train.distill import train_student
 
     inp = v.inputs
     inp.student.load_state_dict(v.init_state)
     batches = TimedBatches(inp.batches, warmup=warmup, state=state, limit=limit)
-    _current = state
-    try:
-        history = train_student(inp.student, run=inp.run, targets=inp.targets, batches=batches,
-                                num_rows=inp.num_rows, val=inp.val)
-    finally:
-        _current = None
-    steps = batches.step_s
+    source: Any = batches
+    if v.teacher is not None:
+        source = OnlineTeacher(batches, teacher=v.teacher, targets=inp.targets, cached=v.cached_logits,
+                               run=inp.run, state=state)
+
+    history = train_student(inp.student, run=inp.run, targets=inp.targets, batches=source, val=inp.val,
+                            on_step=batches.on_step)
+    steps = state.step_s
     return {
-        "images": batches.rows, "timed_steps": len(steps), "seconds": round(batches.epoch_s, 4),
-        "images_per_s": batches.rows / batches.epoch_s,
+        "images": state.rows, "timed_steps": len(steps), "seconds": round(state.epoch_s, 4),
+        "images_per_s": state.rows / state.epoch_s,
         "median_step_s": round(median(steps), 5),
         # The median step: robust to load bursts, and a full batch (no partial last one).
-        "steady_images_per_s": inp.run.cfg.batch_size / median(steps),
+        "steady_images_per_s": inp.batches.batch_size / median(steps),
         "train_loss": round(history[-1].train_loss, 4),
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
 
 
-def run_round(variants: dict[str, Variant], *, warmup: int, timers: dict[str, Timer] | None,
-              check: dict[str, float] | None, limit: int | None = None, rotate: int = 0) -> dict[str, dict[str, Any]]:
+def run_round(variants: dict[str, Variant], *, warmup: int, check: dict[str, float] | None,
+              limit: int | None = None, rotate: int = 0) -> dict[str, dict[str, Any]]:
     """One timed epoch of every variant, one after another, in the order rotated by
     ``rotate`` (per repeat, so no variant always follows the same one)."""
     names = list(variants)
@@ -278,11 +281,40 @@ def run_round(variants: dict[str, Variant], *, warmup: int, timers: dict[str, Ti
     out: dict[str, Any] = {}
     for name in names:
         v = variants[name]
-        device = v.inputs.run.device
-        state = RunState(name=name, device=device, timer=timers[name] if timers else None, teacher=v.teacher,
-                         use_amp=v.inputs.run.cfg.amp and device.type == "cuda",
-                         check=check if v.teacher is not None else None)
+        state = RunState(name=name, device=v.inputs.run.device, check=check if v.teacher is not None else None)
         out[name] = _train(v, state, warmup=warmup, limit=limit)
+    return out
+
+
+def profile_round(variants: dict[str, Variant], *, warmup: int, steps: int) -> dict[str, Any]:
+    """A separate pass of ``steps`` steps per variant under ``torch.profiler`` (CPU activity),
+    with the ranges of ``PART_KEYS``; ``other`` is the residual of the step (render_inputs,
+    gather_targets, method_loss, the LR scheduler, the loop's bookkeeping) plus the
+    profiler's own overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, Any] = {}
+    for name, v in variants.items():
+        prof = profile(activities=[ProfilerActivity.CPU])
+        state = RunState(name=name, device=v.inputs.run.device, profiler=prof)
+        with forward_ranges(v.inputs.student):
+            r = _train(v, state, warmup=warmup, limit=steps)
+        parts = {k: s / r["timed_steps"] for k, s in profiled_parts(prof).items()}
+        if v.teacher is None:
+            parts.pop("teacher_forward (online)")
+        if v.inputs.student.ibm is None:
+            parts.pop("ibm_forward (inside student_forward)")
+        step = r["seconds"] / r["timed_steps"]
+        parts["other (render, gather, method_loss, scheduler, loop, profiler)"] = step - sum(
+            x for k, x in parts.items() if "(inside" not in k)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+        total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1.0
+        out[name] = {"steps": r["timed_steps"], "step_s": round(step, 5),
+                     "images_per_s": round(r["images"] / r["seconds"], 2),
+                     "parts_ms_per_step": {k: round(1e3 * x, 3) for k, x in parts.items()},
+                     "parts_share": {k: round(x / step, 4) for k, x in parts.items()},
+                     "top_ops_self_cpu": [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 3)}
+                                          for e in ops]}
     return out
 
 
@@ -316,15 +348,17 @@ def flops_per_image(variants: dict[str, Variant]) -> dict[str, Any]:
     """Teacher forward vs student forward+backward FLOPs per image (FlopCounterMode: matmul,
     conv and their backward; elementwise ops, BatchNorm and the entropy model are not counted),
     and the number of aten ops of one student step per method."""
-    from pipeline.train.distill import gather_targets, method_loss, render_batch
+    from pipeline.data.preprocess import render_inputs
+    from pipeline.train.objective import method_loss, rdm_weight_tensor
+    from pipeline.train.targets import gather_targets
 
     out: dict[str, Any] = {}
     ref = variants["kd"].inputs
-    rows, views, images = next(iter(ref.batches(0, torch.arange(ref.num_rows), torch.ones(ref.num_rows,
-                                                                                          dtype=torch.long))))
+    n = ref.targets.num_rows
+    rows, views, images = next(iter(ref.batches(0, torch.arange(n), torch.ones(n, dtype=torch.long))))
     b = len(rows)
-    x = render_batch(images, ref.targets.views[rows, views], preprocess=ref.run.preprocess,
-                     channels_last=ref.run.cfg.channels_last)
+    x = render_inputs(images, ref.targets.views[rows, views], preprocess=ref.run.preprocess,
+                      channels_last=ref.run.loop.channels_last)
     teacher = variants["online_kd"].teacher
     assert teacher is not None
 
@@ -337,11 +371,13 @@ def flops_per_image(variants: dict[str, Variant]) -> dict[str, Any]:
         inp = variants[method].inputs
         student = copy.deepcopy(inp.student).train()
         batch = gather_targets(inp.targets, rows, views)
+        rdm_weights = rdm_weight_tensor(inp.run.weights, inp.targets.num_rdms, x.device)
 
-        def step(student: Any = student, batch: Any = batch, inp: Any = inp, method: str = method) -> None:
+        def step(student: Any = student, batch: Any = batch, inp: Any = inp, method: str = method,
+                 rdm_weights: torch.Tensor = rdm_weights) -> None:
             o = student(x, generator=torch.Generator(device=x.device).manual_seed(0))
-            loss = method_loss(method, out=o, batch=batch, cfg=inp.run.cfg, emb_scale=inp.targets.emb_scale,
-                               generator=torch.Generator().manual_seed(0), device=x.device)
+            loss = method_loss(method, out=o, batch=batch, weights=inp.run.weights, rdm_weights=rdm_weights,
+                               emb_scale=inp.targets.emb_scale, generator=torch.Generator().manual_seed(0))
             loss.backward()
 
         def fwd(student: Any = student) -> None:
@@ -372,7 +408,7 @@ def ibm_cost(v: Variant, *, reps: int) -> dict[str, Any]:
     ibm = student.ibm
     assert ibm is not None
     device = v.inputs.run.device
-    w = torch.randn(v.inputs.run.cfg.batch_size, ibm.dim, device=device, requires_grad=True)
+    w = torch.randn(v.inputs.batches.batch_size, ibm.dim, device=device, requires_grad=True)
     noise = torch.Generator(device=device).manual_seed(0)
 
     def fwd() -> Any:
@@ -458,17 +494,6 @@ def summarize(result: dict[str, Any]) -> None:
     }
 
 
-def breakdown(timer: Timer, *, wall: float, steps: int, batch: int) -> dict[str, Any]:
-    """Per-step seconds of each part of the instrumented steps; ``other`` is the residual
-    (the loop's own bookkeeping, batch slicing, autocast, loss accumulation)."""
-    parts = {k: v / steps for k, v in timer.seconds.items()}
-    parts["other (loop bookkeeping)"] = wall / steps - sum(v for k, v in parts.items() if "(inside" not in k)
-    step = wall / steps
-    return {"steps": steps, "step_s": round(step, 5), "images_per_s": round(batch / step, 2),
-            "parts_ms_per_step": {k: round(1e3 * v, 3) for k, v in parts.items()},
-            "parts_share": {k: round(v / step, 4) for k, v in parts.items()}}
-
-
 # ------------------------------------------------------------------ main
 
 def code_version() -> dict[str, Any]:
@@ -499,18 +524,25 @@ def main() -> None:
                              "2-core machine the results swing ~15x with the other work)")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed epoch (default 2)")
-    parser.add_argument("--profile-steps", type=int, default=0,
-                        help="steps of a separate instrumented pass per variant (default 0: none; on CPU the "
-                             "timed runs are instrumented)")
-    parser.add_argument("--no-instrument", action="store_true", help="do not instrument the timed runs")
+    parser.add_argument("--profile-steps", type=int, default=4,
+                        help="steps of a separate torch.profiler pass per variant, for step_breakdown "
+                             "(default 4; 0: none)")
     parser.add_argument("--micro-reps", type=int, default=10, help="repetitions of the IBM micro-timing")
     parser.add_argument("--shard-size", type=int, default=512, help="prepare.samples_per_shard (default 512)")
     parser.add_argument("--rdm-epochs", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="distill/embed/rdm device (default cpu)")
     parser.add_argument("--out", type=Path, default=RESULTS / "distill_throughput.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny check that the script runs (256 images, 1 repeat, 2 profiled steps); "
+                             "writes to a temporary file unless --out is given")
     parser.add_argument("--resummarize", type=Path, default=None,
                         help="recompute medians/ratios of a stored result JSON in place (no measuring)")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.val, args.repeats, args.warmup, args.profile_steps = 256, 32, 1, 1, 2
+        args.micro_reps, args.shard_size, args.batch_size = 2, 128, 64
+        if args.out == RESULTS / "distill_throughput.json":
+            args.out = Path(tempfile.gettempdir()) / "cifd-bench-smoke" / "distill_throughput.json"
     if args.resummarize is not None:
         import json
 
@@ -524,25 +556,23 @@ def main() -> None:
     import stages.rdm as stage_rdm
     from pipeline.data.shards import load_manifest
     from pipeline.models import load_model
-    from schemas.config import DistillConfig, EmbedConfig, Paths, RdmConfig, ViewPolicyConfig
+    from pipeline.runtime import resolve_device
+    from schemas.config import DistillConfig, EmbedConfig, OptimConfig, Paths, RdmConfig, ViewPolicyConfig
     from stages.distill import build_inputs
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    device = E.resolve_device(args.device)
+    device = resolve_device(args.device)
     policy = ViewPolicyConfig(kind="pad_crop", pad=4, flip=True)
     embed_cfg = EmbedConfig(views=args.views, policy=policy, batch_size=256, scheduler="synchronous", workers=1,
                             threads_per_worker=args.threads, device=args.device)
     rdm_cfg = RdmConfig(epochs=args.rdm_epochs, threads=args.threads, device=args.device)
     # The CIFAR preset's stage-three settings (presets/cifar10.yaml), one epoch.
     distill_cfg = DistillConfig(methods=("ce", "kd", "cifd"), student=STUDENT, epochs=1, batch_size=args.batch_size,
-                                optimizer="sgd", lr=0.05, weight_decay=0.0005, temperature=2.0, data="memory",
-                                device=args.device, threads=args.threads, seed=0)
-    machine = machine_info(args.threads)
+                                optim=OptimConfig(name="sgd", lr=0.05, weight_decay=0.0005), temperature=2.0,
+                                data="memory", device=args.device, threads=args.threads, seed=0)
+    machine = machine_info(args.threads, device)
     machine["note"] = "shared 2-core machine, loaded by other work during the run (see loadavg)"
-    machine["device"] = str(device)
-    if device.type == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name(device)
     result: dict[str, Any] = {
         "benchmark": "distill_throughput",
         "machine": machine,
@@ -554,7 +584,8 @@ def main() -> None:
                    "distill_config": distill_cfg.to_dict(),
                    "online_kd": "method kd, cached teacher logits replaced by teacher.classify(teacher.embed(x)) on "
                                 "the rendered views of every step (eval, inference_mode, channels_last as the "
-                                "student, bf16 autocast on CUDA as the student)"},
+                                "student, bf16 autocast on CUDA as the student), computed by a batch source "
+                                "wrapper that writes them into the targets table the loop gathers from"},
     }
     with tempfile.TemporaryDirectory(prefix="cifd-bench-distill-") as tmp_name:
         tmp = Path(tmp_name)
@@ -598,9 +629,10 @@ def main() -> None:
         if distill_cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         variants["online_kd"].teacher = teacher
+        variants["online_kd"].cached_logits = variants["online_kd"].inputs.targets.teacher_logits.clone()
         setup["build_inputs_s (4 variants)"] = pc() - began
         setup["prepare"] = prep
-        setup["rows"] = variants["ce"].inputs.num_rows
+        setup["rows"] = variants["ce"].inputs.targets.num_rows
         setup["steps_per_epoch"] = variants["ce"].inputs.batches.steps
         setup["num_rdms"] = variants["cifd"].inputs.targets.num_rdms
         setup["teacher_embed_dim"] = int(variants["cifd"].inputs.targets.teacher_emb.shape[-1])
@@ -621,37 +653,22 @@ def main() -> None:
 
         micro("before_rounds")
 
-        # On CPU the timed runs are instrumented (a few Python calls per ~1 s step, no syncs);
-        # on CUDA the wrappers would sync, so only the separate pass (--profile-steps) is.
-        instrument = device.type == "cpu" and not args.no_instrument
         runs: dict[str, list[dict[str, Any]]] = {}
-        timers = {name: Timer() for name in VARIANTS}
         check: dict[str, float] = {}
+        for repeat in range(args.repeats):
+            began = pc()
+            out = run_round(variants, warmup=args.warmup, check=check, rotate=repeat)
+            for name in VARIANTS:
+                runs.setdefault(name, []).append(out[name])
+            print(f"[{repeat + 1}/{args.repeats}] ({pc() - began:.0f}s, load {out['ce']['loadavg_after']}) "
+                  + ", ".join(f"{n} {out[n]['images_per_s']:.1f} img/s (steady {out[n]['steady_images_per_s']:.1f})"
+                              for n in VARIANTS), flush=True)
         profile: dict[str, Any] = {}
-        with hooks():
-            for repeat in range(args.repeats):
-                began = pc()
-                out = run_round(variants, warmup=args.warmup, timers=timers if instrument else None, check=check,
-                                rotate=repeat)
-                for name in VARIANTS:
-                    runs.setdefault(name, []).append(out[name])
-                print(f"[{repeat + 1}/{args.repeats}] ({pc() - began:.0f}s, load {out['ce']['loadavg_after']}) "
-                      + ", ".join(f"{n} {out[n]['images_per_s']:.1f} img/s (steady {out[n]['steady_images_per_s']:.1f})"
-                                  for n in VARIANTS), flush=True)
-            if instrument:
-                profile["source"] = "the timed runs themselves (all repeats)"
-                for name in VARIANTS:
-                    profile[name] = breakdown(timers[name], wall=sum(r["seconds"] for r in runs[name]),
-                                              steps=sum(r["timed_steps"] for r in runs[name]), batch=args.batch_size)
-            if args.profile_steps > 0:
-                profile["source"] = f"a separate pass of {args.profile_steps} steps per variant after warm-up"
-                timers = {name: Timer() for name in VARIANTS}
-                out = run_round(variants, warmup=args.warmup, timers=timers, check=None, limit=args.profile_steps)
-                for name in VARIANTS:
-                    profile[name] = breakdown(timers[name], wall=out[name]["seconds"], steps=out[name]["timed_steps"],
-                                              batch=args.batch_size)
-        for name in VARIANTS:
-            if name in profile:
+        if args.profile_steps > 0:
+            profile = {"source": f"a separate torch.profiler pass of {args.profile_steps} steps per variant after "
+                                 "warm-up (the timed runs are not instrumented)",
+                       **profile_round(variants, warmup=args.warmup, steps=args.profile_steps)}
+            for name in VARIANTS:
                 print(f"step parts {name} (ms): {profile[name]['parts_ms_per_step']}", flush=True)
         micro("after_rounds")
 

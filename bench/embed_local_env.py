@@ -84,8 +84,7 @@ def main() -> None:
         teacher = tmp / "teacher.pt"
         save_teacher(teacher)
         manifest = load_manifest(tmp / "shards")
-        common = dict(manifest=manifest, teacher=teacher, views=args.views, threads=args.threads, batch_size=256,
-                      instrument=False)
+        common = dict(manifest=manifest, teacher=teacher, views=args.views, threads=args.threads, batch_size=256)
 
         @contextlib.contextmanager
         def worker_env(unset: bool) -> Iterator[None]:

@@ -12,17 +12,18 @@ pretrained ResNet-56 saved with ``save_model`` and a ``preprocess`` spec), measu
 (c) the same at V=``--views`` (images/s and views/s).
 
 Ratios stage/bare (per teacher forward) are the claim: at V=1 the stage should reach 0.8 of
-the bare forward. Synchronous runs are instrumented with timers around the stage's own
-functions (load, tar read, hash, JPEG decode, render_views, embed/classify, write_rows) so the
-JSON says where the time goes; ``--cprofile`` adds a cProfile of one more V=1 run.
+the bare forward. One more synchronous V=1 run goes under cProfile, and the cumulative times
+of the stage's own functions (load, tar read, hash, JPEG decode, render_inputs,
+embed/classify, write_rows) say where the time goes (``breakdown_v1_synchronous``); the
+timed runs themselves are not instrumented. ``--cprofile`` adds that run's top functions.
 
     uv run python bench/embed_throughput.py            # defaults sized for a 2-core CPU
+    uv run python bench/embed_throughput.py --smoke    # a tiny run (about 2 min), to a temp file
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import logging
@@ -32,119 +33,81 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import RESULTS, Timer, machine_info, median, prepare_cifar, save_teacher, write_result  # noqa: E402
+from _common import RESULTS, machine_info, median, prepare_cifar, save_teacher, write_result  # noqa: E402
 
 pc = time.perf_counter
 
 
-# ------------------------------------------------------------------ instrumentation
+# ------------------------------------------------------------------ where the time goes
 
-@contextlib.contextmanager
-def instrumented(timer: Timer) -> Iterator[None]:
-    """Time the stage's own functions inside a synchronous ``run_embed``.
-
-    Work inside ``embed_shard`` is booked under its name; the same functions called by
-    ``run_embed``'s set-up (the classifier probe) go under ``setup.*``. Overhead: a few
-    Python calls per image (~µs) against ~10 ms of teacher compute per image.
-    """
-    import pipeline.cache.embed as E
-    import pipeline.data.shards as S
-    from pipeline.models import ImageClassifier
-
-    inside = {"shard": False}
-
-    def key(name: str) -> str:
-        return name if inside["shard"] else f"setup.{name}"
-
-    def wrap(name: str, fn: Any) -> Any:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            began = pc()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                timer.add(key(name), pc() - began)
-        return timed
-
-    orig_shard = E.embed_shard
-
-    def embed_shard(task: Any) -> Any:
-        inside["shard"] = True
-        began = pc()
-        try:
-            return orig_shard(task)
-        finally:
-            timer.add("embed_shard.total", pc() - began)
-            inside["shard"] = False
-
-    orig_iter = S.iter_tar_samples
-
-    def iter_tar_samples(path: Any) -> Iterator[Any]:
-        gen = orig_iter(path)
-        while True:
-            began = pc()
-            try:
-                item = next(gen)
-            except StopIteration:
-                timer.add(key("read_shard.tar_read"), pc() - began, 0)
-                return
-            timer.add(key("read_shard.tar_read"), pc() - began)
-            yield item
-
-    patches = [
-        mock.patch.object(E, "embed_shard", embed_shard),
-        mock.patch.object(E, "_load_teacher", wrap("load_teacher", E._load_teacher)),
-        mock.patch.object(E, "read_shard", wrap("read_shard", E.read_shard)),
-        mock.patch.object(S, "iter_tar_samples", iter_tar_samples),
-        mock.patch.object(S, "content_hash", wrap("read_shard.hash", S.content_hash)),
-        mock.patch.object(S, "decode_image", wrap("read_shard.decode_jpeg", S.decode_image)),
-        mock.patch.object(E, "render_views", wrap("render_views", E.render_views)),
-        mock.patch.object(ImageClassifier, "embed", wrap("forward.embed", ImageClassifier.embed)),
-        mock.patch.object(ImageClassifier, "classify", wrap("forward.classify", ImageClassifier.classify)),
-        mock.patch.object(E, "write_rows", wrap("write_rows", E.write_rows)),
-    ]
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
-        yield
+def _cum(stats: pstats.Stats, file_suffix: str, func: str, *, caller: str | None = None) -> tuple[float, int]:
+    """Cumulative seconds and calls of ``func`` (defined in a file ending in ``file_suffix``),
+    all calls or only those made by the function named ``caller``."""
+    seconds, calls = 0.0, 0
+    for (file, _, name), (_, nc, _, ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if name != func or not file.endswith(file_suffix):
+            continue
+        if caller is None:
+            seconds, calls = seconds + ct, calls + nc
+            continue
+        for (_, _, caller_name), entry in callers.items():
+            if caller_name == caller:
+                seconds, calls = seconds + entry[3], calls + entry[1]
+    return seconds, calls
 
 
-def breakdown(timer: Timer, *, wall: float, phases: dict[str, float]) -> dict[str, Any]:
-    """Seconds and share of the stage wall time per part; ``other`` parts are residuals."""
-    s = timer.seconds
-    get = lambda k: s.get(k, 0.0)  # noqa: E731
-    read = get("read_shard")
+def breakdown(stats: pstats.Stats, *, wall: float, phases: dict[str, float]) -> dict[str, Any]:
+    """Seconds and share of a cProfile'd synchronous ``run_embed`` per part, from the
+    profiler's cumulative times of the stage's own functions (the caller is named where the
+    set-up's probe calls the same function; read_shard's parts are scaled to the shards' share
+    of its time); ``other`` parts are residuals. cProfile adds a
+    cost per Python call, so shares, not absolute times, are the point."""
+    get = lambda *a, **k: _cum(stats, *a, **k)[0]  # noqa: E731
+    shard = get("cache/embed.py", "embed_shard")
+    load = get("cache/embed.py", "_load_teacher", caller="embed_shard")
+    read = get("data/shards.py", "read_shard", caller="embed_shard")
+    # read_shard's parts include the set-up probe's read of the first shard: keep the shards' share.
+    share = read / max(get("data/shards.py", "read_shard"), 1e-12)
+    tar = share * (get("data/shards.py", "iter_tar_samples", caller="read_shard") or get(
+        "data/sources.py", "iter_tar_samples", caller="read_shard"))
+    hashing = share * get("data/shards.py", "content_hash", caller="read_shard")
+    decode = share * get("data/shards.py", "decode_image", caller="read_shard")
+    render = get("data/preprocess.py", "render_inputs", caller="teacher_outputs")
+    forward = get("models/cifar_resnet.py", "embed", caller="teacher_outputs") + get(
+        "models/cifar_resnet.py", "classify", caller="teacher_outputs") + get(
+        "models/classifier.py", "embed", caller="teacher_outputs") + get(
+        "models/classifier.py", "classify", caller="teacher_outputs")
+    write = get("cache/store.py", "write_rows", caller="embed_shard")
+    outputs = get("cache/embed.py", "teacher_outputs")  # called by embed_shard only (via inference_mode)
     parts = {
         "run_embed_setup (load_model, sha256, probe, create_store, sample_views)": phases["setup_s"],
-        "load_teacher (in embed_shard, first shard)": get("load_teacher"),
-        "read_shard.tar_read": get("read_shard.tar_read"),
-        "read_shard.hash (sha256 per image)": get("read_shard.hash"),
-        "read_shard.decode_jpeg (PIL)": get("read_shard.decode_jpeg"),
-        "read_shard.other (key checks, np.stack)": read - get("read_shard.tar_read") - get("read_shard.hash")
-        - get("read_shard.decode_jpeg"),
-        "render_views (crop/flip/resize + normalise)": get("render_views"),
-        "forward (embed + classify)": get("forward.embed") + get("forward.classify"),
-        "write_rows (zarr, 5 arrays + done flag)": get("write_rows"),
-        "embed_shard.other (gather, cat, astype, open_group)": get("embed_shard.total") - get("load_teacher")
-        - read - get("render_views") - get("forward.embed") - get("forward.classify") - get("write_rows"),
+        "load_teacher (in embed_shard, first shard)": load,
+        "read_shard.tar_read": tar,
+        "read_shard.hash (sha256 per image)": hashing,
+        "read_shard.decode_jpeg (PIL)": decode,
+        "read_shard.other (key checks, np.stack)": read - tar - hashing - decode,
+        "render_inputs (crop/flip/resize + normalise)": render,
+        "forward (embed + classify)": forward,
+        "teacher_outputs.other (indexing, cat)": outputs - render - forward,
+        "write_rows (zarr, 5 arrays + done flag)": write,
+        "embed_shard.other (to numpy, astype, open_group)": shard - load - read - outputs - write,
         "finalize + teardown": phases["teardown_s"],
     }
     accounted = sum(parts.values())
     parts["unaccounted (driver loop, progress)"] = wall - accounted
     return {
-        "wall_s": round(wall, 3),
+        "source": "cProfile of one more synchronous V=1 run (not of the timed runs)",
+        "wall_s_with_profiler": round(wall, 3),
         "parts_s": {k: round(v, 3) for k, v in parts.items()},
         "parts_share": {k: round(v / wall, 4) for k, v in parts.items()},
-        "raw_timers": timer.as_dict(),
     }
 
 
@@ -179,7 +142,7 @@ def forward_by_batch(model: Any, inputs: torch.Tensor, *, sizes: tuple[int, ...]
 
 
 def run_stage(*, manifest: Any, teacher: Path, store: Path, views: int, scheduler: str, threads: int,
-              batch_size: int, instrument: bool) -> dict[str, Any]:
+              batch_size: int, profiler: cProfile.Profile | None = None) -> dict[str, Any]:
     import pipeline.cache.embed as E
     from schemas.config import EmbedConfig
 
@@ -192,12 +155,15 @@ def run_stage(*, manifest: Any, teacher: Path, store: Path, views: int, schedule
         marks.append((pc(), count))
 
     E._load_teacher.cache_clear()  # as in a fresh stage process: the shard loads the teacher
-    timer = Timer()
-    ctx = instrumented(timer) if instrument else contextlib.nullcontext()
     began = pc()
-    with ctx:
+    if profiler is not None:
+        profiler.enable()
+    try:
         report = E.run_embed(settings=settings, manifest=manifest, teacher_path=teacher, store_path=store,
                              progress=progress, splits=("train",))
+    finally:
+        if profiler is not None:
+            profiler.disable()
     wall = pc() - began
     torch.set_num_threads(threads)  # run_embed's synchronous path sets it; keep ours explicit
     n = report.written_rows
@@ -221,8 +187,8 @@ def run_stage(*, manifest: Any, teacher: Path, store: Path, views: int, schedule
         # Shards 2..k only: excludes set-up, worker start and the first shard (model load).
         "steady_views_per_s": steady_rows * views / steady_s if len(done) > 1 else None,
     }
-    if instrument:
-        out["breakdown"] = breakdown(timer, wall=wall, phases=phases)
+    if profiler is not None:
+        out["breakdown"] = breakdown(pstats.Stats(profiler), wall=wall, phases=phases)
     return out
 
 
@@ -257,25 +223,21 @@ def cluster_startup(threads: int) -> dict[str, Any]:
             "close_s": round(t3 - t2, 3), "total_s": round(t3 - t0, 3), "worker": probe}
 
 
-def cprofile_run(**kwargs: Any) -> dict[str, Any]:
-    import pipeline.cache.embed as E
-
+def cprofile_run(*, top: bool, **kwargs: Any) -> dict[str, Any]:
+    """One more synchronous run under cProfile: its breakdown by the stage's functions, and
+    (``top``) the 25 functions with the most own and cumulative time."""
     profiler = cProfile.Profile()
-    profiler.enable()
-    began = pc()
-    result = run_stage(instrument=False, **kwargs)
-    wall = pc() - began
-    profiler.disable()
-    stream = io.StringIO()
-    stats = pstats.Stats(profiler, stream=stream)
-    rows = []
-    for (file, line, func), (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc, "tottime_s": round(tt, 3),
-                     "cumtime_s": round(ct, 3)})
-    del E
-    return {"wall_s_with_profiler": round(wall, 3), "images_per_s_with_profiler": result["images_per_s"],
-            "top_tottime": sorted(rows, key=lambda r: -r["tottime_s"])[:25],
-            "top_cumtime": sorted(rows, key=lambda r: -r["cumtime_s"])[:25]}
+    result = run_stage(profiler=profiler, **kwargs)
+    out = {"images_per_s_with_profiler": result["images_per_s"], **result["breakdown"]}
+    if top:
+        stats = pstats.Stats(profiler, stream=io.StringIO())
+        rows = []
+        for (file, line, func), (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+            rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc, "tottime_s": round(tt, 3),
+                         "cumtime_s": round(ct, 3)})
+        out["top_tottime"] = sorted(rows, key=lambda r: -r["tottime_s"])[:25]
+        out["top_cumtime"] = sorted(rows, key=lambda r: -r["cumtime_s"])[:25]
+    return out
 
 
 # ------------------------------------------------------------------ summary
@@ -352,11 +314,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="repeats of the V=1 runs (default 2)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--shard-size", type=int, default=256, help="prepare.samples_per_shard")
-    parser.add_argument("--cprofile", action="store_true", help="also cProfile one synchronous V=1 run")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="add the top functions of the cProfile'd run to the JSON")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the extra cProfile'd synchronous V=1 run that gives the breakdown")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny check that the script runs (128 images, 1 repeat, V=2); writes to a "
+                             "temporary file unless --out is given")
     parser.add_argument("--out", type=Path, default=RESULTS / "embed_throughput.json")
     parser.add_argument("--resummarize", type=Path, default=None,
                         help="recompute medians/ratios of a stored result JSON in place (no measuring)")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.views, args.repeats, args.batch_size, args.shard_size = 128, 2, 1, 64, 64
+        if args.out == RESULTS / "embed_throughput.json":
+            args.out = Path(tempfile.gettempdir()) / "cifd-bench-smoke" / "embed_throughput.json"
     if args.resummarize is not None:
         import json
 
@@ -368,7 +340,8 @@ def main() -> None:
 
     from pipeline.cache.inspect import cache_info
     from pipeline.data.shards import load_manifest, load_split
-    from pipeline.data.views import clean_views, render_views
+    from pipeline.data.preprocess import Preprocess, render_inputs
+    from pipeline.data.views import clean_views
     from pipeline.models import load_model
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -390,9 +363,9 @@ def main() -> None:
         pre = spec["preprocess"]
         block = load_split(manifest, "train")
         n, (c, h, w) = len(block.images), manifest.image_shape
-        inputs = render_views(torch.from_numpy(block.images), clean_views(n, h, w), out_size=pre["image_size"],
-                              mean=tuple(pre["mean"]), std=tuple(pre["std"]))
-        # Kept as render_views returns them (channels-last strides for exact-copy views), which
+        inputs = render_inputs(torch.from_numpy(block.images), clean_views(n, h, w),
+                               preprocess=Preprocess.from_spec(spec, source=str(teacher)))
+        # Kept as render_inputs returns them (channels-last strides for exact-copy views), which
         # is what the stage feeds the teacher.
         result["setup"] = {"prepare_s": round(prep_s, 2), "prepare": prep, "inputs_shape": list(inputs.shape),
                            "inputs_channels_last": inputs.is_contiguous(memory_format=torch.channels_last)}
@@ -410,8 +383,7 @@ def main() -> None:
             print(f"bare forward: {n / seconds:.1f} img/s", flush=True)
 
         def stage(tag: str, views: int, scheduler: str) -> None:
-            r = run_stage(store=tmp / f"{tag}.zarr", views=views, scheduler=scheduler,
-                          instrument=scheduler == "synchronous", **common)
+            r = run_stage(store=tmp / f"{tag}.zarr", views=views, scheduler=scheduler, **common)
             runs.setdefault(tag, []).append(r)
             print(f"{tag}: {r['images_per_s']:.1f} img/s, {r['views_per_s']:.1f} views/s "
                   f"(wall {r['wall_s']:.1f}s, phases {r['phases_s']})", flush=True)
@@ -429,8 +401,10 @@ def main() -> None:
         startup = cluster_startup(args.threads)
         print(f"cluster startup: {startup}", flush=True)
         profile = None
-        if args.cprofile:
-            profile = cprofile_run(store=tmp / "profile.zarr", views=1, scheduler="synchronous", **common)
+        if not args.no_breakdown:
+            profile = cprofile_run(top=args.cprofile, store=tmp / "profile.zarr", views=1, scheduler="synchronous",
+                                   **common)
+            print(f"breakdown (cProfile'd V=1 synchronous run): {profile['parts_share']}", flush=True)
 
         # Outputs agree with the bare forward (same computation), and bytes per sample per view.
         import zarr
@@ -458,7 +432,7 @@ def main() -> None:
     result["bytes_per_sample_view"] = sizes
     result["checks"] = {"max_abs_logit_diff_cache_view0_vs_bare": checks}
     if profile is not None:
-        result["cprofile_v1_synchronous"] = profile
+        result["breakdown_v1_synchronous"] = profile
     path = write_result(args.out, result)
     print(f"ratios: {result['ratios']}\npaired: {result['paired_ratios']}\nwrote {path}")
 

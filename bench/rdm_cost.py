@@ -4,8 +4,9 @@ On one CIFAR-10 subset (train from train.tar, val from test.tar, V views) and th
 ResNet-56 teacher, measures wall time of:
 
 (a) the ``rdm`` stage itself (``stages.rdm.run``: read the cache, ``train_bank`` for E epochs,
-    checkpoint, run every RDM over every cached view into ``rdm.zarr``, metrics, plot), with
-    per-epoch times taken from ``train_bank``'s ``on_epoch`` hook;
+    checkpoint, run every RDM over every cached view into ``rdm.zarr``, metrics, plot), then
+    its parts again through the same library calls made by this script, with per-epoch
+    times from ``train_bank``'s ``on_epoch`` hook;
 (b) the ``embed`` stage (``stages.embed.run``) that builds the cache the RDMs train on;
 (c) a TAKD teacher assistant: CIFAR ResNet-20 trained with Hinton KD from the ResNet-56 for
     the same E epochs, the teacher forward computed online at every step (no cache), on the
@@ -17,6 +18,7 @@ under 1% of training an assistant. Ratios rdm/assistant (per epoch and total) an
 rdm/embed go to the JSON, with a multiply-accumulate count of each network per sample.
 
     uv run python bench/rdm_cost.py            # defaults sized for a 2-core CPU
+    uv run python bench/rdm_cost.py --smoke    # a tiny run (about 1 min), to a temp file
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -91,13 +92,14 @@ def train_assistant(*, teacher_path: Path, train: Any, val: Any, epochs: int, ba
     from pipeline.data.views import render_views, sample_views
     from pipeline.losses import hinton_kd
     from pipeline.models import build_model, load_model
-    from pipeline.train.supervised import predict, top1
+    from pipeline.data.preprocess import Preprocess
+    from pipeline.evaluate import predict, top1
     from schemas.config import ViewPolicyConfig
 
     teacher, spec = load_model(str(teacher_path))
     teacher = teacher.eval()
-    pre = spec["preprocess"]
-    size, mean, std = pre["image_size"], tuple(pre["mean"]), tuple(pre["std"])
+    preprocess = Preprocess.from_spec(spec, source=str(teacher_path))
+    size, mean, std = preprocess.image_size, preprocess.mean, preprocess.std
     torch.manual_seed(seed)
     student = build_model(ASSISTANT, num_classes=teacher.num_classes, in_chans=3)
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -136,7 +138,7 @@ def train_assistant(*, teacher_path: Path, train: Any, val: Any, epochs: int, ba
             count += len(idx)
         train_s = pc() - began
         t0 = pc()
-        val_top1 = top1(predict(student, val_images, image_size=size, mean=mean, std=std), val_labels)
+        val_top1 = top1(predict(student, val_images, preprocess=preprocess, batch_size=512), val_labels)
         eval_s = pc() - t0
         epochs_out.append({"epoch": epoch + 1, "seconds": round(train_s + eval_s, 3), "train_s": round(train_s, 3),
                            "val_eval_s": round(eval_s, 3), "loss": round(total / max(count, 1), 4),
@@ -150,56 +152,79 @@ def train_assistant(*, teacher_path: Path, train: Any, val: Any, epochs: int, ba
     return {"epochs": epochs_out, "macs_per_image": macs}
 
 
-# ------------------------------------------------------------------ (a) rdm stage, instrumented
+# ------------------------------------------------------------------ (a) rdm stage, and its parts
 
-def run_rdm_stage(params: Path) -> dict[str, Any]:
-    """``stages.rdm.run`` as the CLI runs it, with timestamps around ``train_bank``."""
+def run_rdm_stage(params: Path, *, scratch: Path) -> dict[str, Any]:
+    """``stages.rdm.run`` as the CLI runs it (wall time), then its parts timed one by one
+    through the same public library calls the stage makes, made here (``open_cache`` and
+    ``embedding_set``; ``train_bank`` with its ``on_epoch`` hook for per-epoch times;
+    ``evaluate_bank`` and ``cache_bank_outputs`` into a scratch store). The part run trains
+    the same bank (same config and seed) a second time."""
+    import contextlib
+
     import stages.rdm as R
-
-    marks: dict[str, Any] = {"epochs": []}
-    orig_train, orig_plot = R.train_bank, R.plot_rate_accuracy
-    bank_ref: dict[str, Any] = {}
-
-    def train_bank(bank: Any, *, on_epoch: Any = None, **kwargs: Any) -> Any:
-        bank_ref["bank"] = bank
-        marks["train_start"] = last = pc()
-
-        def timed_epoch(log: Any) -> None:
-            nonlocal last
-            now = pc()
-            marks["epochs"].append({"epoch": log.epoch, "seconds": round(now - last, 3), "loss": round(log.loss, 4),
-                                    "val_top1": [round(t, 4) for t in log.val.top1],
-                                    "val_rate_bits": [round(b, 2) for b in log.val.rate_bits]})
-            last = now
-            if on_epoch is not None:
-                on_epoch(log)
-
-        try:
-            return orig_train(bank, on_epoch=timed_epoch, **kwargs)
-        finally:
-            marks["train_end"] = pc()
-
-    def plot(*args: Any, **kwargs: Any) -> Any:
-        began = pc()
-        try:
-            return orig_plot(*args, **kwargs)
-        finally:
-            marks["plot_s"] = pc() - began
+    from pipeline.cache.rdm_store import cache_bank_outputs
+    from pipeline.cache.reader import CacheExpectation, open_cache
+    from pipeline.rd import RDMBank
+    from pipeline.runtime import resolve_device
+    from pipeline.train.rdm import RdmTrainSettings, embedding_set, evaluate_bank, train_bank
+    from schemas import layout as L
+    from schemas.config import RdmConfig, load_stage
 
     began = pc()
-    with mock.patch.object(R, "train_bank", train_bank), mock.patch.object(R, "plot_rate_accuracy", plot):
+    with contextlib.redirect_stderr(open(os.devnull, "w")):  # the stage's progress bar
         R.run(params)
     wall = pc() - began
+
+    paths, cfg = load_stage(params, "rdm", RdmConfig)
+    torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    t0 = pc()
+    cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=None, manifest_sha256=None))
+    train_split, val_split = cache.split("train"), cache.split("val")
+    train_set = embedding_set(train_split, views=slice(None), device=device)
+    val_set = embedding_set(val_split, views=slice(0, 1), device=device)
+    scale = max(train_split.rms(L.EMBEDDINGS), 1e-12) if cfg.scale_embeddings else 1.0
+    settings = RdmTrainSettings(
+        rate_weights=cfg.rate_weights, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
+        temperature=cfg.temperature, distortion=cfg.distortion, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size, lr=cfg.lr, pct_start=cfg.pct_start,
+        density_lr_factor=cfg.density_lr_factor, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    bank = RDMBank(num_rdms=len(cfg.rate_weights), in_dim=train_split.embed_dim, hidden=cfg.hidden,
+                   num_classes=train_split.num_classes, init_scale=cfg.init_scale,
+                   generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    t1 = last = pc()
+    epochs: list[dict[str, Any]] = []
+
+    def on_epoch(log: Any) -> None:
+        nonlocal last
+        now = pc()
+        epochs.append({"epoch": log.epoch, "seconds": round(now - last, 3), "loss": round(log.loss, 4),
+                       "val_top1": [round(t, 4) for t in log.val.top1],
+                       "val_rate_bits": [round(b, 2) for b in log.val.rate_bits]})
+        last = now
+
+    train_bank(bank, train=train_set, val=val_set, cfg=settings, scale=scale, on_epoch=on_epoch)
+    t2 = pc()
+    evaluate_bank(bank, val_set, scale=scale, batch_size=cfg.eval_batch_size)
+    t3 = pc()
+    cache_bank_outputs(bank, teacher=cache, path=scratch, scale=scale, attrs={"benchmark": True},
+                       batch_size=cfg.eval_batch_size)
+    t4 = pc()
     return {
         "wall_s": round(wall, 3),
         "phases_s": {
-            "open_cache_and_read (teacher sha256, manifest, embeddings)": round(marks["train_start"] - began, 3),
-            "train_bank (E epochs, val eval each epoch)": round(marks["train_end"] - marks["train_start"], 3),
-            "after (checkpoint, final eval, rdm.zarr outputs, metrics, plot)": round(began + wall - marks["train_end"], 3),
-            "of which plot_rate_accuracy": round(marks.get("plot_s", 0.0), 3),
+            "open_cache_and_read (embeddings, logits, labels)": round(t1 - t0, 3),
+            "train_bank (E epochs, val eval each epoch)": round(t2 - t1, 3),
+            "evaluate_bank (final val eval)": round(t3 - t2, 3),
+            "cache_bank_outputs (every cached view into rdm.zarr)": round(t4 - t3, 3),
+            "rest of the stage (teacher sha256, checkpoint, metrics, plot; by difference)":
+                round(wall - (t4 - t0), 3),
         },
-        "epochs": marks["epochs"],
-        "macs_per_row": rdm_bank_macs(bank_ref["bank"]),
+        "phases_source": "wall_s is the stage run; the phases are a second run of its parts, timed one by one",
+        "epochs": epochs,
+        "macs_per_row": rdm_bank_macs(bank),
     }
 
 
@@ -273,7 +298,14 @@ def main() -> None:
                         help="embed.scheduler (default synchronous: no cluster start in the embed time)")
     parser.add_argument("--batch-size", type=int, default=128, help="assistant batch size (default 128)")
     parser.add_argument("--out", type=Path, default=RESULTS / "rdm_cost.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny check that the script runs (256 train, 64 val, 1 epoch); writes to a "
+                             "temporary file unless --out is given")
     args = parser.parse_args()
+    if args.smoke:
+        args.train, args.val, args.epochs = 256, 64, 1
+        if args.out == RESULTS / "rdm_cost.json":
+            args.out = Path(tempfile.gettempdir()) / "cifd-bench-smoke" / "rdm_cost.json"
 
     import stages.embed as stage_embed
     from pipeline.data.shards import load_manifest, load_split
@@ -316,7 +348,7 @@ def main() -> None:
         print(f"embed stage: {embed_s:.1f}s", flush=True)
 
         # (a) rdm stage
-        rdm = run_rdm_stage(params)
+        rdm = run_rdm_stage(params, scratch=tmp / "rdm_parts.zarr")
         torch.set_num_threads(args.threads)
         print(f"rdm stage: {rdm['wall_s']:.1f}s, epochs {[e['seconds'] for e in rdm['epochs']]}", flush=True)
 
