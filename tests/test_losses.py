@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kd_reference as ref
+
 from pipeline.losses import (
     CIFDLoss,
     KDLoss,
@@ -58,10 +60,24 @@ def _cifd(batch: dict[str, torch.Tensor], **overrides) -> CIFDLoss:
     return cifd_loss(**kwargs)
 
 
-def _manual_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    p = F.softmax(p_logits.double() / tau, dim=-1)
-    q = F.softmax(q_logits.double() / tau, dim=-1)
-    return tau**2 * (p * (p.log() - q.log())).sum(-1).mean()
+# ---------------------------------------------------------------- reference math
+# Expected values come from tests/kd_reference.py (float64, written out by hand) or from
+# hand-computed numbers; never from the function under test or its own wrappers.
+
+def _ref_cifd_total(batch: dict[str, torch.Tensor], *, lam, keep=None, ce_w=1.0, kl_w=1.0, beta=100.0,
+                    lam_i=0.005, tau=2.0, distortion="mse") -> float:
+    """DESIGN §2 from the batch tensors: λ_CE·CE + λ_KL·[k_0·KL_T + Σ k_n λ_n KL_n]
+    + β·[k_0·dist(û,x) + Σ k_n λ_n dist(û,x̂_n)] + λ_I·mean bits (k: the keep mask)."""
+    zs, lam = batch["student_logits"], [float(v) for v in lam]
+    m = len(lam)
+    k = [True] * (1 + m) if keep is None else [bool(v) for v in keep]
+    kl = k[0] * ref.kl(batch["teacher_logits"], zs, tau)
+    kl = kl + sum(k[1 + n] * lam[n] * ref.kl(batch["rdm_logits"][n], zs, tau) for n in range(m))
+    u = batch["student_embedding_proj"]
+    feat = k[0] * ref.dist(u, batch["teacher_embedding"], distortion)
+    feat = feat + sum(k[1 + n] * lam[n] * ref.dist(u, batch["rdm_embeddings"][n], distortion) for n in range(m))
+    rate = batch["student_bits"].double().mean()
+    return float(ce_w * ref.ce(zs, batch["labels"]) + kl_w * kl + beta * feat + lam_i * rate)
 
 
 # ---------------------------------------------------------------- kd_kl
@@ -78,26 +94,39 @@ def test_kd_kl_positive_and_matches_definition(batch):
     zs, zt = batch["student_logits"], batch["teacher_logits"]
     loss = kd_kl(student_logits=zs, teacher_logits=zt, temperature=3.0)
     assert loss.item() > 0
-    assert loss.item() == pytest.approx(_manual_kl(zt, zs, 3.0).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ref.kl(zt, zs, 3.0).item(), rel=1e-5)
 
 
 def test_kd_kl_direction_is_teacher_target(batch):
     zs, zt = batch["student_logits"], batch["teacher_logits"]
     loss = kd_kl(student_logits=zs, teacher_logits=zt, temperature=1.0)
-    reverse = _manual_kl(zs, zt, 1.0).item()
-    assert loss.item() == pytest.approx(_manual_kl(zt, zs, 1.0).item(), rel=1e-5)
+    reverse = ref.kl(zs, zt, 1.0).item()
+    assert loss.item() == pytest.approx(ref.kl(zt, zs, 1.0).item(), rel=1e-5)
     assert loss.item() != pytest.approx(reverse, rel=1e-3)
+
+
+def test_kd_kl_known_value_with_tau_squared():
+    # τ = 2, teacher logits (2 ln 3, 0) → p = softmax((ln 3, 0)) = (3/4, 1/4); a uniform
+    # student → q = (1/2, 1/2). KL(p‖q) = ¾ ln(3/2) + ¼ ln(1/2), times τ² = 4.
+    tau = 2.0
+    zt = torch.tensor([[2 * math.log(3.0), 0.0]])
+    zs = torch.zeros(1, 2)
+    expected = tau**2 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    assert kd_kl(student_logits=zs, teacher_logits=zt, temperature=tau).item() == pytest.approx(expected, rel=1e-6)
+    # The batch mean: a second row with student = teacher adds 0 and halves the mean.
+    two = kd_kl(student_logits=torch.cat([zs, zt]), teacher_logits=torch.cat([zt, zt]), temperature=tau)
+    assert two.item() == pytest.approx(expected / 2, rel=1e-6)
 
 
 def test_kd_kl_tau_squared_scaling(batch):
     zs, zt = batch["student_logits"], batch["teacher_logits"]
     tau = 4.0
     scaled = kd_kl(student_logits=zs, teacher_logits=zt, temperature=tau)
-    raw = F.kl_div(F.log_softmax(zs / tau, -1), F.log_softmax(zt / tau, -1), log_target=True, reduction="batchmean")
-    assert scaled.item() == pytest.approx(tau**2 * raw.item(), rel=1e-6)
-    # Same softened distributions at τ=1 when logits are pre-divided: ratio is exactly τ².
-    unit = kd_kl(student_logits=zs / tau, teacher_logits=zt / tau, temperature=1.0)
-    assert scaled.item() == pytest.approx(tau**2 * unit.item(), rel=1e-5)
+    assert scaled.item() == pytest.approx(ref.kl(zt, zs, tau).item(), rel=1e-5)
+    # Without the τ² factor the value would be 16x smaller.
+    softened = ref.kl(zt, zs, tau).item() / tau**2
+    assert scaled.item() == pytest.approx(tau**2 * softened, rel=1e-5)
+    assert scaled.item() > 10 * softened
 
 
 def test_kd_kl_bf16_inputs_give_float32(batch):
@@ -142,8 +171,8 @@ def test_kd_kl_is_keyword_only(batch):
 
 def test_hinton_alpha_zero_is_ce_and_alpha_one_is_kd(batch):
     zs, zt, y = batch["student_logits"], batch["teacher_logits"], batch["labels"]
-    ce = F.cross_entropy(zs, y)
-    kd = kd_kl(student_logits=zs, teacher_logits=zt, temperature=2.0)
+    ce = ref.ce(zs, y)
+    kd = ref.kl(zt, zs, 2.0)
     out0 = hinton_kd(student_logits=zs, teacher_logits=zt, labels=y, temperature=2.0, alpha=0.0)
     out1 = hinton_kd(student_logits=zs, teacher_logits=zt, labels=y, temperature=2.0, alpha=1.0)
     assert isinstance(out0, KDLoss)
@@ -193,8 +222,9 @@ def test_hinton_bad_labels_raise(batch):
 def test_feature_distortion_zero_when_equal_and_matches_torch(batch, kind):
     u, x = batch["student_embedding_proj"], batch["teacher_embedding"]
     assert feature_distortion(student=x.clone(), target=x, kind=kind).item() == 0.0
-    ref = F.mse_loss(u, x) if kind == "mse" else F.smooth_l1_loss(u, x)
-    assert feature_distortion(student=u, target=x, kind=kind).item() == pytest.approx(ref.item(), rel=1e-6)
+    u = 3 * u  # differences on both sides of 1, so smooth_l1 uses both of its branches
+    expected = ref.dist(u, x, kind)
+    assert feature_distortion(student=u, target=x, kind=kind).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_feature_distortion_target_detached_and_float32(batch):
@@ -266,50 +296,65 @@ def test_cifd_returns_named_parts_in_float32(batch):
         assert v.dtype == torch.float32
 
 
-def test_cifd_components_match_primitives(batch):
+def test_cifd_components_match_reference_math(batch):
     out = _cifd(batch)
-    zs = batch["student_logits"]
-    assert out.ce.item() == pytest.approx(F.cross_entropy(zs, batch["labels"]).item(), rel=1e-6)
-    assert out.kl_teacher.item() == pytest.approx(
-        kd_kl(student_logits=zs, teacher_logits=batch["teacher_logits"], temperature=2.0).item(), rel=1e-5
-    )
+    zs, u = batch["student_logits"], batch["student_embedding_proj"]
+    assert out.ce.item() == pytest.approx(ref.ce(zs, batch["labels"]).item(), rel=1e-6)
+    assert out.kl_teacher.item() == pytest.approx(ref.kl(batch["teacher_logits"], zs, 2.0).item(), rel=1e-5)
+    feat = ref.dist(u, batch["teacher_embedding"], "mse").item()
+    assert out.feat_teacher.item() == pytest.approx(feat, rel=1e-6)
     for n in range(M):
-        ref = kd_kl(student_logits=zs, teacher_logits=batch["rdm_logits"][n], temperature=2.0)
-        assert out.kl_rdm[n].item() == pytest.approx(ref.item(), rel=1e-5)
-        feat = feature_distortion(
-            student=batch["student_embedding_proj"], target=batch["rdm_embeddings"][n], kind="mse"
-        )
-        assert out.feat_rdm[n].item() == pytest.approx(feat.item(), rel=1e-6)
-    assert out.rate.item() == pytest.approx(batch["student_bits"].mean().item(), rel=1e-6)
+        assert out.kl_rdm[n].item() == pytest.approx(ref.kl(batch["rdm_logits"][n], zs, 2.0).item(), rel=1e-5)
+        expected = ref.dist(u, batch["rdm_embeddings"][n], "mse").item()
+        assert out.feat_rdm[n].item() == pytest.approx(expected, rel=1e-6)
+    assert out.rate.item() == pytest.approx(batch["student_bits"].double().mean().item(), rel=1e-6)
 
 
-def _hand_total(out: CIFDLoss, keep: torch.Tensor, lam: torch.Tensor, *, ce_w, kl_w, beta, lam_i) -> float:
-    k = keep.float()
-    kl = k[0] * out.kl_teacher + (k[1:] * lam * out.kl_rdm).sum()
-    feat = k[0] * out.feat_teacher + (k[1:] * lam * out.feat_rdm).sum()
-    return (ce_w * out.ce + kl_w * kl + beta * feat + lam_i * out.rate).item()
+def test_cifd_known_value_on_a_hand_computed_example():
+    # B = 1, C = 2, D = 2, M = 1; τ = 2, λ_1 = 0.5, β = 10, λ_I = 0.01, λ_CE = λ_KL = 1.
+    # CE of a uniform student on label 0: ln 2. KL to the teacher (2 ln 3, 0) at τ = 2:
+    # τ²·(¾ ln 3/2 + ¼ ln 1/2); the RDM's logits equal the student's: KL 0.
+    # û = (1, 0): MSE to x = (0, 0) is ½, to x̂ = (1, 2) is 2. Bits 3.
+    out = cifd_loss(
+        student_logits=torch.zeros(1, 2), labels=torch.tensor([0]),
+        teacher_logits=torch.tensor([[2 * math.log(3.0), 0.0]]), rdm_logits=torch.zeros(1, 1, 2),
+        student_embedding_proj=torch.tensor([[1.0, 0.0]]), teacher_embedding=torch.zeros(1, 2),
+        rdm_embeddings=torch.tensor([[[1.0, 2.0]]]), student_bits=torch.tensor([3.0]),
+        rdm_weights=[0.5], ce_weight=1.0, kl_weight=1.0, temperature=2.0, feature_weight=10.0,
+        rate_weight=0.01, distortion="mse", keep=None,
+    )
+    kl_t = 4 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    expected = math.log(2) + kl_t + 10 * (0.5 + 0.5 * 2.0) + 0.01 * 3.0
+    assert out.total.item() == pytest.approx(expected, rel=1e-6)
+    assert (out.ce.item(), out.kl_teacher.item(), out.feat_teacher.item(), out.rate.item()) == pytest.approx(
+        (math.log(2), kl_t, 0.5, 3.0), rel=1e-6)
+    assert out.kl_rdm.tolist() == pytest.approx([0.0], abs=1e-7) and out.feat_rdm.tolist() == pytest.approx([2.0])
 
 
-def test_cifd_total_is_formula_with_all_kept(batch):
+@pytest.mark.parametrize("distortion", ["mse", "smooth_l1"])
+def test_cifd_total_is_formula_with_all_kept(batch, distortion):
     lam = torch.tensor([1.0, 0.5, 0.25])
-    out = _cifd(batch, rdm_weights=lam, ce_weight=0.7, kl_weight=1.3, feature_weight=10.0, rate_weight=0.01)
-    hand = _hand_total(out, torch.ones(M + 1, dtype=torch.bool), lam, ce_w=0.7, kl_w=1.3, beta=10.0, lam_i=0.01)
-    assert out.total.item() == pytest.approx(hand, rel=1e-6)
+    # Embeddings spread wide enough that smooth_l1 sees both of its branches.
+    batch = {**batch, "rdm_embeddings": 3 * batch["rdm_embeddings"]}
+    out = _cifd(batch, rdm_weights=lam, ce_weight=0.7, kl_weight=1.3, feature_weight=10.0, rate_weight=0.01,
+                distortion=distortion)
+    hand = _ref_cifd_total(batch, lam=lam, ce_w=0.7, kl_w=1.3, beta=10.0, lam_i=0.01, distortion=distortion)
+    assert out.total.item() == pytest.approx(hand, rel=1e-5)
 
 
 def test_cifd_kd_dropout_removes_dropped_terms(batch):
     lam = torch.tensor([1.0, 0.5, 0.25])
     g = _gen(11)
     seen_partial = False
+    full = _cifd(batch, rdm_weights=lam, keep=None)
     for _ in range(20):
         keep = kd_dropout_mask(num_targets=1 + M, rate=0.5, generator=g)
         out = _cifd(batch, rdm_weights=lam, keep=keep)
-        full = _cifd(batch, rdm_weights=lam, keep=None)
         # Components are still reported for logging, whatever was dropped.
         for a, b in zip(out[1:], full[1:], strict=True):
             assert torch.allclose(a, b)
-        hand = _hand_total(out, keep, lam, ce_w=1.0, kl_w=1.0, beta=100.0, lam_i=0.005)
-        assert out.total.item() == pytest.approx(hand, rel=1e-6)
+        hand = _ref_cifd_total(batch, lam=lam, keep=keep)
+        assert out.total.item() == pytest.approx(hand, rel=1e-5)
         if 0 < int(keep.sum()) < 1 + M:
             seen_partial = True
             assert out.total.item() < full.total.item()
@@ -319,7 +364,8 @@ def test_cifd_kd_dropout_removes_dropped_terms(batch):
 def test_cifd_all_dropped_leaves_ce_and_rate(batch):
     keep = kd_dropout_mask(num_targets=1 + M, rate=1.0, generator=None)
     out = _cifd(batch, keep=keep)
-    assert out.total.item() == pytest.approx((out.ce + 0.005 * out.rate).item(), rel=1e-6)
+    expected = ref.ce(batch["student_logits"], batch["labels"]) + 0.005 * batch["student_bits"].double().mean()
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_cifd_dropped_teacher_gets_no_gradient_through_student_path(batch):
@@ -332,8 +378,8 @@ def test_cifd_dropped_teacher_gets_no_gradient_through_student_path(batch):
     _cifd({**batch, "student_logits": zs}, keep=None).total.backward()
     g_all = zs.grad.clone()
     zs.grad = None
-    kd_kl(student_logits=zs, teacher_logits=batch["teacher_logits"], temperature=2.0).backward()
-    assert torch.allclose(g_all - zs.grad, g_drop, atol=1e-6)
+    ref.kl(batch["teacher_logits"], zs, 2.0).backward()  # the teacher's KL term alone, by hand
+    assert torch.allclose(g_all - zs.grad.float(), g_drop, atol=1e-6)
 
 
 def test_cifd_m0_no_features_reduces_to_ce_plus_kd(batch):
@@ -356,8 +402,8 @@ def test_cifd_m0_no_features_reduces_to_ce_plus_kd(batch):
         distortion="mse",
         keep=None,
     )
-    ref = F.cross_entropy(zs, y) + kd_kl(student_logits=zs, teacher_logits=zt, temperature=2.0)
-    assert out.total.item() == pytest.approx(ref.item(), rel=1e-6)
+    expected = ref.ce(zs, y) + ref.kl(zt, zs, 2.0)
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert out.kl_rdm.shape == (0,) and out.feat_rdm.shape == (0,)
     assert out.feat_teacher.item() == 0.0 and out.rate.item() == 0.0
 
@@ -389,8 +435,8 @@ def test_cifd_bf16_inputs_give_float32(batch):
     out = _cifd(bf)
     for v in out:
         assert v.dtype == torch.float32
-    ref = _cifd(batch)
-    assert out.total.item() == pytest.approx(ref.total.item(), rel=0.05)
+    expected = _cifd(batch)
+    assert out.total.item() == pytest.approx(expected.total.item(), rel=0.05)
 
 
 def test_cifd_soft_labels_match_hard_labels(batch):
@@ -440,7 +486,7 @@ def test_cifd_is_keyword_only():
 # ---------------------------------------------------------------- dgkd_loss
 
 
-def test_dgkd_matches_cifd_without_features_and_rate(batch):
+def test_dgkd_is_weighted_multi_target_kd(batch):
     lam = torch.tensor([1.0, 0.5, 0.25])
     keep = torch.tensor([True, False, True, True])
     out = dgkd_loss(
@@ -449,14 +495,18 @@ def test_dgkd_matches_cifd_without_features_and_rate(batch):
         teacher_logits=batch["teacher_logits"],
         assistant_logits=batch["rdm_logits"],
         assistant_weights=lam,
-        ce_weight=1.0,
-        kl_weight=1.0,
-        temperature=2.0,
+        ce_weight=0.6,
+        kl_weight=1.5,
+        temperature=3.0,
         keep=keep,
     )
     assert isinstance(out, CIFDLoss)
-    ref = _cifd(batch, rdm_weights=lam, keep=keep, feature_weight=0.0, rate_weight=0.0)
-    assert out.total.item() == pytest.approx(ref.total.item(), rel=1e-6)
+    # λ_CE·CE + λ_KL·[KL_T + λ_2 KL_2 + λ_3 KL_3] (assistant 1 dropped), no feature or rate term.
+    zs = batch["student_logits"]
+    kl = ref.kl(batch["teacher_logits"], zs, 3.0) + sum(
+        lam[n].item() * ref.kl(batch["rdm_logits"][n], zs, 3.0) for n in (1, 2))
+    expected = 0.6 * ref.ce(zs, batch["labels"]) + 1.5 * kl
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert out.feat_teacher.item() == 0.0 and out.rate.item() == 0.0
 
 
@@ -485,9 +535,8 @@ def test_comparative_positive_and_matches_hand_pairs(batch):
     zs, zt = batch["student_logits"], batch["teacher_logits"]
     loss = comparative_kd(student_logits=zs, teacher_logits=zt, generator=None)
     assert loss.item() > 0
-    j = torch.roll(torch.arange(B), -1)  # generator=None pairs i with i+1 (mod B)
-    ref = F.mse_loss(zs - zs[j], zt - zt[j])
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    expected = ref.comparative(zs, zt, cycle=torch.arange(B))  # generator=None pairs i with i+1 (mod B)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_comparative_random_pairing_has_no_fixed_points_and_is_seeded(batch):
@@ -499,8 +548,8 @@ def test_comparative_random_pairing_has_no_fixed_points_and_is_seeded(batch):
     zs2, zt2 = zs[:2], zt[:2]
     for seed in range(5):
         got = comparative_kd(student_logits=zs2, teacher_logits=zt2, generator=_gen(seed))
-        ref = F.mse_loss(zs2[0] - zs2[1], zt2[0] - zt2[1])
-        assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+        expected = ref.comparative(zs2, zt2, cycle=torch.tensor([0, 1]))
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_comparative_batch_of_one_is_zero_with_graph(batch):

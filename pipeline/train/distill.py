@@ -33,7 +33,7 @@ from pipeline.train.batches import BatchSource
 from pipeline.train.checkpoint import load_checkpoint, save_atomic
 from pipeline.train.objective import LossWeights, method_loss, rdm_weight_tensor
 from pipeline.train.optim import clip_gradients, make_optimizer, make_scheduler
-from pipeline.train.student import Student
+from pipeline.train.student import Student, uses_rdms
 from pipeline.train.targets import Targets, gather_targets
 from schemas.config import OptimConfig
 
@@ -139,7 +139,9 @@ def train_student(
     opt = make_optimizer(student.parameters(), loop.optim)
     steps = batches.steps
     sched = make_scheduler(opt, loop.optim, total_steps=loop.epochs * steps)
-    rdm_weights = rdm_weight_tensor(run.weights, targets.num_rdms, device)
+    # λ_n only for the methods that learn from the RDMs (ce/kd ignore distill.rdm_weights).
+    rdm_weights = (rdm_weight_tensor(run.weights, targets.num_rdms, device) if uses_rdms(run.method)
+                   else torch.zeros(0, device=device))
     history: list[EpochLog] = []
     start_epoch = 0
     if run.checkpoint is not None and run.checkpoint.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ from pipeline.data.shards import (
     load_manifest,
     load_split,
 )
-from pipeline.data.views import normalize, render_views, sample_views
+from pipeline.data.views import normalize, render_views
 from pipeline.models import (
     ModelFileError,
     build_model,
@@ -142,17 +143,53 @@ def test_view0_logits_are_the_teachers_clean_logits(embedded_cache, manifest, te
         torch.testing.assert_close(c_emb, emb, atol=2e-3, rtol=2e-3)  # stored as float16
 
 
-def test_cached_views_are_the_seeded_draws(embedded_cache, manifest, embed_settings) -> None:
+def _reference_rrc_views(uniforms: dict[str, np.ndarray], *, height: int, width: int, scale: tuple[float, float],
+                         ratio: tuple[float, float]) -> np.ndarray:
+    """(n, V, 5) views by the random-resized-crop recipe, written out in numpy from the
+    uniform draws: area fraction s and log aspect ratio uniform in their ranges, integer box
+    w = round(√(H·W·s·r)), h = round(√(H·W·s/r)) clamped to the image, top/left uniform over
+    the positions that fit, a flip with probability ½; view 0 is the whole, unflipped image."""
+    u_s, u_r, u_t, u_l, u_f = (uniforms[k] for k in ("scale", "ratio", "top", "left", "flip"))
+    n, extra = u_s.shape
+    area = height * width
+    s = scale[0] + (scale[1] - scale[0]) * u_s
+    r = np.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_r)
+    box_w = np.clip(np.round(np.sqrt(area * s * r)), 1, width)
+    box_h = np.clip(np.round(np.sqrt(area * s / r)), 1, height)
+    top = np.minimum(np.floor(u_t * (height - box_h + 1)), height - box_h)
+    left = np.minimum(np.floor(u_l * (width - box_w + 1)), width - box_w)
+    out = np.zeros((n, 1 + extra, 5), dtype=np.float32)
+    out[:, 0] = (0, 0, height, width, 0)
+    out[:, 1:] = np.stack([top, left, box_h, box_w, (u_f < 0.5).astype(np.float64)], axis=-1)
+    return out
+
+
+def test_cached_views_are_the_seeded_random_resized_crops(embedded_cache, manifest, embed_settings) -> None:
     store, _ = embedded_cache
     cache = open_cache(store)
     _, height, width = manifest.image_shape
-    generator = torch.Generator().manual_seed(embed_settings.seed)  # one generator, splits in order
+    policy = embed_settings.policy
+    assert policy.kind == "rrc" and policy.flip
+    # The seeded stream of uniforms (one generator, splits in order; per split: scale, ratio,
+    # top, left in float64, then the flips), turned into boxes by the recipe above.
+    generator = torch.Generator().manual_seed(embed_settings.seed)
     for split in L.SPLITS:
-        expected = sample_views(num_images=manifest.split(split)["num_samples"], num_views=embed_settings.views,
-                                height=height, width=width, policy=embed_settings.policy, generator=generator)
+        n, extra = manifest.split(split)["num_samples"], embed_settings.views - 1
+        uniforms = {k: torch.rand(n, extra, generator=generator, dtype=torch.float64).numpy()
+                    for k in ("scale", "ratio", "top", "left")}
+        uniforms["flip"] = torch.rand(n, extra, generator=generator).numpy()
+        expected = _reference_rrc_views(uniforms, height=height, width=width, scale=policy.scale,
+                                        ratio=policy.ratio)
         cached = cache.split(split).read_all((L.VIEWS,))[L.VIEWS]
         assert cached.dtype == np.float32
-        assert np.array_equal(cached, expected.numpy())
+        np.testing.assert_array_equal(cached, expected)
+        # And the recipe's promises, checked on the cached boxes themselves.
+        top, left, h, w, flip = np.moveaxis(cached[:, 1:], -1, 0)
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+        frac = h * w / (height * width)
+        # Integer rounding of each side moves the area by at most about one pixel row/column.
+        assert (frac >= policy.scale[0] - 2 / min(height, width)).all() and (frac <= 1).all()
+        assert set(np.unique(flip)) == {0.0, 1.0}
         assert (cached[:, 1:, 2] < height).any()  # real crops, not only clean views
 
 

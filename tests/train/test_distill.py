@@ -1,8 +1,11 @@
-"""Stage three on the tiny cache: one step per method, resume, stream join, crop replay,
-and the checks that refuse a mismatched cache before training."""
+"""Stage three on the tiny cache: one step per method (its loss against the method's formula,
+computed here from the batch tensors), the stage config reaching the loss, comparative KD
+inside the loop, resume, stream join, crop replay, and the checks that refuse a mismatched
+cache before training."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 import torch
 import zarr
 
+import kd_reference as ref
 from pipeline.cache.store import CacheError
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import load_split
@@ -19,6 +23,7 @@ from pipeline.train.batches import MemoryBatches
 from pipeline.train.distill import EpochLog, TrainingDiverged, train_student
 from pipeline.train.objective import method_loss, rdm_weight_tensor
 from pipeline.train.stream import StreamBatches
+from pipeline.train.student import uses_rdms
 from pipeline.train.targets import gather_targets
 from schemas import layout as L
 from schemas.config import DistillConfig, load_stage
@@ -54,20 +59,80 @@ def _epoch_pairs(source, choice: torch.Tensor, epoch: int = 0) -> list[tuple[tor
 # ----------------------------------------------------------------------------- methods
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "dgkd", "cifd"])
-def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
-    inputs = _inputs(project, tmp_path, method)
-    student, targets, run = inputs.student, inputs.targets, inputs.run
+def _reference_loss(method: str, out, batch, *, temperature: float, kd_alpha: float, ce_weight: float,
+                    kl_weight: float, lam: list[float], feature_weight: float, rate_weight: float,
+                    scale: float) -> float:
+    """DESIGN §2 on the batch tensors, every target kept (KD dropout 0), float64:
+    ce: CE; kd: (1−α)·CE + α·τ²·KL(T‖S); dgkd: λ_CE·CE + λ_KL·τ²·[KL_T + Σ λ_n KL_n];
+    cifd: dgkd + β·[mse(û, x/s) + Σ λ_n mse(û, x̂_n/s)] + λ_I·mean bits."""
+    z, y = out.logits.detach(), batch.labels
+    if method == "ce":
+        return float(ref.ce(z, y))
+    kl_t = ref.kl(batch.teacher_logits, z, temperature)
+    if method == "kd":
+        return float((1 - kd_alpha) * ref.ce(z, y) + kd_alpha * kl_t)
+    kl = kl_t + sum(lam[n] * ref.kl(batch.rdm_logits[n], z, temperature) for n in range(len(lam)))
+    total = ce_weight * ref.ce(z, y) + kl_weight * kl
+    if method == "cifd":
+        u = out.projected.detach()
+        feat = ref.dist(u, batch.teacher_emb.double() / scale)
+        feat = feat + sum(lam[n] * ref.dist(u, batch.rdm_emb[n].double() / scale) for n in range(len(lam)))
+        total = total + feature_weight * feat + rate_weight * out.bits.detach().double().mean()
+    return float(total)
+
+
+# The loss weights given through params (none of them a default), so the expected values
+# below hold only if the stage config reaches the loss. λ_n only for the methods with RDMs
+# (see test_rdm_weights_in_params_do_not_break_the_methods_without_rdms).
+WEIGHTS = {"temperature": 3.0, "kd_alpha": 0.6, "ce_weight": 0.8, "kl_weight": 1.5, "feature_weight": 20.0,
+           "rate_weight": 0.01, "kd_dropout": 0.0}
+
+
+def _first_batch(inputs):
+    targets, run = inputs.targets, inputs.run
     choice = torch.randint(targets.num_views, (targets.num_rows,), generator=torch.Generator().manual_seed(0))
     rows, views, images = _epoch_pairs(inputs.batches, choice)[0]
     x = render_inputs(images, targets.views[rows, views], preprocess=run.preprocess,
                       channels_last=run.loop.channels_last)
-    batch = gather_targets(targets, rows, views)
+    return rows, x, gather_targets(targets, rows, views)
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "dgkd", "cifd"])
+def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
+    inputs = _inputs(project, tmp_path, method, **WEIGHTS, **({"rdm_weights": [0.7, 0.2]} if uses_rdms(method) else {}))
+    student, targets, run = inputs.student, inputs.targets, inputs.run
+    rows, x, batch = _first_batch(inputs)
     student.train()
     out = student(x, generator=torch.Generator().manual_seed(1))
+
+    def loss_of(*, weights=run.weights, lam=(0.7, 0.2), scale=targets.emb_scale):
+        return method_loss(method, out=out, batch=batch, weights=weights,
+                           rdm_weights=torch.tensor(lam) if uses_rdms(method) else torch.zeros(0),
+                           emb_scale=scale, generator=torch.Generator().manual_seed(2))
+
+    def expected(*, kd_alpha=0.6, lam=(0.7, 0.2), scale=targets.emb_scale):
+        return _reference_loss(method, out, batch, temperature=3.0, kd_alpha=kd_alpha, ce_weight=0.8,
+                               kl_weight=1.5, lam=list(lam) if uses_rdms(method) else [], feature_weight=20.0,
+                               rate_weight=0.01, scale=scale)
+
     loss = method_loss(method, out=out, batch=batch, weights=run.weights,
                        rdm_weights=rdm_weight_tensor(run.weights, targets.num_rdms, CPU),
                        emb_scale=targets.emb_scale, generator=torch.Generator().manual_seed(2))
+    # The value is the method's formula on this batch, with the weights from params.
+    base = expected()
+    assert loss.item() == pytest.approx(base, rel=1e-5)
+    assert loss_of().item() == pytest.approx(base, rel=1e-5)
+    # Each knob moves the value as the formula says, and only where the method uses it.
+    other_alpha = loss_of(weights=dataclasses.replace(run.weights, kd_alpha=0.1)).item()
+    assert other_alpha == pytest.approx(expected(kd_alpha=0.1), rel=1e-5)
+    assert (other_alpha != pytest.approx(base, rel=1e-4)) == (method == "kd")
+    other_scale = loss_of(scale=3 * targets.emb_scale).item()
+    assert other_scale == pytest.approx(expected(scale=3 * targets.emb_scale), rel=1e-5)
+    assert (other_scale != pytest.approx(base, rel=1e-4)) == (method == "cifd")
+    if uses_rdms(method):
+        other_lam = loss_of(lam=(2.0, 0.0)).item()
+        assert other_lam == pytest.approx(expected(lam=(2.0, 0.0)), rel=1e-5)
+        assert other_lam != pytest.approx(base, rel=1e-4)
     loss.backward()
 
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -91,6 +156,97 @@ def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
     else:
         assert student.ibm is None and out.bits is None
         assert (out.projected is None) == (student.proj is None)
+
+
+@pytest.mark.parametrize(("method", "distill", "weights"), [
+    ("kd", {"kd_alpha": 0.2}, {"kd_alpha": 0.2}),
+    ("kd", {"kd_alpha": 0.9}, {"kd_alpha": 0.9}),
+    ("dgkd", {"rdm_weights": [1.0, 3.0]}, {"lam": [1.0, 3.0]}),
+    ("dgkd", {"rdm_weights": None}, {"lam": [1.0, 1.0]}),  # null: every RDM weighs 1
+    ("cifd", {"rdm_weights": [0.0, 2.0]}, {"lam": [0.0, 2.0]}),
+])
+def test_kd_alpha_and_rdm_weights_reach_the_loss_from_params(project, tmp_path: Path, method: str, distill: dict,
+                                                            weights: dict) -> None:
+    inputs = _inputs(project, tmp_path, method, kd_dropout=0.0, **distill)
+    run, targets = inputs.run, inputs.targets
+    if "kd_alpha" in distill:
+        assert run.weights.kd_alpha == distill["kd_alpha"]
+    if "rdm_weights" in distill:
+        assert run.weights.rdm_weights == (None if distill["rdm_weights"] is None else tuple(distill["rdm_weights"]))
+    _, x, batch = _first_batch(inputs)
+    inputs.student.train()
+    out = inputs.student(x, generator=torch.Generator().manual_seed(1))
+    loss = method_loss(method, out=out, batch=batch, weights=run.weights,
+                       rdm_weights=rdm_weight_tensor(run.weights, targets.num_rdms, CPU),
+                       emb_scale=targets.emb_scale, generator=torch.Generator().manual_seed(2))
+    defaults = DistillConfig()
+    expected = _reference_loss(method, out, batch, temperature=defaults.temperature,
+                               kd_alpha=weights.get("kd_alpha", defaults.kd_alpha), ce_weight=defaults.ce_weight,
+                               kl_weight=defaults.kl_weight, lam=weights.get("lam", []),
+                               feature_weight=defaults.feature_weight, rate_weight=defaults.rate_weight,
+                               scale=targets.emb_scale)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ce", "kd"])
+def test_rdm_weights_in_params_do_not_break_the_methods_without_rdms(project, tmp_path: Path, method: str) -> None:
+    # One distill section serves every method (dvc.yaml's foreach), so λ_n given for the
+    # RDM methods must leave ce and kd runnable.
+    inputs = _inputs(project, tmp_path, method, rdm_weights=[0.5, 2.0])
+    history = _train(inputs)
+    assert math.isfinite(history[0].train_loss)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_step(inputs, *, record_logits: bool = False):
+    """Train until the first optimizer step; its StepInfo, and (optionally) the logits the
+    student gave on that step's batch, recorded by a forward hook."""
+    seen: dict = {}
+
+    def keep_logits(module, args, output) -> None:
+        seen.setdefault("logits", output.logits.detach().float().clone())
+
+    def stop(info) -> None:
+        seen["info"] = info
+        raise _Stop
+
+    handle = inputs.student.register_forward_hook(keep_logits) if record_logits else None
+    try:
+        with pytest.raises(_Stop):
+            _train(inputs, on_step=stop)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return seen["info"], seen.get("logits")
+
+
+def test_ckd_weight_adds_the_comparative_term_inside_the_loop(project, tmp_path: Path) -> None:
+    """With ckd_weight = w the first step's loss is the ckd_weight = 0 loss plus w times the
+    comparative term on the same batch, with pairs drawn from the loop generator right after
+    the KD-dropout mask (cifd, KD dropout 0.25: the mask is a real draw)."""
+    w = 5.0
+    base_info, _ = _first_step(_inputs(project, tmp_path / "base", "cifd"))
+    inputs = _inputs(project, tmp_path / "ckd", "cifd", ckd_weight=w)
+    info, logits = _first_step(inputs, record_logits=True)
+    assert inputs.run.weights.ckd_weight == w
+    assert torch.equal(info.rows, base_info.rows)  # the same batch: the same generator draws before it
+
+    # The loop generator's draws, in order: the epoch's permutation and view choice, then on
+    # the first step the KD-dropout mask over [teacher, 2 RDMs], then the comparative pairs.
+    targets = inputs.targets
+    g = torch.Generator().manual_seed(0)  # distill.seed
+    order = torch.randperm(targets.num_rows, generator=g)
+    choice = torch.randint(targets.num_views, (targets.num_rows,), generator=g)
+    assert torch.equal(info.rows, order[: len(info.rows)])
+    torch.rand(1 + targets.num_rdms, generator=g)  # the KD-dropout mask
+    cycle = torch.randperm(len(info.rows), generator=g)
+    teacher_logits = targets.teacher_logits[info.rows, choice[info.rows]]
+    term = float(ref.comparative(logits, teacher_logits, cycle))
+    assert term > 1e-3
+    assert float(info.loss) - float(base_info.loss) == pytest.approx(w * term, rel=1e-4, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -239,36 +395,58 @@ def test_training_sees_the_same_pairs_from_memory_and_stream(project, tmp_path: 
 # ----------------------------------------------------------------------------- crop replay
 
 
-def test_replayed_crops_equal_the_crops_embed_rendered(manifest, embedded_cache, teacher_file, monkeypatch) -> None:
-    """The student loop's rendering of cached (row, view) pairs is pixel for pixel what
-    ``embed`` fed the teacher, and the teacher on it gives the cached embeddings."""
-    import pipeline.data.preprocess as preprocess_module
-    from pipeline.cache.embed import teacher_outputs
+def _reference_view(image: np.ndarray, view, *, size: int) -> np.ndarray:
+    """One view of a uint8 image (C, H, W) in [0, 1], float64, by the documented rule:
+    an integer box of the output size is a plain copy (zeros outside the image); any other
+    box is sampled bilinearly at the pixel centres of the box (align_corners=False),
+    coordinates clamped to the edge pixels inside the image's extent, zeros outside it.
+    The flip mirrors the output columns."""
+    top, left, h, w, flip = (float(v) for v in view)
+    img = image.astype(np.float64) / 255.0
+    channels, height, width = img.shape
+    if top == round(top) and left == round(left) and h == size and w == size:
+        pad = size + int(abs(top) + abs(left))
+        padded = np.pad(img, ((0, 0), (pad, pad), (pad, pad)))
+        crop = padded[:, int(top) + pad:int(top) + pad + size, int(left) + pad:int(left) + pad + size]
+        return crop[:, :, ::-1] if flip > 0.5 else crop
+    out = np.zeros((channels, size, size))
+    for i in range(size):
+        for j in range(size):
+            jj = size - 1 - j if flip > 0.5 else j
+            y = top + (i + 0.5) * h / size - 0.5
+            x = left + (jj + 0.5) * w / size - 0.5
+            if not (-0.5 <= y <= height - 0.5 and -0.5 <= x <= width - 0.5):
+                continue
+            y, x = min(max(y, 0.0), height - 1.0), min(max(x, 0.0), width - 1.0)
+            y0, x0 = int(math.floor(y)), int(math.floor(x))
+            y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+            dy, dx = y - y0, x - x0
+            out[:, i, j] = ((1 - dy) * ((1 - dx) * img[:, y0, x0] + dx * img[:, y0, x1])
+                            + dy * ((1 - dx) * img[:, y1, x0] + dx * img[:, y1, x1]))
+    return out
+
+
+def test_replayed_crops_are_the_documented_crops_and_give_the_cached_embeddings(manifest, embedded_cache,
+                                                                                 teacher_file) -> None:
+    """The student loop's rendering of cached (row, view) pairs, in shuffled batches, is the
+    crop the view describes (checked against a plain numpy crop / bilinear resample), and
+    the teacher on those pixels gives the cached embeddings: the very pixels embed saw."""
     from pipeline.cache.reader import open_cache
     from pipeline.models import load_model
 
     teacher, spec = load_model(teacher_file)
     teacher.eval()
     preprocess = Preprocess.from_spec(spec, source=str(teacher_file))
+    size = preprocess.image_size
+    mean = torch.tensor(preprocess.mean).view(-1, 1, 1)
+    std = torch.tensor(preprocess.std).view(-1, 1, 1)
     n = 8
     cached = open_cache(embedded_cache[0]).split("train").read(0, n, (L.VIEWS, L.EMBEDDINGS))
     views = torch.from_numpy(cached[L.VIEWS])  # (n, V, 5)
     v = views.shape[1]
     assert bool((views[:, 1:, 2] != manifest.image_shape[1]).any())  # real resampled crops, not only copies
-    images = torch.from_numpy(load_split(manifest, "train").images[:n])
-
-    rendered: list[torch.Tensor] = []
-
-    def spy(*args, **kwargs):
-        out = embed_render(*args, **kwargs)
-        rendered.append(out.clone())
-        return out
-
-    embed_render = preprocess_module.render_views
-    monkeypatch.setattr(preprocess_module, "render_views", spy)
-    teacher_outputs(teacher, images, views, preprocess=preprocess, batch_size=5)
-    monkeypatch.undo()
-    teacher_saw = torch.cat(rendered)  # (n*V, C, S, S), row-major (row, view)
+    images_np = load_split(manifest, "train").images[:n]
+    images = torch.from_numpy(images_np)
 
     # The student loop: (row, view) pairs in a shuffled order, other batch boundaries.
     rows = torch.arange(n).repeat_interleave(v)
@@ -278,7 +456,23 @@ def test_replayed_crops_equal_the_crops_embed_rendered(manifest, embedded_cache,
         render_inputs(images[rows[p]], views[rows[p], view_ids[p]], preprocess=preprocess, channels_last=True)
         for p in perm.split(7)
     ])
-    assert torch.equal(student_sees, teacher_saw[perm])
+    for k, pair in enumerate(perm.tolist()):
+        r, j = int(rows[pair]), int(view_ids[pair])
+        pixels = torch.from_numpy(_reference_view(images_np[r], views[r, j], size=size).copy())
+        expected = (pixels.float() - mean) / std
+        if j == 0:  # the clean view is a copy: bit for bit
+            assert torch.equal(student_sees[k], expected), (r, j)
+        else:
+            torch.testing.assert_close(student_sees[k], expected, atol=1e-5, rtol=0)  # float32 resampling
+
+    # Copies shifted past the border (the CIFAR pad-and-crop) are zero outside; flips mirror.
+    shifted = torch.tensor([[-3.0, 2.0, size, size, 1.0], [4.0, -4.0, size, size, 0.0], [0.0, 0.0, size, size, 1.0]])
+    got = render_inputs(images[:3], shifted, preprocess=preprocess)
+    for k in range(3):
+        pixels = torch.from_numpy(_reference_view(images_np[k], shifted[k], size=size).copy())
+        assert torch.equal(got[k], (pixels.float() - mean) / std), k
+    assert torch.equal(got[0][:, :3], ((torch.zeros(3, 3, size) - mean) / std))  # rows above the image
+
     with torch.no_grad():
         emb = teacher.embed(student_sees)
     expected = torch.from_numpy(cached[L.EMBEDDINGS].astype(np.float32)).reshape(n * v, -1)[perm]
@@ -325,16 +519,41 @@ def test_manifest_rows_unchanged(manifest) -> None:
     assert [s["stop"] - s["start"] for s in manifest.split("train")["shards"]] == [4] * 6 + [3]
 
 
-def test_fingerprint_changes_with_the_training_code(monkeypatch) -> None:
-    """A finished checkpoint must not be resumed after the loss or IBM code changed."""
+def test_fingerprint_changes_with_the_training_code(monkeypatch, tmp_path: Path) -> None:
+    """A finished checkpoint must not be resumed after the loss or IBM code changed: the real
+    code_fingerprint, made to read an edited copy of one step module's source."""
+    import hashlib
+    import importlib
+
+    import pipeline.losses.multi_target as edited_module
     import pipeline.train.checkpoint as checkpoint
-    from schemas.config import DistillConfig
+
+    assert edited_module.__name__ in checkpoint.STEP_MODULES
+    # Known value: sha256 over the step modules' source files, in STEP_MODULES order.
+    digest = hashlib.sha256()
+    for name in checkpoint.STEP_MODULES:
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    assert checkpoint.code_fingerprint() == digest.hexdigest()
 
     cfg = DistillConfig().to_dict()
     before = checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"})
+    assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before  # stable
+    source = Path(edited_module.__file__).read_bytes()
+
+    same = tmp_path / "same.py"  # a byte-identical copy elsewhere: the same fingerprint
+    same.write_bytes(source)
+    monkeypatch.setattr(edited_module, "__file__", str(same))
     assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before
-    monkeypatch.setattr(checkpoint, "code_fingerprint", lambda: "edited")
-    assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) != before
+
+    edited = tmp_path / "edited.py"  # one extra comment line: another fingerprint
+    edited.write_bytes(source + b"# an edit\n")
+    monkeypatch.setattr(edited_module, "__file__", str(edited))
+    after = checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"})
+    assert after != before
+    assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) == after
+
+    monkeypatch.undo()
+    assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(project, tmp_path: Path) -> None:
