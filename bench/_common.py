@@ -8,7 +8,6 @@ import os
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,9 +86,7 @@ def save_teacher(path: Path) -> str:
     """The pretrained CIFAR-10 ResNet-56 as a model file with a ``preprocess`` spec."""
     from pipeline.models import build_model, save_model
 
-    with warnings.catch_warnings():  # the public checkpoint needs weights_only=False
-        warnings.simplefilter("ignore")
-        model = build_model(TEACHER_NAME, num_classes=10, in_chans=3, weights=str(RESNET56))
+    model = build_model(TEACHER_NAME, num_classes=10, in_chans=3, weights=str(RESNET56))  # weights_only=True reads it
     spec = {"name": TEACHER_NAME, "num_classes": 10, "in_chans": 3, "model_kwargs": {},
             "preprocess": dict(CIFAR_PREPROCESS)}
     return save_model(path, model.eval(), spec=spec)

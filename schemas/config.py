@@ -31,11 +31,12 @@ class Paths(StrictConfig):
     """Every artifact path of the pipeline, relative to the project root."""
 
     shards: str = "data/shards"
-    teacher: str = "models/teacher.pt"
+    teacher: str = "models/teacher.safetensors"
     cache: str = "cache/teacher.zarr"
-    rdm_models: str = "models/rdm.pt"
+    rdm_models: str = "models/rdm.safetensors"
     rdm_cache: str = "cache/rdm.zarr"
     students: str = "models/students"
+    checkpoints: str = "checkpoints"  # per-epoch training checkpoints, kept outside DVC outputs
     metrics: str = "metrics"
     plots: str = "plots"
 
@@ -65,7 +66,12 @@ class ViewPolicyConfig(StrictConfig):
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig(StrictConfig):
-    """Source → WebDataset shards (``cifd prepare``)."""
+    """Source → WebDataset shards (``cifd prepare``).
+
+    ``shuffle``: rows are put in a seeded random order before sharding (an ImageFolder lists
+    images class by class, and a stream that reads a few shards at a time would otherwise see
+    one or two classes per batch). The manifest records the rule and the seed.
+    """
 
     source: Literal["digits", "imagefolder", "webdataset"] = "digits"
     train: str | None = None
@@ -77,6 +83,7 @@ class PrepareConfig(StrictConfig):
     samples_per_shard: int = 256
     on_corrupt: Literal["error", "skip"] = "error"
     max_corrupt_fraction: float = 0.01
+    shuffle: bool = True
     seed: int = 0
 
     def check(self, section: str) -> None:
@@ -360,3 +367,9 @@ def load_stage(path: str | Path, stage: str, cls: type[C]) -> tuple[Paths, C]:
     data = read_params(path)
     paths = Paths.from_mapping(data.get("paths"), section="paths")
     return paths, cls.from_mapping(data.get(stage), section=stage)
+
+
+def trusted_teacher_entrypoint(path: str | Path) -> str:
+    """The user's own ``teacher.model``: the one ``module:function`` a teacher file may name
+    beyond timm and ``pipeline.models`` (a file from elsewhere cannot choose code to import)."""
+    return load_stage(path, "teacher", TeacherConfig)[1].model

@@ -22,7 +22,8 @@ def sample_key(index: int) -> str:
 
 
 # Teacher cache (Zarr v3, one group per split) ------------------------------------------
-CACHE_SCHEMA_VERSION = 1
+# 2: NaN / -1 fill values, a crc32c checksum per chunk, per-shard content sha256, no paths.
+CACHE_SCHEMA_VERSION = 2
 CACHE_KIND = "cifd-teacher-cache"
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")  # source-pixel box + horizontal flip
 EMBEDDINGS = "embeddings"  # (N, V, D) float16
@@ -31,9 +32,15 @@ VIEWS = "views"  # (N, V, len(VIEW_FIELDS)) float32
 LABELS = "labels"  # (N,) int64
 INDEX = "index"  # (N,) int64, the global row index (the WebDataset key as an integer)
 DONE = "done"  # (num_shards,) uint8, 1 once a shard's rows are fully written
+SHARD_SHA256 = "shard_sha256"  # (num_shards, 32) uint8, sha256 of a shard's row values (shard_digest)
 ROW_ARRAYS = (EMBEDDINGS, LOGITS, VIEWS, LABELS, INDEX)
-# Chunk compression of every cache array (Blosc): zstd level 3 with byte shuffle.
+# Chunk compression of every cache array (Blosc): zstd level 3 with byte shuffle, then a
+# crc32c checksum of the compressed chunk, so a flipped byte fails the read.
 COMPRESSOR = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
+# Fill values: Zarr reads a missing chunk as the fill value without an error, so the fill is
+# a value no writer stores (NaN for floats, -1 for integers): readers refuse it per block.
+FLOAT_FILL = float("nan")
+INT_FILL = -1
 
 # Root attributes of the teacher cache.
 ATTR_SCHEMA = "schema_version"
@@ -41,12 +48,19 @@ ATTR_KIND = "kind"
 ATTR_PROVENANCE = "provenance"
 ATTR_FINGERPRINT = "fingerprint"
 ATTR_COMPLETE = "complete"
-ATTR_SOURCES = "sources"
+ATTR_WRITER = "writer"  # token of the run writing the store; absent once complete
 
 # RDM cache (Zarr v3, one group per split, row-aligned with the teacher cache) ----------
-RDM_SCHEMA_VERSION = 1
+RDM_SCHEMA_VERSION = 2  # 2: as cache schema 2, plus a fingerprint of the RDM attributes
 RDM_KIND = "cifd-rdm-cache"
 RDM_X_HAT = "x_hat"  # (N, V, M, D) float16: each RDM's reconstructed embedding
 RDM_LOGITS = "logits"  # (N, V, M, C) float32: each RDM's logits
 ATTR_TEACHER_CACHE = "teacher_cache_fingerprint"
+RDM_USES_DIR = "uses"  # uses/<consumer>.json: what each consumer (distill@<method>) reads of the store
 ATTR_RDM = "rdm"  # config, rate weights, embedding scale, checkpoint sha256
+RDM_ROW_ARRAYS = (RDM_X_HAT, RDM_LOGITS)
+
+# Writers: one lock file per store, beside it (``<store>.lock``), and the holder's
+# pid/host/command in ``<store>.lock.owner``.
+LOCK_SUFFIX = ".lock"
+OWNER_SUFFIX = ".lock.owner"

@@ -33,6 +33,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             TrainingDiverged)
 
 
+def _stop_with_parent() -> None:
+    """A writer stage stops when the process that started it is gone: a ``kill -9`` of
+    ``uv run`` or ``dvc repro`` must not leave an orphan writing to a store. Called first
+    thing, before the stage's heavy imports."""
+    from pipeline.cache.lock import stop_with_parent
+
+    stop_with_parent()
+
+
 def _run(fn: Callable[[], None]) -> None:
     """Run a stage; a user-caused error prints one clear line and exits 2, not a traceback."""
     setup_logging()
@@ -84,6 +93,7 @@ def embed(params: Path) -> None:
     embeddings, logits and the exact view parameters to the sharded Zarr store at
     paths.cache. Parallel over tar shards with dask; resumable: a killed run redoes only
     the shards it had not finished."""
+    _stop_with_parent()
     from stages import embed as stage
 
     _run(lambda: stage.run(params))
@@ -95,6 +105,7 @@ def rdm(params: Path) -> None:
     """Stage two: train the Rate-Distortion Modules (one per rdm.rate_weights entry) on
     the cached teacher embeddings alone (no images, no teacher backbone), and cache each
     RDM's reconstructed embedding and logits for every (row, view) in paths.rdm_cache."""
+    _stop_with_parent()
     from stages import rdm as stage
 
     _run(lambda: stage.run(params))
@@ -172,30 +183,49 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
 
 
 @cache.command("verify")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@PARAMS
 @click.option("--teacher", type=click.Path(path_type=Path), default=None,
-              help="Frozen teacher file (default: the one the cache names).")
+              help="Frozen teacher file to re-run (default: paths.teacher of --params; never the cache's word).")
 @click.option("--shards", type=click.Path(path_type=Path), default=None,
-              help="Shard directory (default: the one the cache names).")
-@click.option("--samples", default=256, show_default=True, help="Random (row, view) pairs to re-run.")
-@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val"]))
+              help="Shard directory (default: paths.shards of --params).")
+@click.option("--samples", default=256, show_default=True, help="Random (row, view) pairs to re-run per split.")
 @click.option("--tolerance", default=1e-2, show_default=True,
               help="Max error relative to the largest cached magnitude.")
-@click.option("--seed", default=0, show_default=True)
-def cache_verify_cmd(path: Path, teacher: Path | None, shards: Path | None, samples: int, split: str,
-                     tolerance: float, seed: int) -> None:
-    """Re-run the live teacher on a random subset and compare with the cache: max abs
-    error, cosine and top-1 agreement. Exits 1 past the tolerance."""
+@click.option("--seed", type=int, default=None,
+              help="Seed of the random draw (default: a fresh one, printed; pass it to repeat a run).")
+@click.option("--full", is_flag=True,
+              help="Also read every shard of every split: checksums, content sha256, finiteness.")
+def cache_verify_cmd(path: Path | None, params: Path, teacher: Path | None, shards: Path | None, samples: int,
+                     tolerance: float, seed: int | None, full: bool) -> None:
+    """Re-run the live teacher on a fresh random sample of (row, view) pairs of both splits
+    and compare with the cache (max abs error, cosine, top-1 agreement); with --full, check
+    every stored value too. PATH defaults to paths.cache. Exits 1 when a check fails."""
+    import secrets
+
     from pipeline.cache.inspect import verify_cache
-    from pipeline.cache.reader import open_cache
 
     def check() -> None:
-        sources = open_cache(path).attrs.get("sources", {})
-        report = verify_cache(path, teacher=teacher or sources["teacher"], shards=shards or sources["shards"],
-                              samples=samples, seed=seed, tolerance=tolerance, split=split)
+        from schemas.config import trusted_teacher_entrypoint
+
+        cache_path, teacher_path, shards_path = path, teacher, shards
+        allow = trusted_teacher_entrypoint(params) if params.is_file() else None
+        if cache_path is None or teacher_path is None or shards_path is None:
+            from schemas.config import Paths, read_params
+
+            paths = Paths.from_mapping(read_params(params).get("paths"), section="paths")
+            cache_path = cache_path or Path(paths.cache)
+            teacher_path = teacher_path or Path(paths.teacher)
+            shards_path = shards_path or Path(paths.shards)
+        draw = seed if seed is not None else secrets.randbelow(2**31)
+        click.echo(f"verify: seed {draw} (repeat this draw with --seed {draw})", err=True)
+        report = verify_cache(cache_path, teacher=teacher_path, shards=shards_path, samples=samples, seed=draw,
+                              tolerance=tolerance, full=full, allow_entrypoint=allow)
         click.echo(json.dumps(report.to_dict(), indent=2))
         if not report.ok:
-            click.echo("verify: FAILED (cache and live teacher disagree beyond tolerance)", err=True)
+            reasons = report.problems or ["cache and live teacher disagree beyond tolerance"]
+            click.echo(f"verify: FAILED ({len(reasons)} problem{'s' if len(reasons) != 1 else ''}): "
+                       + " | ".join(reasons[:5]), err=True)
             sys.exit(1)
         click.echo("verify: ok")
 

@@ -28,7 +28,7 @@ from pipeline.data.shards import Manifest, load_manifest, load_split
 from pipeline.models import build_model, load_model, save_model, state_dict_sha256
 from pipeline.runtime import resolve_device
 from pipeline.train.batches import BatchSource, MemoryBatches
-from pipeline.train.checkpoint import config_fingerprint
+from pipeline.train.checkpoint import config_fingerprint, resumable_seconds
 from pipeline.train.distill import (
     DistillRun,
     EpochLog,
@@ -43,7 +43,7 @@ from pipeline.train.targets import Targets, load_targets
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.base import ConfigError
-from schemas.config import DistillConfig, Paths, load_stage
+from schemas.config import DistillConfig, Paths, TeacherConfig, load_stage
 from stages._io import write_csv, write_json
 
 
@@ -81,13 +81,16 @@ def loop_settings(cfg: DistillConfig) -> LoopSettings:
 
 
 def run(params: Path, method: str) -> DistillResult:
+    began = time.perf_counter()  # end to end from the cache: loading, training, per-epoch val, saving
     paths, cfg = load_stage(params, "distill", DistillConfig)
     if method not in cfg.methods:
         raise ConfigError(f"--method {method!r} is not in params 'distill.methods' = {list(cfg.methods)}")
+    teacher_model = load_stage(params, "teacher", TeacherConfig)[1].model  # the entrypoint trusted for paths.teacher
     torch.set_num_threads(cfg.threads)
     rank, world, device = _distributed(cfg.device)
     try:
-        return _distill(paths, cfg, method, rank=rank, world=world, device=device)
+        return _distill(paths, cfg, method, rank=rank, world=world, device=device, teacher_model=teacher_model,
+                        began=began)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -108,11 +111,16 @@ class DistillInputs:
 
 
 def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0, world: int = 1,
-                 device: torch.device | None = None) -> DistillInputs:
+                 device: torch.device | None = None, teacher_model: str | None = None,
+                 started: float | None = None) -> DistillInputs:
     """Open and check the cache (and RDM cache) against the teacher and shards, then build
-    the targets, the batch source (``cfg.data``), the val set and the initialised student."""
+    the targets, the batch source (``cfg.data``), the val set and the initialised student.
+
+    ``teacher_model``: the user's ``teacher.model`` param, the one entrypoint outside timm and
+    ``pipeline.models`` the teacher file may name. ``started``: ``time.perf_counter()`` when the
+    stage began (the run's wall seconds count from there)."""
     device = device if device is not None else resolve_device(cfg.device)
-    teacher, spec = load_model(paths.teacher)
+    teacher, spec = load_model(paths.teacher, allow_entrypoint=teacher_model)
     manifest = load_manifest(paths.shards)
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
@@ -122,7 +130,7 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     rdm = None
     rdm_info = {}
     if uses_rdms(method):
-        rdm = open_rdm_cache(paths.rdm_cache, cache)
+        rdm = open_rdm_cache(paths.rdm_cache, cache, model_file=paths.rdm_models)
         if cfg.rdm_weights is not None and len(cfg.rdm_weights) != rdm.num_rdms:
             raise ConfigError(f"distill.rdm_weights has {len(cfg.rdm_weights)} values but the RDM cache "
                               f"{paths.rdm_cache} holds {rdm.num_rdms} RDMs; give one weight per RDM, or null")
@@ -158,7 +166,8 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
     run_ = DistillRun(method=method, loop=loop_settings(cfg), weights=loss_weights(cfg), preprocess=preprocess,
-                      device=device, rank=rank, world=world, checkpoint=Path(paths.students) / f"{method}.ckpt",
+                      device=device, rank=rank, world=world, started=started,
+                      checkpoint=Path(paths.checkpoints) / f"{method}.safetensors",
                       # The schedule and each rank's rows depend on the world size and steps per epoch.
                       fingerprint=config_fingerprint(cfg.to_dict(), method, {"cache": cache.fingerprint, **rdm_info,
                                                                              "world": world, "steps": batches.steps}))
@@ -166,10 +175,12 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
                          teacher_spec=spec, cache_fingerprint=cache.fingerprint)
 
 
-def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world: int,
-             device: torch.device) -> DistillResult:
-    began = time.perf_counter()  # end to end from the cache: loading, training, per-epoch val, saving
-    inputs = build_inputs(paths, cfg, method, rank=rank, world=world, device=device)
+def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world: int, device: torch.device,
+             teacher_model: str, began: float) -> DistillResult:
+    inputs = build_inputs(paths, cfg, method, rank=rank, world=world, device=device, teacher_model=teacher_model,
+                          started=began)
+    # A resumed run reports its whole wall time: the pieces before the checkpoint plus this one.
+    previous = resumable_seconds(inputs.run.checkpoint, inputs.run.fingerprint)
     student = inputs.student
     bar = tqdm(total=cfg.epochs, desc=f"distill {method}", unit="epoch", disable=rank != 0, dynamic_ncols=True)
 
@@ -185,7 +196,7 @@ def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world:
     if rank == 0:
         out_dir = Path(paths.students)
         backbone = student.backbone
-        save_model(out_dir / f"{method}.pt", copy.deepcopy(backbone).cpu().eval(), spec={
+        save_model(out_dir / f"{method}.safetensors", copy.deepcopy(backbone).cpu().eval(), spec={
             "name": cfg.student, "num_classes": backbone.num_classes, "in_chans": inputs.manifest.image_shape[0],
             "model_kwargs": dict(cfg.student_kwargs), "preprocess": inputs.teacher_spec["preprocess"],
             "method": method, "teacher_cache_fingerprint": inputs.cache_fingerprint, "epochs": cfg.epochs,
@@ -194,7 +205,7 @@ def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world:
                   [{"epoch": h.epoch, "train_loss": round(h.train_loss, 5), "val_top1": round(h.val_top1, 5),
                     "val_agreement": round(h.val_agreement, 5)} for h in history])
         last = history[-1]
-        seconds = time.perf_counter() - began
+        seconds = previous + time.perf_counter() - began
         write_json(Path(paths.metrics) / M.DISTILL_DIR / f"{method}.json", {
             M.VAL_TOP1: round(last.val_top1, 5), M.EVAL_AGREEMENT: round(last.val_agreement, 5),
             M.EPOCHS: cfg.epochs, M.SECONDS: round(seconds, 2), M.DEVICE: device.type, M.WORLD: world,

@@ -12,25 +12,30 @@ from pipeline.cache.reader import open_cache
 from pipeline.data.shards import load_manifest
 from schemas import layout as L
 from schemas import metrics as M
-from schemas.config import EmbedConfig, load_stage
+from schemas.config import EmbedConfig, load_stage, trusted_teacher_entrypoint
 from stages._io import write_json
 
 
 def run(params: Path) -> None:
     paths, cfg = load_stage(params, "embed", EmbedConfig)
     manifest = load_manifest(paths.shards)
-    bar = tqdm(unit="img", desc="embed", dynamic_ncols=True)
+    bars: list[tqdm] = []  # made on the first report, so a refused run prints only its error
 
     def progress(count: int, description: str) -> None:
         if description:
-            bar.reset(total=count)
-            bar.set_description(description)
+            bars.append(tqdm(total=count, desc=description, unit="img", dynamic_ncols=True))
         else:
-            bar.update(count)
+            bars[-1].update(count)
 
-    report = run_embed(settings=cfg, manifest=manifest, teacher_path=Path(paths.teacher),
-                       store_path=Path(paths.cache), progress=progress)
-    bar.close()
+    try:
+        report = run_embed(settings=cfg, manifest=manifest, teacher_path=Path(paths.teacher),
+                           store_path=Path(paths.cache), progress=progress,
+                           allow_entrypoint=trusted_teacher_entrypoint(params))
+    finally:
+        for bar in bars:
+            bar.close()
+    if report.rebuilt_because:
+        print(f"embed: rebuilt {paths.cache} because its recorded inputs differ: {'; '.join(report.rebuilt_because)}")
     cache = open_cache(paths.cache)
     info = cache_info(paths.cache)
     view0 = {}

@@ -19,14 +19,18 @@ from report.plots import plot_curves
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.base import ConfigError
-from schemas.config import EvaluateConfig, load_stage
+from schemas.config import DistillConfig, EvaluateConfig, TeacherConfig, load_stage
 from stages._io import write_json
 
 
 def run(params: Path) -> None:
     paths, cfg = load_stage(params, "evaluate", EvaluateConfig)
+    # The entrypoints the user's params name: the only ones outside timm and pipeline.models
+    # that the teacher and student files may name.
+    teacher_model = load_stage(params, "teacher", TeacherConfig)[1].model
+    student_model = load_stage(params, "distill", DistillConfig)[1].student
     device = resolve_device(cfg.device)
-    teacher, spec = load_model(paths.teacher)
+    teacher, spec = load_model(paths.teacher, allow_entrypoint=teacher_model)
     manifest = load_manifest(paths.shards)
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
@@ -41,10 +45,10 @@ def run(params: Path) -> None:
     table["teacher"] = {M.EVAL_TOP1: round(teacher_top1, 5), M.EVAL_AGREEMENT: 1.0, M.EVAL_KL: 0.0}
     curves = {}
     for method in cfg.methods:
-        path = Path(paths.students) / f"{method}.pt"
+        path = Path(paths.students) / f"{method}.safetensors"
         if not path.is_file():
             raise ConfigError(f"no student for method '{method}' at {path}; run `cifd distill --method {method}`")
-        student, student_spec = load_model(path)
+        student, student_spec = load_model(path, allow_entrypoint=student_model)
         if student_spec.get("teacher_cache_fingerprint") != cache.fingerprint:
             raise ConfigError(f"student {path} was distilled from another teacher cache; rerun `dvc repro`")
         result = evaluate_classifier(student.to(device), images, labels, teacher_logits, preprocess=preprocess,

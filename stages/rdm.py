@@ -1,5 +1,9 @@
 """``cifd rdm`` (stage two): train the RDMs on the teacher cache alone, then cache their
-outputs for every (row, view) in ``rdm.zarr``. No images, no teacher backbone."""
+outputs for every (row, view) in ``rdm.zarr``. No images, no teacher backbone.
+
+The RDM store's writer lock is held from the start (a second ``cifd rdm`` is refused at
+once); the model file (safetensors + JSON) and the store are swapped in together at the end.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.cache.rdm_store import cache_bank_outputs
+from pipeline.cache.rdm_store import RdmWriter, rdm_writer
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.shards import load_manifest
 from pipeline.evaluate import top1
-from pipeline.models import file_sha256, load_model, state_dict_sha256
+from pipeline.models import load_model, state_dict_sha256
+from pipeline.train.student import uses_rdms
 from pipeline.rd import RDMBank
 from pipeline.runtime import resolve_device
 from pipeline.train.rdm import (
@@ -26,23 +31,30 @@ from pipeline.train.rdm import (
 from report.plots import plot_rate_accuracy
 from schemas import layout as L
 from schemas import metrics as M
-from schemas.config import RdmConfig, load_stage
+from schemas.config import METHODS, Paths, RdmConfig, load_stage, trusted_teacher_entrypoint
 from stages._io import write_csv, write_json
 
 
-def _expectation(teacher: Path, shards: Path) -> CacheExpectation:
+def _expectation(teacher: Path, shards: Path, allow_entrypoint: str) -> CacheExpectation:
     """Check the cache against the teacher and shards in this workspace, where present
     (an imported cache may come without them)."""
-    teacher_sha = state_dict_sha256(load_model(str(teacher))[0]) if teacher.is_file() else None
+    teacher_sha = (state_dict_sha256(load_model(str(teacher), allow_entrypoint=allow_entrypoint)[0])
+                   if teacher.is_file() else None)
     manifest_sha = load_manifest(shards).sha256 if (shards / L.MANIFEST_NAME).is_file() else None
     return CacheExpectation(teacher_sha256=teacher_sha, manifest_sha256=manifest_sha)
 
 
 def run(params: Path) -> None:
     paths, cfg = load_stage(params, "rdm", RdmConfig)
+    allow = trusted_teacher_entrypoint(params)
+    with rdm_writer(paths.rdm_cache, paths.rdm_models) as writer:
+        _train_and_publish(paths, cfg, writer, allow)
+
+
+def _train_and_publish(paths: Paths, cfg: RdmConfig, writer: RdmWriter, allow_entrypoint: str) -> None:
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    cache = open_cache(paths.cache, _expectation(Path(paths.teacher), Path(paths.shards)))
+    cache = open_cache(paths.cache, _expectation(Path(paths.teacher), Path(paths.shards), allow_entrypoint))
     began = time.perf_counter()
     train_split, val_split = cache.split("train"), cache.split("val")
     n, v, d, c = train_split.num_rows, train_split.num_views, train_split.embed_dim, train_split.num_classes
@@ -69,15 +81,13 @@ def run(params: Path) -> None:
     train_seconds = time.perf_counter() - began
     result = evaluate_bank(bank, val_set, scale=scale, batch_size=cfg.eval_batch_size)
 
-    Path(paths.rdm_models).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": cfg.to_dict(), "scale": scale, "in_dim": d, "num_classes": c,
-                "teacher_cache_fingerprint": cache.fingerprint, "state_dict": bank.cpu().state_dict()},
-               paths.rdm_models)
-    bank.to(device)
-    attrs = {"rate_weights": list(cfg.rate_weights), "config": cfg.to_dict(), "embedding_scale": scale,
-             "checkpoint_sha256": file_sha256(paths.rdm_models)}
-    cache_bank_outputs(bank, teacher=cache, path=Path(paths.rdm_cache), scale=scale,
-                       attrs=attrs, batch_size=cfg.eval_batch_size)
+    document = {"format": "cifd-rdm-bank", "config": cfg.to_dict(), "scale": scale, "in_dim": d, "num_classes": c,
+                "teacher_cache_fingerprint": cache.fingerprint}
+    attrs = {"rate_weights": list(cfg.rate_weights), "config": cfg.to_dict(), "embedding_scale": scale}
+    # One uses/distill-<method>.json per method: DVC reruns a student only if it reads the RDMs.
+    readers = {f"distill-{m}": uses_rdms(m) for m in METHODS}
+    writer.publish(bank, teacher=cache, document=document, attrs=attrs, scale=scale, batch_size=cfg.eval_batch_size,
+                   readers=readers)
 
     rows = []
     metrics = {}

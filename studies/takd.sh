@@ -4,14 +4,14 @@
 # a second workspace (a clone beside the first, sharing its DVC cache) after copying the
 # assistant there right after that piece (a later experiment replaces the first workspace's
 # students; the assistant stays in the DVC cache under the md5 that the assistant-s0
-# experiment's dvc.lock lists for models/students/kd.pt):
-#   mkdir -p models && cp ../<first>/models/students/kd.pt models/assistant.pt
+# experiment's dvc.lock lists for models/students/kd.safetensors):
+#   mkdir -p models && cp ../<first>/models/students/kd.safetensors models/assistant.safetensors
 #   studies/takd.sh 0 1 2
 # The assistant is frozen as this workspace's teacher and cached once by `embed`; each seed
 # is one `cifd distill --method kd` plus `cifd evaluate` with its own params file
 # (params_takd_s<seed>.yaml), writing metrics_takd_s<seed>/. No RDMs are trained: KD needs none.
 set -euo pipefail
-[ -f models/assistant.pt ] || { echo "models/assistant.pt is missing: copy the assistant's kd.pt here first" >&2; exit 2; }
+[ -f models/assistant.safetensors ] || { echo "models/assistant.pt is missing: copy the assistant's kd.safetensors here first" >&2; exit 2; }
 cp presets/cifar10_takd.yaml params.yaml
 uv run dvc repro embed  # prepare (restored from the shared cache), the assistant as teacher, its cache
 for s in ${*:-0 1 2}; do

@@ -36,14 +36,14 @@ def main() -> None:
     torch.set_num_threads(1)
     manifest = load_manifest(args.study / "data/shards")
     cache = open_cache(args.study / "cache/teacher.zarr", CacheExpectation(manifest_sha256=manifest.sha256))
-    _, spec = load_model(args.study / "models/teacher.pt")
-    preprocess = Preprocess.from_spec(spec, source=str(args.study / "models/teacher.pt"))
+    _, spec = load_model(args.study / "models/teacher.safetensors")
+    preprocess = Preprocess.from_spec(spec, source=str(args.study / "models/teacher.safetensors"))
     val = load_split(manifest, "val")
     images, labels = torch.from_numpy(val.images), torch.from_numpy(val.labels)
     teacher_logits = torch.from_numpy(cache.split("val").read_all((L.LOGITS,))[L.LOGITS][:, 0].astype(np.float32))
     runs = {}
     for seed in args.seeds:
-        student, _ = load_model(args.takd / f"models/students_takd_s{seed}/kd.pt")
+        student, _ = load_model(args.takd / f"models/students_takd_s{seed}/kd.safetensors")
         result = evaluate_classifier(student, images, labels, teacher_logits, preprocess=preprocess,
                                      batch_size=1000)
         seconds = json.loads((args.takd / f"metrics_takd_s{seed}/distill/kd.json").read_text())["seconds"]

@@ -151,7 +151,7 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
                 module.bias.uniform_(-0.2, 0.2)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_model(path, model.eval(), spec={
         "name": name, "num_classes": NUM_CLASSES, "in_chans": 3, "model_kwargs": kwargs,
         "preprocess": dict(TEACHER_PREPROCESS), "classes": list(CLASS_NAMES),

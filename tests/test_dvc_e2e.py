@@ -84,8 +84,8 @@ def _status(repo: Path) -> dict:
 @pytest.mark.slow
 def test_dvc_repro_end_to_end(repo: Path) -> None:
     _run([sys.executable, "-m", "dvc", "repro"], repo)
-    for out in ("data/shards/manifest.json", "models/teacher.pt", "cache/teacher.zarr/zarr.json",
-                "cache/rdm.zarr/zarr.json", "models/students/cifd.pt", "metrics/evaluate.json"):
+    for out in ("data/shards/manifest.json", "models/teacher.safetensors", "cache/teacher.zarr/zarr.json",
+                "cache/rdm.zarr/zarr.json", "models/students/cifd.safetensors", "metrics/evaluate.json"):
         assert (repo / out).exists(), out
     table = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(table) == {"teacher", "ce", "kd", "dgkd", "cifd"}
@@ -110,6 +110,22 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
         assert changed <= OWN[section] | DOWNSTREAM[section], (section, changed)
         (repo / "params.yaml").write_text(original)
     assert _status(repo) == {}  # restored
+
+    # New RDMs rerun only the students that read them: ce and kd depend on their own
+    # uses/distill-<method>.json, whose content does not change with the RDMs.
+    params = yaml.safe_load(original)
+    params["rdm"]["epochs"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = _run([sys.executable, "-m", "dvc", "repro"], repo).stdout
+    for method in ("ce", "kd"):
+        assert f"Stage 'distill@{method}' didn't change, skipping" in rerun, rerun[-2000:]
+    for stage in ("rdm", "distill@dgkd", "distill@cifd"):
+        assert f"Running stage '{stage}'" in rerun
+    uses = json.loads((repo / "cache/rdm.zarr/uses/distill-kd.json").read_text())
+    assert uses == {"consumer": "distill-kd", "reads_rdm_cache": False}
+    assert _status(repo) == {}
+    (repo / "params.yaml").write_text(original)
+    _run([sys.executable, "-m", "dvc", "repro"], repo)  # back to the first RDMs (from the run cache)
 
     # A changed embed.views reaches the embed stage.
     params = yaml.safe_load(original)

@@ -5,6 +5,13 @@ store, and hands each unfinished WebDataset tar to a worker as one task. A worke
 its tar in one read, replays the views, runs the teacher and writes exactly the rows of its
 own Zarr shard, then flags the shard done. A killed run therefore resumes with the shards
 whose flag is unset, and a half-written shard is never flagged.
+
+One writer: the driver holds the store's lock (``<store>.lock``) for the whole run and
+records a token in the store; a worker checks the store's fingerprint and that token before
+each shard write, so a store recreated or taken over by another run is never mixed into. A
+store is rebuilt only when its recorded inputs differ (the report names them); one that
+cannot be read is an error, never removed. A NaN / inf teacher output or an overflow of
+the stored dtype stops the run, naming the shard, row and view.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +29,19 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.cache.lock import writer_lock
+from pipeline.cache.reader import format_rows
 from pipeline.cache.store import (
+    CacheError,
     SplitSpec,
     StoreSpec,
+    claim,
     create_store,
+    existing_store,
     finalize,
-    open_for_resume,
+    remove_leftovers,
+    sibling,
+    swap_in,
     write_rows,
 )
 from pipeline.data.preprocess import Preprocess, render_inputs
@@ -41,9 +56,14 @@ from pipeline.models import (
 )
 from pipeline.runtime import resolve_device
 from schemas import layout as L
+from schemas.base import ConfigError
 from schemas.config import EmbedConfig
 
 log = logging.getLogger(__name__)
+
+
+class TeacherOutputError(CacheError):
+    """The teacher produced values the cache cannot hold (NaN / inf, or beyond the dtype)."""
 
 
 @torch.inference_mode()
@@ -73,8 +93,9 @@ def teacher_outputs(
 
 
 @functools.lru_cache(maxsize=2)
-def _load_teacher(path: str, sha256: str, device: str) -> tuple[ImageClassifier, dict[str, Any]]:
-    model, meta = load_model(path)
+def _load_teacher(path: str, sha256: str, device: str,
+                  allow_entrypoint: str | None) -> tuple[ImageClassifier, dict[str, Any]]:
+    model, meta = load_model(path, allow_entrypoint=allow_entrypoint)
     return model.to(device).eval(), meta
 
 
@@ -92,11 +113,14 @@ class ShardTask:
     views: np.ndarray  # (n, V, 5) float32
     teacher: str
     teacher_sha256: str
+    allow_entrypoint: str | None  # the teacher entrypoint the user's params name (None: timm / pipeline.models)
     preprocess: Preprocess
     batch_size: int
     logits_dtype: str
     device: str
     threads: int
+    fingerprint: str  # of the store this task writes into
+    token: str  # of the run holding the store's writer lock
 
 
 @dataclass(frozen=True)
@@ -107,26 +131,55 @@ class ShardResult:
     seconds: float
 
 
+def checked_rows(emb: np.ndarray, logits: np.ndarray, *, logits_dtype: str, where: str,
+                 start: int) -> dict[str, np.ndarray]:
+    """The stored embeddings (float16) and logits of one shard, from the teacher's float32
+    (n, V, ·) outputs; a NaN / inf output or a value beyond the stored dtype's range is a
+    :class:`TeacherOutputError` naming ``where``, the row and the view."""
+    out = {}
+    for name, values, dtype in ((L.EMBEDDINGS, emb, "float16"), (L.LOGITS, logits, logits_dtype)):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            r, v = (int(i) for i in np.argwhere(bad)[0][:2])
+            raise TeacherOutputError(
+                f"{where}: the teacher's {name} are NaN or inf at row {start + r} view {v} (rows "
+                f"{format_rows(np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1)) + start)}); nothing of this "
+                "shard is written. Check the teacher's weights (`cifd teacher`) and this shard's images")
+        with np.errstate(over="ignore"):
+            stored = values.astype(dtype)
+        over = ~np.isfinite(stored)
+        if over.any():
+            r, v, k = (int(i) for i in np.argwhere(over)[0])
+            fix = ("the cache keeps embeddings in float16: normalise the teacher's embeddings (e.g. a norm layer "
+                   "before the head)" if name == L.EMBEDDINGS else "set embed.logits_dtype: float32")
+            raise TeacherOutputError(
+                f"{where}: the teacher's {name} value {float(values[r, v, k]):.4g} at row {start + r} view {v} "
+                f"overflows {dtype} (largest {float(np.finfo(dtype).max):g}); nothing of this shard is written: {fix}")
+        out[name] = stored
+    return out
+
+
 def embed_shard(task: ShardTask) -> ShardResult:
-    """Worker body: decode one tar, run the teacher on all its views, write its rows."""
+    """Worker body: decode one tar, run the teacher on all its views, check and write its rows."""
     began = time.perf_counter()
     torch.set_num_threads(task.threads)
     device = resolve_device(task.device)
-    model, _ = _load_teacher(task.teacher, task.teacher_sha256, str(device))
+    model, _ = _load_teacher(task.teacher, task.teacher_sha256, str(device), task.allow_entrypoint)
     block = read_shard(task.shard_file, channels=task.channels, start=task.start, stop=task.stop,
                        expected_hashes=task.hashes)
     images = torch.from_numpy(block.images).to(device, non_blocking=True)
     views = torch.from_numpy(task.views)
     emb, logits = teacher_outputs(model, images, views, preprocess=task.preprocess, batch_size=task.batch_size)
+    where = f"embed {task.split} shard {Path(task.shard_file).name} (rows {task.start}:{task.stop})"
     rows = {
-        L.EMBEDDINGS: emb.cpu().numpy().astype(np.float16),
-        L.LOGITS: logits.cpu().numpy().astype(task.logits_dtype),
+        **checked_rows(emb.cpu().numpy(), logits.cpu().numpy(), logits_dtype=task.logits_dtype, where=where,
+                       start=task.start),
         L.VIEWS: task.views.astype(np.float32),
         L.LABELS: block.labels,
         L.INDEX: block.index,
     }
-    group = zarr.open_group(task.store, mode="r+", use_consolidated=False)[task.split]
-    write_rows(group, task.start, task.stop, rows)  # type: ignore[arg-type]
+    root = zarr.open_group(task.store, mode="r+", use_consolidated=False)
+    write_rows(root, task.split, task.start, task.stop, rows, fingerprint_=task.fingerprint, token=task.token)
     return ShardResult(task.split, task.start, task.stop, time.perf_counter() - began)
 
 
@@ -139,6 +192,7 @@ class EmbedReport:
     seconds: float = 0.0
     classifier_reproduces_logits: bool = False
     per_split_rows: dict[str, int] = field(default_factory=dict)
+    rebuilt_because: tuple[str, ...] = ()  # the inputs that differ from an existing store's
 
 
 def build_provenance(
@@ -200,7 +254,11 @@ def _run_tasks(tasks: list[ShardTask], settings: EmbedConfig, on_done: Callable[
         client = Client(cluster)
     else:
         cluster = None
-        client = Client(settings.scheduler)
+        try:
+            client = Client(settings.scheduler)
+        except OSError as exc:
+            raise ConfigError(f"embed.scheduler = {settings.scheduler!r}: cannot reach that dask scheduler ({exc}); "
+                              "start it, or use 'local' or 'synchronous'") from exc
     try:
         futures = client.map(embed_shard, tasks, pure=False)
         for future in as_completed(futures):
@@ -211,28 +269,51 @@ def _run_tasks(tasks: list[ShardTask], settings: EmbedConfig, on_done: Callable[
             cluster.close()
 
 
+@contextmanager
+def _store_io(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise CacheError(f"cannot write the teacher cache at {path} ({exc}); free space or fix permissions, "
+                         "then rerun") from exc
+
+
 def run_embed(
     *,
     settings: EmbedConfig,
     manifest: Manifest,
     teacher_path: Path,
     store_path: Path,
+    allow_entrypoint: str | None = None,
     progress: Callable[[int, str], Any] | None = None,
     splits: Iterable[str] = L.SPLITS,
 ) -> EmbedReport:
     """Fill (or resume) the teacher cache at ``store_path``; returns what this run did.
 
-    ``progress(num_images, description)`` is called once with the total and then after each
-    shard with the number of images it held (wire it to a progress bar).
+    Holds the store's writer lock throughout (a second writer is refused at once). An
+    existing store with the same inputs is resumed; one from other inputs is rebuilt and
+    ``report.rebuilt_because`` names the inputs that differ. ``progress(num_images,
+    description)`` is called once with the total and then after each shard with the number
+    of images it held (wire it to a progress bar).
     """
+    store_path = Path(store_path)
+    with writer_lock(store_path, command="cifd embed") as token:
+        with _store_io(store_path):
+            remove_leftovers(store_path)
+        return _fill(settings=settings, manifest=manifest, teacher_path=Path(teacher_path), store_path=store_path,
+                     progress=progress, splits=list(splits), token=token, allow_entrypoint=allow_entrypoint)
+
+
+def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, store_path: Path,
+          progress: Callable[[int, str], Any] | None, splits: list[str], token: str,
+          allow_entrypoint: str | None) -> EmbedReport:
     began = time.perf_counter()
     device = resolve_device(settings.device)
-    model, spec = load_model(str(teacher_path))
+    model, spec = load_model(str(teacher_path), allow_entrypoint=allow_entrypoint)
     model = model.eval()
     sha = state_dict_sha256(model)
     preprocess = Preprocess.from_spec(spec, source=str(teacher_path))
     channels, height, width = manifest.image_shape
-    splits = list(splits)
 
     # Does classifier(embedding) reproduce the logits? Checked on a few clean views.
     first = manifest.split(splits[0])["shards"][0]
@@ -244,9 +325,12 @@ def run_embed(
 
     provenance = build_provenance(model=model, spec=spec, sha256=sha, manifest=manifest,
                                   settings=settings, check=check, device_type=device.type)
-    root = open_for_resume(store_path, provenance)
-    report = EmbedReport(classifier_reproduces_logits=check[0])
+    root, changes = existing_store(store_path, provenance)
+    report = EmbedReport(classifier_reproduces_logits=check[0], rebuilt_because=tuple(changes))
     if root is None:
+        if changes:
+            log.warning("rebuilding the teacher cache at %s: its recorded inputs differ (%s)", store_path,
+                        "; ".join(changes))
         spec_ = StoreSpec(
             num_views=settings.views, embed_dim=model.embed_dim, num_classes=model.num_classes,
             shard_rows=int(manifest.data["samples_per_shard"]), chunk_rows=settings.chunk_rows,
@@ -255,9 +339,12 @@ def run_embed(
                                    shard_bounds=tuple((e["start"], e["stop"]) for e in manifest.split(s)["shards"]))
                          for s in splits),
         )
-        create_store(store_path, spec_, provenance=provenance,
-                     sources={"teacher": str(teacher_path), "shards": str(manifest.root)})
+        new = sibling(store_path, "new", token)
+        with _store_io(store_path):
+            create_store(new, spec_, provenance=provenance)
+            swap_in(new, store_path, token)
         root = zarr.open_group(store_path, mode="r+", use_consolidated=False)
+    store_fingerprint = str(root.attrs[L.ATTR_FINGERPRINT])
 
     generator = torch.Generator().manual_seed(settings.seed)
     tasks: list[ShardTask] = []
@@ -273,11 +360,12 @@ def run_embed(
                 continue
             a, b = shard["start"], shard["stop"]
             tasks.append(ShardTask(
-                store=str(store_path), split=split, shard_file=str(manifest.root / shard["file"]),
+                store=str(store_path.resolve()), split=split, shard_file=str((manifest.root / shard["file"]).resolve()),
                 start=a, stop=b, channels=channels, hashes=tuple(entry["sample_sha256"][a:b]),
-                views=views[a:b], teacher=str(teacher_path), teacher_sha256=sha, preprocess=preprocess,
+                views=views[a:b], teacher=str(teacher_path.resolve()), teacher_sha256=sha, allow_entrypoint=allow_entrypoint,
+                preprocess=preprocess,
                 batch_size=settings.batch_size, logits_dtype=settings.logits_dtype, device=str(device),
-                threads=settings.threads_per_worker,
+                threads=settings.threads_per_worker, fingerprint=store_fingerprint, token=token,
             ))
     total = sum(t.stop - t.start for t in tasks)
     if progress is not None:
@@ -291,8 +379,11 @@ def run_embed(
         if progress is not None:
             progress(rows, "")
 
-    if tasks:
-        _run_tasks(tasks, settings, on_done)
-    finalize(store_path)
+    if tasks or not root.attrs.get(L.ATTR_COMPLETE):
+        with _store_io(store_path):
+            claim(root, token)
+        if tasks:
+            _run_tasks(tasks, settings, on_done)
+        finalize(store_path)
     report.seconds = time.perf_counter() - began
     return report

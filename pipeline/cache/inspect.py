@@ -1,5 +1,6 @@
 """``cifd cache info`` and ``cifd cache verify``: describe a teacher cache, and check it
-against the live teacher on a random subset of (sample, view) pairs."""
+against the live teacher on a random subset of (sample, view) pairs of every split; with
+``full``, also every stored value of every shard (crc32c, fill, finiteness, content sha256)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 
 from pipeline.cache.embed import teacher_outputs
-from pipeline.cache.reader import CacheExpectation, open_cache
+from pipeline.cache.reader import CacheExpectation, CacheSplit, open_cache
+from pipeline.cache.store import CacheCorruptError
 from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest, read_shard
 from pipeline.evaluate import agreement_hits
@@ -62,7 +64,9 @@ def cache_info(path: str | Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class VerifyReport:
+class SplitCheck:
+    """The live teacher against the cache on the sampled (row, view) pairs of one split."""
+
     samples: int
     embedding_max_abs_err: float
     logits_max_abs_err: float
@@ -70,11 +74,78 @@ class VerifyReport:
     logits_rel_err: float
     embedding_min_cosine: float
     top1_agreement: float
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    seed: int
     tolerance: float
+    full: bool
+    shards_checked: int  # shards whose every stored value was read and checked
+    shards_total: int
+    splits: dict[str, SplitCheck]
+    problems: list[str]  # every failed check, one line each
     ok: bool
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _worst(current: float, value: float) -> float:
+    """max() that lets NaN through as inf (Python's max drops a NaN in second place)."""
+    return math.inf if not math.isfinite(value) else max(current, value)
+
+
+def _compare_split(
+    part: CacheSplit, *, split: str, model: torch.nn.Module, manifest: Any, preprocess: Preprocess,
+    rng: np.random.Generator, samples: int, full: bool, device: str, problems: list[str],
+) -> tuple[SplitCheck, int]:
+    """Check the shards of ``split`` that hold sampled pairs (all of them with ``full``) and
+    re-run the teacher on the sampled pairs; returns the comparison and the shards checked."""
+    count = min(samples, part.num_rows * part.num_views)
+    flat = np.sort(rng.choice(part.num_rows * part.num_views, size=count, replace=False))
+    rows, views = flat // part.num_views, flat % part.num_views
+    channels = manifest.image_shape[0]
+    emb_err, log_err, min_cos, agree, compared = 0.0, 0.0, 1.0, 0, 0
+    emb_scale, log_scale = 1e-12, 1e-12
+    checked = 0
+    for i, shard in enumerate(manifest.split(split)["shards"]):
+        a, b = shard["start"], shard["stop"]
+        sel = (rows >= a) & (rows < b)
+        if not (full or sel.any()):
+            continue
+        try:
+            cached = part.read_shard(i)
+        except CacheCorruptError as exc:  # unreadable, missing or non-finite: nothing to compare
+            problems.append(str(exc))
+            continue
+        checked += 1
+        try:
+            part.check_digest(i, cached)
+        except CacheCorruptError as exc:  # readable but not what was written: still compared below
+            problems.append(str(exc))
+        if not sel.any():
+            continue
+        block = read_shard(manifest.root / shard["file"], channels=channels, start=a, stop=b)
+        r, v = rows[sel] - a, views[sel]
+        params = torch.from_numpy(cached[L.VIEWS][r, v])[:, None]  # (k, 1, 5)
+        images = torch.from_numpy(block.images[r]).to(device)
+        emb, logits = teacher_outputs(model, images, params, preprocess=preprocess, batch_size=256)
+        emb, logits = emb[:, 0].cpu(), logits[:, 0].cpu()
+        c_emb = torch.from_numpy(cached[L.EMBEDDINGS][r, v].astype(np.float32))
+        c_log = torch.from_numpy(cached[L.LOGITS][r, v].astype(np.float32))
+        emb_scale = max(emb_scale, float(c_emb.abs().max()))
+        log_scale = max(log_scale, float(c_log.abs().max()))
+        emb_err = _worst(emb_err, float((emb - c_emb).abs().max()))
+        log_err = _worst(log_err, float((logits - c_log).abs().max()))
+        cos = torch.nn.functional.cosine_similarity(emb, c_emb, dim=-1, eps=1e-12)
+        min_cos = -math.inf if not bool(torch.isfinite(cos).all()) else min(min_cos, float(cos.min()))
+        agree += int(agreement_hits(logits, c_log).sum())
+        compared += len(r)
+    check = SplitCheck(samples=compared, embedding_max_abs_err=emb_err, logits_max_abs_err=log_err,
+                       embedding_rel_err=emb_err / emb_scale, logits_rel_err=log_err / log_scale,
+                       embedding_min_cosine=min_cos, top1_agreement=agree / max(compared, 1))
+    return check, checked
 
 
 def verify_cache(
@@ -85,56 +156,45 @@ def verify_cache(
     samples: int,
     seed: int,
     tolerance: float,
-    split: str = "train",
+    full: bool = False,
     device: str = "cpu",
+    allow_entrypoint: str | None = None,
 ) -> VerifyReport:
-    """Re-run the live teacher on ``samples`` random (row, view) pairs of ``split``.
+    """Re-run the live ``teacher`` (the user's file, never one the cache names) on
+    ``samples`` random (row, view) pairs of each split, drawn from ``seed``.
 
-    Refuses a teacher or shards that are not the ones the cache names (by hash). ``ok`` when
-    the max abs error of embeddings and of logits, relative to the largest cached magnitude,
-    is within ``tolerance`` and top-1 agrees on at least 99% of checked pairs. Embeddings are stored in
-    float16 (relative rounding ~5e-4), so a tolerance of 1e-2 leaves room for float16 and
-    for CPU/GPU kernel differences while catching a wrong or drifted teacher.
+    Refuses a teacher or shards that are not the ones the cache was made from (by hash).
+    Every shard that holds a sampled pair (with ``full``: every shard) is read whole and
+    checked: crc32c of each chunk, no fill value, no NaN / inf, content sha256 as recorded
+    at write. ``ok`` when no check failed, the max abs errors of embeddings and logits,
+    relative to the largest cached magnitude, are within ``tolerance`` and top-1 agrees on
+    at least 99% of the pairs of each split. Embeddings are stored in float16 (relative
+    rounding ~5e-4), so a tolerance of 1e-2 leaves room for float16 and for CPU/GPU kernel
+    differences while catching a wrong or drifted teacher.
     """
-    model, spec = load_model(str(teacher))
+    model, spec = load_model(str(teacher), allow_entrypoint=allow_entrypoint)
     manifest = load_manifest(shards)
     cache = open_cache(path, CacheExpectation(teacher_sha256=state_dict_sha256(model),
                                               manifest_sha256=manifest.sha256))
     model = model.to(device).eval()
-    part = cache.split(split)
-    rng = np.random.default_rng(seed)
-    count = min(samples, part.num_rows * part.num_views)
-    flat = np.sort(rng.choice(part.num_rows * part.num_views, size=count, replace=False))
-    rows, views = flat // part.num_views, flat % part.num_views
-    entry = manifest.split(split)
-    channels = manifest.image_shape[0]
     preprocess = Preprocess.from_spec(spec, source=str(teacher))
-    emb_err, log_err, min_cos, agree = 0.0, 0.0, 1.0, 0
-    emb_scale, log_scale = 1e-12, 1e-12
-    for shard in entry["shards"]:
-        a, b = shard["start"], shard["stop"]
-        sel = (rows >= a) & (rows < b)
-        if not sel.any():
-            continue
-        block = read_shard(manifest.root / shard["file"], channels=channels, start=a, stop=b)
-        cached = part.read(a, b, (L.EMBEDDINGS, L.LOGITS, L.VIEWS))
-        r, v = rows[sel] - a, views[sel]
-        params = torch.from_numpy(cached[L.VIEWS][r, v])[:, None]  # (k, 1, 5)
-        images = torch.from_numpy(block.images[r]).to(device)
-        emb, logits = teacher_outputs(model, images, params, preprocess=preprocess, batch_size=256)
-        emb, logits = emb[:, 0].cpu(), logits[:, 0].cpu()
-        c_emb = torch.from_numpy(cached[L.EMBEDDINGS][r, v].astype(np.float32))
-        c_log = torch.from_numpy(cached[L.LOGITS][r, v].astype(np.float32))
-        emb_scale = max(emb_scale, float(c_emb.abs().max()))
-        log_scale = max(log_scale, float(c_log.abs().max()))
-        emb_err = max(emb_err, float((emb - c_emb).abs().max()))
-        log_err = max(log_err, float((logits - c_log).abs().max()))
-        cos = torch.nn.functional.cosine_similarity(emb, c_emb, dim=-1, eps=1e-12)
-        min_cos = min(min_cos, float(cos.min()))
-        agree += int(agreement_hits(logits, c_log).sum())
-    agreement = agree / max(count, 1)
-    emb_rel, log_rel = emb_err / emb_scale, log_err / log_scale
-    ok = emb_rel <= tolerance and log_rel <= tolerance and agreement >= 0.99
-    return VerifyReport(samples=count, embedding_max_abs_err=emb_err, logits_max_abs_err=log_err,
-                        embedding_rel_err=emb_rel, logits_rel_err=log_rel,
-                        embedding_min_cosine=min_cos, top1_agreement=agreement, tolerance=tolerance, ok=ok)
+    rng = np.random.default_rng(seed)
+    problems: list[str] = []
+    splits: dict[str, SplitCheck] = {}
+    checked = total = 0
+    for split in cache.splits:
+        part = cache.split(split)
+        total += len(part.shard_bounds)
+        check, n = _compare_split(part, split=split, model=model, manifest=manifest, preprocess=preprocess, rng=rng,
+                                  samples=samples, full=full, device=device, problems=problems)
+        checked += n
+        splits[split] = check
+        for what, value in (("embedding", check.embedding_rel_err), ("logits", check.logits_rel_err)):
+            if not value <= tolerance:
+                problems.append(f"split {split}: {what} error relative to the largest cached value is {value:.3g}, "
+                                f"beyond the tolerance {tolerance:g}")
+        if not check.top1_agreement >= 0.99:
+            problems.append(f"split {split}: top-1 agreement with the live teacher is {check.top1_agreement:.4f} "
+                            "(expected >= 0.99)")
+    return VerifyReport(seed=seed, tolerance=tolerance, full=full, shards_checked=checked, shards_total=total,
+                        splits=splits, problems=problems, ok=not problems)

@@ -1,5 +1,12 @@
 """Read the teacher cache: refuse a store that does not match before any compute, then read
-rows in blocks (one read per Zarr shard, never row by row)."""
+rows in blocks (one read per Zarr shard, never row by row), checking every block.
+
+Checked on open: kind, schema version, that the provenance still hashes to the recorded
+fingerprint (edited attributes are refused), completeness, the integrity layout (NaN / -1
+fill values, a crc32c per chunk) and, when given, the expected teacher, shards and shapes.
+Checked on every read: each chunk's crc32c (by Zarr), and that no value is the fill value
+(a missing chunk or shard) or otherwise non-finite; the error names split, array and rows.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,19 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
-from pipeline.cache.store import CacheError
+from pipeline.cache.store import CacheCorruptError, CacheError, fill_value, fingerprint, shard_digest
 from pipeline.data.shards import Manifest
 from schemas import layout as L
+
+# What Zarr and its codecs raise on a chunk that does not decode (crc32c mismatch, truncated
+# or garbled bytes): re-raised as CacheCorruptError naming split, array and rows.
+_DECODE_ERRORS = (ValueError, RuntimeError, OSError, IndexError, KeyError, TypeError)
+
+TEACHER_FIX = ("Restore the cache (`dvc checkout` / `dvc pull`) or rebuild it (move it away, then `cifd embed`); "
+               "`cifd cache verify --full` lists every bad shard.")
+RDM_FIX = "Rebuild the RDM cache: `cifd rdm`."
 
 
 @dataclass(frozen=True)
@@ -31,22 +47,103 @@ def _mismatch(path: Path, what: str, found: Any, expected: Any, fix: str) -> Cac
     return CacheError(f"teacher cache {path}: {what} is {found!r}, expected {expected!r}. {fix}")
 
 
+def format_rows(rows: Sequence[int] | np.ndarray, limit: int = 6) -> str:
+    """``"4-7, 12 (5 rows)"``: sorted rows as ranges, the first ``limit`` ranges only."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    ranges: list[tuple[int, int]] = []
+    for r in rows.tolist():
+        if ranges and r == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], r)
+        else:
+            ranges.append((r, r))
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges[:limit])
+    if len(ranges) > limit:
+        text += ", …"
+    return f"{text} ({len(rows)} row{'s' if len(rows) != 1 else ''})"
+
+
+def check_layout(root: zarr.Group, splits: Sequence[str], arrays: Sequence[str], *, label: str, fix: str) -> None:
+    """Refuse a store whose arrays would hide a missing or corrupt chunk: every row array
+    must have the NaN / -1 fill value and a crc32c in its chunk codecs."""
+    for split in splits:
+        group = root[split]
+        for name in (*arrays, L.DONE, L.SHARD_SHA256):
+            if name not in group:
+                raise CacheError(f"{label} split {split} has no array '{name}'. {fix}")
+        for name in arrays:
+            array = group[name]
+            fill = array.fill_value  # type: ignore[union-attr]
+            expected = fill_value(array.dtype)  # type: ignore[union-attr]
+            same_fill = bool(np.isnan(fill)) if isinstance(expected, float) else fill == expected
+            inner = getattr(array.metadata.codecs[0], "codecs", array.metadata.codecs)  # type: ignore[union-attr]
+            if not same_fill or not any(isinstance(c, Crc32cCodec) for c in inner):
+                raise CacheError(f"{label} split {split} array {name} has fill value {fill} and codecs "
+                                 f"{[type(c).__name__ for c in inner]}; expected fill {expected} and a "
+                                 f"Crc32cCodec, or a missing or corrupt chunk would go unnoticed. {fix}")
+
+
 class ShardedSplit:
     """One split of a shard-aligned Zarr store (the teacher cache or the RDM cache).
 
-    Every read covers whole row ranges with one request per array; :meth:`blocks` walks the
-    split one Zarr shard at a time, so a pass over it holds one shard in memory.
+    Every read covers whole row ranges with one request per array and is checked: a chunk
+    that fails its crc32c, a fill value (missing chunk or shard) or any other NaN / inf is a
+    :class:`CacheCorruptError` naming the store, split, array and rows. :meth:`blocks` walks
+    the split one Zarr shard at a time, so a pass over it holds one shard in memory.
     """
 
-    def __init__(self, group: zarr.Group, name: str) -> None:
+    def __init__(self, group: zarr.Group, name: str, *, label: str, fix: str, row_arrays: Sequence[str]) -> None:
         self.group = group
         self.name = name
+        self.label = label  # "teacher cache <path>" / "RDM cache <path>"
+        self.fix = fix
+        self.row_arrays = tuple(row_arrays)
         self.shard_bounds: list[tuple[int, int]] = [tuple(b) for b in group.attrs["shard_bounds"]]  # type: ignore[misc]
         self.num_rows = self.shard_bounds[-1][1] if self.shard_bounds else 0
 
+    def _where(self, name: str) -> str:
+        return f"{self.label} split {self.name} array {name}"
+
+    def _unreadable_rows(self, name: str, start: int, stop: int) -> list[int]:
+        """The rows of the chunks in ``start:stop`` that fail to decode (one read per chunk)."""
+        array = self.group[name]
+        step = array.chunks[0]  # type: ignore[union-attr]
+        bad: list[int] = []
+        for a in range(start - start % step, stop, step):
+            lo, hi = max(a, start), min(a + step, stop)
+            try:
+                array[lo:hi]  # type: ignore[index]
+            except _DECODE_ERRORS:
+                bad.extend(range(lo, hi))
+        return bad or list(range(start, stop))
+
+    def _checked(self, name: str, values: np.ndarray, start: int) -> np.ndarray:
+        flat = values.reshape(len(values), -1)
+        if values.dtype.kind == "f":
+            bad = ~np.isfinite(flat)
+            if bad.any():
+                rows = np.flatnonzero(bad.any(axis=1))
+                missing = np.isnan(flat[rows]).all(axis=1)
+                what = ("are missing: they read as the fill value NaN, so a chunk or shard file is absent"
+                        if missing.all() else "hold NaN or inf values")
+                raise CacheCorruptError(f"{self._where(name)}: rows {format_rows(rows + start)} {what}. {self.fix}")
+        elif values.dtype.kind == "i" and (flat < 0).any():
+            rows = np.flatnonzero((flat < 0).any(axis=1))
+            raise CacheCorruptError(f"{self._where(name)}: rows {format_rows(rows + start)} are missing: they read "
+                                    f"as the fill value {L.INT_FILL}, so a chunk or shard file is absent. {self.fix}")
+        return values
+
     def read(self, start: int, stop: int, fields: Sequence[str]) -> dict[str, np.ndarray]:
-        """Rows ``start:stop`` of ``fields`` (one request per array)."""
-        return {name: self.group[name][start:stop] for name in fields}  # type: ignore[index]
+        """Rows ``start:stop`` of ``fields`` (one request per array), checked."""
+        out = {}
+        for name in fields:
+            try:
+                values = self.group[name][start:stop]  # type: ignore[index]
+            except _DECODE_ERRORS as exc:
+                rows = self._unreadable_rows(name, start, stop)
+                raise CacheCorruptError(f"{self._where(name)}: rows {format_rows(rows)} cannot be read "
+                                        f"({type(exc).__name__}: {exc}). {self.fix}") from exc
+            out[name] = self._checked(name, np.asarray(values), start)
+        return out
 
     def blocks(self, fields: Sequence[str]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         """``(start, stop, arrays)`` for each Zarr shard of the split, in row order."""
@@ -70,12 +167,36 @@ class ShardedSplit:
             count += values.size
         return math.sqrt(total / count) if count else 0.0
 
+    def read_shard(self, shard: int) -> dict[str, np.ndarray]:
+        """Every row array of one shard, read and checked like any block."""
+        a, b = self.shard_bounds[shard]
+        return self.read(a, b, self.row_arrays)
+
+    def check_digest(self, shard: int, rows: dict[str, np.ndarray]) -> None:
+        """Refuse ``rows`` (from :meth:`read_shard`) unless their content sha256 is the one
+        recorded when the shard was written."""
+        a, b = self.shard_bounds[shard]
+        recorded = bytes(np.asarray(self.group[L.SHARD_SHA256][shard], dtype=np.uint8))  # type: ignore[index]
+        if recorded == bytes(32):
+            raise CacheCorruptError(f"{self.label} split {self.name} shard {shard} (rows {a}:{b}) has no recorded "
+                                    f"checksum although it is marked written. {self.fix}")
+        if shard_digest(rows, self.row_arrays) != recorded:
+            raise CacheCorruptError(f"{self.label} split {self.name} shard {shard} (rows {a}:{b}): its values differ "
+                                    f"from those written (content sha256 mismatch). {self.fix}")
+
+    def verify_shard(self, shard: int) -> dict[str, np.ndarray]:
+        """Read every row array of one shard (crc32c, fill and finiteness checks), compare its
+        content sha256 with the one recorded at write, and return the rows."""
+        rows = self.read_shard(shard)
+        self.check_digest(shard, rows)
+        return rows
+
 
 class CacheSplit(ShardedSplit):
     """One split of the teacher cache: N rows of V views, D-dim embeddings, C classes."""
 
-    def __init__(self, group: zarr.Group, name: str) -> None:
-        super().__init__(group, name)
+    def __init__(self, group: zarr.Group, name: str, *, path: Path) -> None:
+        super().__init__(group, name, label=f"teacher cache {path}", fix=TEACHER_FIX, row_arrays=L.ROW_ARRAYS)
         emb = group[L.EMBEDDINGS]
         self.num_rows, self.num_views, self.embed_dim = emb.shape  # type: ignore[misc]
         self.num_classes = group[L.LOGITS].shape[2]  # type: ignore[index]
@@ -110,7 +231,7 @@ class TeacherCache:
     def split(self, name: str) -> CacheSplit:
         if name not in self.root:
             raise CacheError(f"teacher cache {self.path} has no split '{name}'; it has {self.splits}")
-        return CacheSplit(self.root[name], name)  # type: ignore[arg-type]
+        return CacheSplit(self.root[name], name, path=self.path)  # type: ignore[arg-type]
 
 
 def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> TeacherCache:
@@ -118,13 +239,25 @@ def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> Teac
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise CacheError(f"no teacher cache at {path}; run `cifd embed` (dvc repro embed) or fix paths.cache")
-    root = zarr.open_group(path, mode="r")
+    try:
+        root = zarr.open_group(path, mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CacheError(f"teacher cache {path}: its metadata cannot be read ({type(exc).__name__}: {exc}). "
+                         f"{TEACHER_FIX}") from exc
     attrs = dict(root.attrs)
     if attrs.get(L.ATTR_KIND) != L.CACHE_KIND:
         raise _mismatch(path, "kind", attrs.get(L.ATTR_KIND), L.CACHE_KIND, "Point paths.cache at a teacher cache.")
     if attrs.get(L.ATTR_SCHEMA) != L.CACHE_SCHEMA_VERSION:
         raise _mismatch(path, "schema version", attrs.get(L.ATTR_SCHEMA), L.CACHE_SCHEMA_VERSION,
-                        "Rebuild it with this version of cifd (`cifd embed`).")
+                        "It was written by another version of cifd: rebuild it (`cifd embed`).")
+    recorded = attrs.get(L.ATTR_FINGERPRINT)
+    provenance = attrs.get(L.ATTR_PROVENANCE)
+    actual = fingerprint(provenance) if isinstance(provenance, dict) else None
+    if actual is None or actual != recorded:
+        raise CacheError(
+            f"teacher cache {path}: its provenance hashes to {str(actual)[:16]}…, not to its recorded fingerprint "
+            f"{str(recorded)[:16]}…: its attributes were edited after it was written, so it cannot be trusted. "
+            f"{TEACHER_FIX}")
     cache = TeacherCache(path, root)
     if not attrs.get(L.ATTR_COMPLETE):
         done = {s: int(np.asarray(root[s][L.DONE][:]).sum()) for s in cache.splits}
@@ -148,6 +281,7 @@ def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> Teac
         for what, found, expected, fix in checks:
             if expected is not None and found != expected:
                 raise _mismatch(path, what, found, expected, fix)
+    check_layout(root, cache.splits, L.ROW_ARRAYS, label=f"teacher cache {path}", fix=TEACHER_FIX)
     for name in cache.splits:
         done = np.asarray(root[name][L.DONE][:])
         if not done.all():

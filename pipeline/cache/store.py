@@ -1,40 +1,71 @@
-"""The teacher cache as a Zarr v3 store: creation (preallocated, sharded) and opening.
+"""The teacher cache as a Zarr v3 store: creation (preallocated, sharded), resumption and
+the write of one shard.
 
 Layout (``schemas.layout``): root attributes carry the schema version, provenance and a
 fingerprint of everything that determines the content; one group per split holds
 ``embeddings (N, V, D) f16``, ``logits (N, V, C)``, ``views (N, V, 5) f32``,
-``labels (N,)``, ``index (N,)`` and ``done (num_shards,)``. A Zarr shard spans exactly
-the rows of one WebDataset tar, so one worker owns each shard file.
+``labels (N,)``, ``index (N,)``, ``done (num_shards,)`` and ``shard_sha256 (num_shards, 32)``.
+A Zarr shard spans exactly the rows of one WebDataset tar, so one worker owns each shard file.
+
+Integrity: every chunk ends with a crc32c of its bytes (a flipped byte fails the read); a
+missing chunk reads as NaN / -1, which no writer stores and every reader refuses; each shard's
+row values are hashed at write (``shard_sha256``) for ``cifd cache verify --full``. A store is
+created beside its path and renamed into place, so it is absent or whole, never half made.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from schemas import layout as L
-
-log = logging.getLogger(__name__)
 
 
 class CacheError(ValueError):
     """The cache is missing, incomplete, of another schema, or from other inputs."""
 
 
-def fingerprint(provenance: dict[str, Any]) -> str:
+class CacheCorruptError(CacheError):
+    """Stored values are missing, unreadable, non-finite or differ from what was written."""
+
+
+def fingerprint(provenance: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the inputs in the provenance: equal inputs, equal
     fingerprint. Measured facts (the classifier check) are recorded but not hashed."""
     inputs = {k: v for k, v in provenance.items() if k != "classifier_check"}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 24 else text[:12] + "…"
+
+
+def input_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key: old → new"`` for every hashed input that differs (dotted keys, sorted)."""
+    old = _flatten({k: v for k, v in json.loads(json.dumps(recorded)).items() if k != "classifier_check"})
+    new = _flatten({k: v for k, v in json.loads(json.dumps(current)).items() if k != "classifier_check"})
+    return [f"{key}: {_short(old.get(key))} → {_short(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
 @dataclass(frozen=True)
@@ -57,23 +88,54 @@ class StoreSpec:
     splits: tuple[SplitSpec, ...]
 
 
-def default_compressor() -> BloscCodec:
-    """The Blosc codec of every cache array, as ``schemas.layout.COMPRESSOR`` says."""
+def chunk_codecs() -> list[Any]:
+    """The codecs of every chunk, as ``schemas.layout.COMPRESSOR`` says, then a crc32c."""
     spec = L.COMPRESSOR
-    return BloscCodec(cname=spec["cname"], clevel=int(spec["clevel"]), shuffle=BloscShuffle(spec["shuffle"]))
+    return [BloscCodec(cname=spec["cname"], clevel=int(spec["clevel"]), shuffle=BloscShuffle(spec["shuffle"])),
+            Crc32cCodec()]
 
 
-def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any], sources: dict[str, str]) -> zarr.Group:
-    """Create a fresh store (replacing any at ``path``) with all rows preallocated."""
+def fill_value(dtype: str | np.dtype) -> float | int:
+    """NaN for float arrays, -1 for integer arrays: what a missing chunk reads as."""
+    return L.FLOAT_FILL if np.dtype(dtype).kind == "f" else L.INT_FILL
+
+
+def create_row_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype: str, chunk_rows: int,
+                     shard_rows: int) -> zarr.Array:
+    """One row-major array: chunks and shards span whole rows, NaN / -1 fill, crc32c per chunk."""
+    tail = shape[1:]
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk_rows, *tail),
+                              shards=(shard_rows, *tail), compressors=chunk_codecs(), fill_value=fill_value(dtype))
+
+
+def create_shard_arrays(group: zarr.Group, shard_bounds: Sequence[tuple[int, int]]) -> None:
+    """The per-shard bookkeeping of a split: ``done`` flags, content checksums, the bounds."""
+    n = len(shard_bounds)
+    group.create_array(L.DONE, shape=(n,), dtype="uint8", chunks=(1,), fill_value=0, compressors=None)
+    group.create_array(L.SHARD_SHA256, shape=(n, 32), dtype="uint8", chunks=(1, 32), fill_value=0,
+                       compressors=None)
+    group.attrs["shard_bounds"] = [list(b) for b in shard_bounds]
+
+
+def shard_digest(rows: Mapping[str, np.ndarray], names: Sequence[str]) -> bytes:
+    """sha256 over the named arrays of one shard (name, dtype, shape, C-order bytes)."""
+    h = hashlib.sha256()
+    for name in names:
+        values = np.ascontiguousarray(rows[name])
+        h.update(f"{name}|{values.dtype.str}|{values.shape}|".encode())
+        h.update(values.tobytes())
+    return h.digest()
+
+
+def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any]) -> zarr.Group:
+    """Create a store at ``path`` (which must not exist) with all rows preallocated."""
     if spec.shard_rows % spec.chunk_rows:
         raise CacheError(
             f"embed.chunk_rows = {spec.chunk_rows} does not divide the shard size {spec.shard_rows} "
             f"(prepare.samples_per_shard); pick a divisor of {spec.shard_rows}"
         )
-    if path.exists():
-        shutil.rmtree(path)
-    root = zarr.open_group(path, mode="w", zarr_format=3)
-    v, d, c, s, k = spec.num_views, spec.embed_dim, spec.num_classes, spec.shard_rows, spec.chunk_rows
+    root = zarr.open_group(path, mode="w-", zarr_format=3)
+    v, d, c = spec.num_views, spec.embed_dim, spec.num_classes
     arrays = {
         L.EMBEDDINGS: ((v, d), "float16"),
         L.LOGITS: ((v, c), spec.logits_dtype),
@@ -83,55 +145,132 @@ def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any], sou
     }
     for split in spec.splits:
         group = root.create_group(split.name)
-        n = split.num_rows
         for name, (tail, dtype) in arrays.items():
-            group.create_array(
-                name, shape=(n, *tail), dtype=dtype, chunks=(k, *tail), shards=(s, *tail),
-                compressors=default_compressor(), fill_value=0,
-            )
-        group.create_array(L.DONE, shape=(len(split.shard_bounds),), dtype="uint8", chunks=(1,),
-                           fill_value=0, compressors=None)
-        group.attrs["shard_bounds"] = [list(b) for b in split.shard_bounds]
+            create_row_array(group, name, shape=(split.num_rows, *tail), dtype=dtype,
+                             chunk_rows=spec.chunk_rows, shard_rows=spec.shard_rows)
+        create_shard_arrays(group, split.shard_bounds)
     root.attrs.update({
         L.ATTR_KIND: L.CACHE_KIND,
         L.ATTR_SCHEMA: L.CACHE_SCHEMA_VERSION,
         L.ATTR_PROVENANCE: provenance,
         L.ATTR_FINGERPRINT: fingerprint(provenance),
-        L.ATTR_SOURCES: sources,
         L.ATTR_COMPLETE: False,
     })
     return root
 
 
-def open_for_resume(path: Path, provenance: dict[str, Any]) -> zarr.Group | None:
-    """The existing store at ``path`` if it was started with the same inputs, else None."""
-    if not (path / "zarr.json").is_file():
-        return None
+def sibling(path: Path, tag: str, token: str) -> Path:
+    """A hidden working path beside ``path`` (same file system, so renames are atomic)."""
+    return path.with_name(f".{path.name}.{tag}-{token[:12]}")
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove the working copies (``sibling``) a killed writer of ``path`` left beside it.
+    Call it under the writer lock: no live writer owns them then."""
+    for tag in ("new", "old"):
+        for leftover in path.parent.glob(f".{path.name}.{tag}-*"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def swap_in(new: Path, target: Path, token: str) -> None:
+    """Put the directory ``new`` at ``target``, replacing what was there (two renames on one
+    file system; the old directory is removed only once the new one is in place)."""
+    old = sibling(target, "old", token)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _open_existing(path: Path, *, what: str, fix: str) -> zarr.Group:
     try:
-        root = zarr.open_group(path, mode="r+", use_consolidated=False)
+        return zarr.open_group(path, mode="r+", use_consolidated=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        # Unreadable metadata (a run killed while creating the store): start over.
-        log.warning("existing store at %s is unreadable (%s); it will be recreated", path, exc)
-        return None
-    attrs = dict(root.attrs)
-    if attrs.get(L.ATTR_SCHEMA) != L.CACHE_SCHEMA_VERSION or attrs.get(L.ATTR_FINGERPRINT) != fingerprint(provenance):
-        return None
-    return root
+        raise CacheError(
+            f"the existing {what} at {path} cannot be read ({type(exc).__name__}: {exc}); it is left as it is: "
+            f"{fix}") from exc
 
 
-def write_rows(group: zarr.Group, start: int, stop: int, rows: dict[str, np.ndarray]) -> None:
-    """Write one shard's rows (all arrays), then mark the shard done.
+def existing_store(path: Path, provenance: dict[str, Any]) -> tuple[zarr.Group | None, list[str]]:
+    """What is at ``path`` for a writer with inputs ``provenance``:
 
-    The done flag is written last, so a killed writer leaves the shard marked unfinished.
+    ``(None, [])`` nothing there; ``(root, [])`` a store with the same inputs (resume it);
+    ``(None, changes)`` a cache from other inputs, ``changes`` naming each input that differs.
+    Anything else (unreadable metadata, not a teacher cache, edited attributes) is a
+    :class:`CacheError`: the directory is never removed on a read error.
     """
-    for name in L.ROW_ARRAYS:
-        group[name][start:stop] = rows[name]
-    bounds = [tuple(b) for b in group.attrs["shard_bounds"]]
-    group[L.DONE][bounds.index((start, stop))] = 1
+    fix = "restore it (`dvc checkout`) or move it away to rebuild"
+    if not path.exists():
+        return None, []
+    if not (path / "zarr.json").is_file():
+        if path.is_dir() and not any(path.iterdir()):
+            return None, []
+        raise CacheError(f"{path} exists and is not a teacher cache (no zarr.json); it is left as it is: "
+                         "fix paths.cache or move it away")
+    root = _open_existing(path, what="teacher cache", fix=fix)
+    attrs = dict(root.attrs)
+    if attrs.get(L.ATTR_KIND) != L.CACHE_KIND:
+        raise CacheError(f"{path} is a Zarr store of kind {attrs.get(L.ATTR_KIND)!r}, not a teacher cache; it is "
+                         "left as it is: fix paths.cache or move it away")
+    if attrs.get(L.ATTR_SCHEMA) != L.CACHE_SCHEMA_VERSION:
+        return None, [f"schema_version: {attrs.get(L.ATTR_SCHEMA)} → {L.CACHE_SCHEMA_VERSION}"]
+    recorded = attrs.get(L.ATTR_PROVENANCE)
+    if not isinstance(recorded, dict) or fingerprint(recorded) != attrs.get(L.ATTR_FINGERPRINT):
+        raise CacheError(f"the existing teacher cache at {path} has attributes that do not hash to its recorded "
+                         f"fingerprint (edited after it was written); it is left as it is: {fix}")
+    changes = input_changes(recorded, provenance)
+    return (None, changes) if changes else (root, [])
+
+
+def claim(root: zarr.Group, token: str) -> None:
+    """Record ``token`` as the store's writer: writes carrying another token are refused."""
+    root.attrs[L.ATTR_WRITER] = token
+
+
+def check_writer(root: zarr.Group, *, fingerprint_: str, token: str, where: str) -> None:
+    """Refuse to write unless ``root`` is still the store this run created or resumed."""
+    attrs = dict(root.attrs)
+    if attrs.get(L.ATTR_FINGERPRINT) != fingerprint_ or attrs.get(L.ATTR_WRITER) != token:
+        raise CacheError(
+            f"{where}: the store was recreated or taken over by another run (fingerprint "
+            f"{str(attrs.get(L.ATTR_FINGERPRINT))[:12]}…, writer {str(attrs.get(L.ATTR_WRITER))[:12]}…, "
+            f"this run has {fingerprint_[:12]}…, {token[:12]}…); this run stops without writing")
+
+
+def write_rows(root: zarr.Group, split: str, start: int, stop: int, rows: Mapping[str, np.ndarray], *,
+               fingerprint_: str, token: str) -> None:
+    """Write one shard's rows (all arrays) and their checksum, then mark the shard done.
+
+    Checks first that the store is still this run's (``check_writer``). The done flag is
+    written last, so a killed writer leaves the shard marked unfinished.
+    """
+    where = f"teacher cache {getattr(root.store, 'root', root.store)} split {split} rows {start}:{stop}"
+    check_writer(root, fingerprint_=fingerprint_, token=token, where=where)
+    group = root[split]
+    values = {name: np.asarray(rows[name], dtype=group[name].dtype) for name in L.ROW_ARRAYS}  # type: ignore[union-attr]
+    bounds = [tuple(b) for b in group.attrs["shard_bounds"]]  # type: ignore[union-attr]
+    shard = bounds.index((start, stop))
+    try:
+        for name in L.ROW_ARRAYS:
+            group[name][start:stop] = values[name]  # type: ignore[index]
+        group[L.SHARD_SHA256][shard] = np.frombuffer(shard_digest(values, L.ROW_ARRAYS), dtype=np.uint8)  # type: ignore[index]
+        group[L.DONE][shard] = 1  # type: ignore[index]
+    except OSError as exc:
+        raise CacheError(f"cannot write {where} ({exc}); free space or fix permissions, then rerun") from exc
 
 
 def finalize(path: Path) -> None:
-    """Mark the store complete and consolidate its metadata (the last write)."""
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    root.attrs[L.ATTR_COMPLETE] = True
-    zarr.consolidate_metadata(str(path))
+    """Mark the store complete, drop the writer token and consolidate the metadata (the last
+    write: a complete store's bytes depend on its content only)."""
+    try:
+        root = zarr.open_group(path, mode="r+", use_consolidated=False)
+        root.attrs[L.ATTR_COMPLETE] = True
+        if L.ATTR_WRITER in root.attrs:
+            del root.attrs[L.ATTR_WRITER]
+        zarr.consolidate_metadata(str(path))
+    except OSError as exc:
+        raise CacheError(f"cannot finalize the store at {path} ({exc}); free space or fix permissions, "
+                         "then rerun") from exc

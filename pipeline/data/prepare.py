@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.shards import validate_samples, write_manifest, write_split
+from pipeline.runtime import derived_seed
 from pipeline.data.sources import (
     RawSample,
     SourceSplit,
@@ -16,7 +20,7 @@ from pipeline.data.sources import (
     webdataset_source,
 )
 from schemas.config import PrepareConfig
-from schemas.layout import MANIFEST_NAME, SPLITS
+from schemas.layout import SPLITS
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,52 @@ def split_source(cfg: PrepareConfig) -> tuple[dict[str, list[RawSample]], list[s
     return splits, classes
 
 
+SHUFFLE_RULE = "numpy.random.default_rng(derived_seed(seed, split_index)).permutation(rows)"
+
+
+def shuffled(samples: list[RawSample], *, seed: int, split: str) -> list[RawSample]:
+    """``samples`` in a seeded random order (:data:`SHUFFLE_RULE`), independent of the other
+    draws of ``prepare`` (the val split and the subsets keep their rows)."""
+    order = np.random.default_rng(derived_seed(seed, SPLITS.index(split))).permutation(len(samples))
+    return [samples[i] for i in order]
+
+
+def _swap_in(built: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the finished ``built`` directory: the old shards are moved aside
+    and removed only after the new ones are in place."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    os.rename(built, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def prepare_dataset(cfg: PrepareConfig, out_dir: Path) -> PrepareReport:
-    """Validate every image, write the shards of each split and the manifest."""
+    """Validate every image, write the shards of each split and the manifest.
+
+    Everything is built in a temporary directory beside ``out_dir`` and swapped in only when
+    complete: a failed or killed run leaves the previous shards and manifest as they were.
+    """
     splits, classes = split_source(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob("*.tar"), out_dir / MANIFEST_NAME]:
-        stale.unlink(missing_ok=True)
+    if cfg.shuffle:
+        splits = {split: shuffled(rows, seed=cfg.seed, split=split) for split, rows in splits.items()}
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
+    os.chmod(build, 0o755)  # mkdtemp makes it private; the shards are not
+    try:
+        report = _write_all(cfg, splits, classes, build)
+        _swap_in(build, out_dir)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # gone already after a successful swap
+    return report
+
+
+def _write_all(cfg: PrepareConfig, splits: dict[str, list[RawSample]], classes: list[str],
+               out_dir: Path) -> PrepareReport:
     entries, skipped, shape = {}, {}, None
     for split in SPLITS:
         checked = validate_samples(splits[split], on_corrupt=cfg.on_corrupt,
@@ -107,6 +151,8 @@ def prepare_dataset(cfg: PrepareConfig, out_dir: Path) -> PrepareReport:
         skipped[split] = len(checked.skipped)
     sha = write_manifest(out_dir, {
         "source": cfg.to_dict(),
+        "row_order": {"shuffled": cfg.shuffle, "seed": cfg.seed,
+                      "rule": SHUFFLE_RULE if cfg.shuffle else "source order"},
         "classes": classes,
         "image_shape": list(shape or ()),
         "samples_per_shard": cfg.samples_per_shard,

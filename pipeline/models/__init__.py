@@ -2,11 +2,12 @@
 
 See `pipeline.models.classifier` for the interface (``embed``, ``classify``, ``embed_dim``)
 a user's own module must expose, and `pipeline.models.factory` for building, saving and
-loading models.
+loading models, and `pipeline.models.files` for the safetensors + JSON file format.
 """
 
 from pipeline.models.classifier import ImageClassifier
 from pipeline.models.errors import (
+    EntrypointRefusedError,
     ModelError,
     ModelFileError,
     ModelInterfaceError,
@@ -16,6 +17,7 @@ from pipeline.models.errors import (
 from pipeline.models.factory import (
     MODEL_FILE_FORMAT,
     build_model,
+    check_entrypoint,
     library_versions,
     load_model,
     logits_from_embedding_check,
@@ -30,6 +32,7 @@ from pipeline.models.weights import (
 
 __all__ = [
     "MODEL_FILE_FORMAT",
+    "EntrypointRefusedError",
     "ImageClassifier",
     "ModelError",
     "ModelFileError",
@@ -37,6 +40,7 @@ __all__ = [
     "ModelNotFoundError",
     "WeightsMismatchError",
     "build_model",
+    "check_entrypoint",
     "file_sha256",
     "library_versions",
     "load_model",

@@ -35,6 +35,10 @@ __all__ = [
     "resnet110",
 ]
 
+# The builders a model file may name as "pipeline.models.cifar_resnet:<name>" (see
+# `pipeline.models.factory.check_entrypoint`): only these are imported on a file's word.
+MODEL_ENTRYPOINTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
 
 class ShortcutA(nn.Module):
     """Option-A shortcut: subsample by 2 and zero-pad the channel axis (no parameters)."""

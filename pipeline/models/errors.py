@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "EntrypointRefusedError",
     "ModelError",
     "ModelFileError",
     "ModelInterfaceError",
@@ -45,3 +46,7 @@ class WeightsMismatchError(ModelError, ValueError):
 
 class ModelFileError(ModelError, ValueError):
     """A file is not a readable weights file or not a model file written by `save_model`."""
+
+
+class EntrypointRefusedError(ModelFileError):
+    """A model file's spec names an entrypoint that cifd does not import on a file's word."""

@@ -8,10 +8,12 @@
 ``embed_dim`` (optional: ``num_classes``, ``forward``, ``get_classifier``); a timm model is
 accepted too. The CIFAR ResNets are ``"pipeline.models.cifar_resnet:resnet56"`` etc.
 
-Model files written by `save_model` are ``torch.save`` of ``{"format", "spec", "state_dict",
-"state_dict_sha256"}`` with only plain Python types outside the tensors, so they load with
-``torch.load(weights_only=True)``; their ``state_dict`` holds the backbone's own keys, so a
-model file is also a valid ``weights=`` file.
+Model files written by `save_model` are safetensors (`pipeline.models.files`): the backbone's
+state dict as tensors (its own keys, so a model file is also a valid ``weights=`` file) and a
+JSON document ``{"format", "spec", "state_dict_sha256"}``. Nothing is unpickled. An entrypoint
+read from a file is code, so `load_model` builds a spec's ``name`` only if it is a timm name, a
+builder `pipeline.models` lists (``MODEL_ENTRYPOINTS`` of its module), or the entrypoint the
+caller passes from the user's own params (`check_entrypoint`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -35,10 +35,13 @@ from torch import nn
 
 from pipeline.models.classifier import ImageClassifier
 from pipeline.models.errors import (
+    EntrypointRefusedError,
+    ModelError,
     ModelFileError,
     ModelInterfaceError,
     ModelNotFoundError,
 )
+from pipeline.models.files import read_tensor_file, write_tensor_file
 from pipeline.models.weights import (
     file_sha256,
     load_state_dict_into,
@@ -50,6 +53,7 @@ __all__ = [
     "MODEL_FILE_FORMAT",
     "ImageClassifier",
     "build_model",
+    "check_entrypoint",
     "file_sha256",
     "library_versions",
     "load_model",
@@ -59,8 +63,11 @@ __all__ = [
     "state_dict_sha256",
 ]
 
-MODEL_FILE_FORMAT = "cifd.model/1"
-_RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained")
+MODEL_FILE_FORMAT = "cifd.model/2"
+# Set by build_model itself, or a second route to weights/hub files that would bypass `weights=`.
+_RESERVED_KWARGS = ("num_classes", "in_chans", "pretrained", "checkpoint_path", "pretrained_cfg",
+                    "pretrained_cfg_overlay", "cache_dir")
+_LIBRARY_ENTRYPOINT = re.compile(r"pipeline\.models\.([a-z_][a-z0-9_]*):([A-Za-z_][A-Za-z0-9_]*)")
 _SPEC_REQUIRED = ("name", "num_classes", "in_chans")
 
 
@@ -152,7 +159,8 @@ def build_model(
     if reserved:
         raise ValueError(
             f"build_model({name!r}): model_kwargs must not set {reserved}; "
-            "pass num_classes / in_chans as arguments (pretrained hub weights are never fetched)"
+            "pass num_classes / in_chans as arguments and local weights as weights= (teacher.weights); "
+            "pretrained hub weights are never fetched"
         )
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         raise ModelNotFoundError(
@@ -169,9 +177,40 @@ def build_model(
     return model
 
 
+def _library_entrypoint(name: str) -> bool:
+    """Whether ``name`` is ``pipeline.models.<module>:<builder>`` with the builder listed in that
+    module's ``MODEL_ENTRYPOINTS`` (importing a module of this package runs only cifd's code)."""
+    match = _LIBRARY_ENTRYPOINT.fullmatch(name)
+    if match is None:
+        return False
+    try:
+        module = importlib.import_module(f"pipeline.models.{match.group(1)}")
+    except ImportError:
+        return False
+    return match.group(2) in getattr(module, "MODEL_ENTRYPOINTS", ())
+
+
+def check_entrypoint(name: str, *, allow: str | None, source: str) -> None:
+    """Refuse to build ``name`` read from the file ``source`` unless cifd may import it.
+
+    Allowed: a name without ``:`` (a timm model name; anything else fails in `build_model`
+    without importing), a builder `pipeline.models` lists, or exactly ``allow``: the entrypoint
+    the user's own params name for this model. Nothing named by ``name`` is imported before
+    the check passes. Raises `EntrypointRefusedError` naming the entrypoint and how to allow it.
+    """
+    if ":" not in name or name == allow or _library_entrypoint(name):
+        return
+    raise EntrypointRefusedError(
+        f"{source}: its spec names the entrypoint {name!r}, which is neither a timm model nor a "
+        f"pipeline.models builder nor the entrypoint your params name for it ({allow!r}); cifd imports no "
+        f"code because a file says so. If you trust that code, name it in your params (teacher.model for the "
+        f"teacher, distill.student for students) or pass load_model(..., allow_entrypoint={name!r})"
+    )
+
+
 def _check_plain(value: Any, where: str) -> None:
-    # Exact types: subclasses (torch.__version__ is a TorchVersion(str)) are pickled by class
-    # and refused by torch.load(weights_only=True).
+    # Exact types: subclasses (torch.__version__ is a TorchVersion(str)) would not come back as
+    # themselves from JSON.
     if value is None or type(value) in (bool, int, float, str):
         return
     if type(value) in (list, tuple):
@@ -186,7 +225,7 @@ def _check_plain(value: Any, where: str) -> None:
         return
     raise TypeError(
         f"spec{where} is a {type(value).__name__}; a model spec holds only None, bool, int, float, "
-        "str, list, tuple and dict with str keys (so the file loads with weights_only=True)"
+        "str, list, tuple and dict with str keys (it is stored as JSON in the model file)"
     )
 
 
@@ -194,8 +233,9 @@ def save_model(path: str | PathLike[str], model: ImageClassifier, *, spec: Mappi
     """Write ``model`` with the ``spec`` that rebuilds it; return the state-dict sha256.
 
     ``spec`` needs ``name``, ``num_classes`` and ``in_chans`` (``model_kwargs`` defaults to
-    ``{}``) and may carry any other plain-typed provenance. The write is atomic (temp file in
-    the same directory, then ``os.replace``); missing parent directories are created.
+    ``{}``) and may carry any other plain-typed provenance (stored as JSON: tuples come back as
+    lists). The file is safetensors (any suffix; ``.safetensors`` by convention), written
+    atomically; missing parent directories are created.
     """
     if not isinstance(model, ImageClassifier):
         raise TypeError(f"save_model: expected an ImageClassifier, got {type(model).__name__}")
@@ -206,53 +246,62 @@ def save_model(path: str | PathLike[str], model: ImageClassifier, *, spec: Mappi
     if spec["num_classes"] != model.num_classes:
         raise ValueError(f"save_model: spec num_classes={spec['num_classes']!r} but the model has {model.num_classes}")
     _check_plain(spec, "")
-    state_dict = {k: v.detach().to("cpu") for k, v in model.backbone.state_dict().items()}
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    state_dict = {k: v.detach().to("cpu").clone() for k, v in model.backbone.state_dict().items()}
     digest = state_dict_sha256(state_dict)
-    payload = {"format": MODEL_FILE_FORMAT, "spec": spec, "state_dict": state_dict, "state_dict_sha256": digest}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_tensor_file(path, state_dict, {"format": MODEL_FILE_FORMAT, "spec": spec, "state_dict_sha256": digest})
     return digest
 
 
-def load_model(path: str | PathLike[str]) -> tuple[ImageClassifier, dict[str, Any]]:
-    """Rebuild a model written by `save_model` (on CPU, train mode); return it and its spec.
-
-    The weights' content hash is checked against the one recorded at save time.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist (or is not a file)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+def _checked_spec(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    if document.get("format") != MODEL_FILE_FORMAT:
         raise ModelFileError(
-            f"{path} is not a model file written by save_model (format {found!r}, expected "
+            f"{path} is not a model file written by save_model (format {document.get('format')!r}, expected "
             f"{MODEL_FILE_FORMAT!r}); for a bare weights file use build_model(name, weights=...)"
         )
-    spec = payload["spec"]
-    model = build_model(
-        spec["name"],
-        num_classes=spec["num_classes"],
-        in_chans=spec["in_chans"],
-        model_kwargs=spec["model_kwargs"],
-    )
-    digest = state_dict_sha256(payload["state_dict"])
-    if digest != payload["state_dict_sha256"]:
+    spec = document.get("spec")
+    kinds = {"name": str, "num_classes": int, "in_chans": int, "model_kwargs": dict}
+    if not isinstance(spec, dict) or any(type(spec.get(k)) is not t for k, t in kinds.items()):
+        raise ModelFileError(f"{path}: the model spec must hold name (str), num_classes (int), in_chans (int) "
+                             f"and model_kwargs (dict); got {spec!r:.200}")
+    if not isinstance(document.get("state_dict_sha256"), str):
+        raise ModelFileError(f"{path}: the document lacks the state_dict_sha256 string")
+    return spec
+
+
+def load_model(
+    path: str | PathLike[str], *, allow_entrypoint: str | None = None
+) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Rebuild a model written by `save_model` (on CPU, train mode); return it and its spec.
+
+    ``allow_entrypoint``: the ``package.module:function`` the user's own params name for this
+    model (``teacher.model`` for the teacher, ``distill.student`` for students), the only
+    entrypoint outside timm and `pipeline.models` that the spec may name (`check_entrypoint`).
+    The weights' content hash is checked against the one recorded at save time before anything
+    is built. A pickle, a torch zip or an edited file is a `ModelFileError`.
+    """
+    path = Path(path)
+    tensors, document = read_tensor_file(path)
+    spec = _checked_spec(document, path)
+    digest = state_dict_sha256(tensors)
+    if digest != document["state_dict_sha256"]:
         raise ModelFileError(
-            f"{path}: weights hash {digest} differs from the recorded {payload['state_dict_sha256']}; "
+            f"{path}: weights hash {digest} differs from the recorded {document['state_dict_sha256']}; "
             "the file is corrupt or was edited"
         )
-    load_state_dict_into(model.backbone, payload["state_dict"], source=str(path))
+    check_entrypoint(spec["name"], allow=allow_entrypoint, source=str(path))
+    try:
+        model = build_model(
+            spec["name"],
+            num_classes=spec["num_classes"],
+            in_chans=spec["in_chans"],
+            model_kwargs=spec["model_kwargs"],
+        )
+    except ModelError:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. reserved or unknown model_kwargs in the spec
+        raise ModelFileError(f"{path}: its spec does not build a model: {exc}") from exc
+    load_state_dict_into(model.backbone, tensors, source=str(path))
     return model, spec
 
 
@@ -292,7 +341,7 @@ def logits_from_embedding_check(
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide what a model computes (for provenance)."""
     return {
-        "torch": str(torch.__version__),  # a TorchVersion, which weights_only loading refuses
+        "torch": str(torch.__version__),  # a TorchVersion: a str subclass JSON would not give back
         "timm": str(timm.__version__),
         "torchvision": str(torchvision.__version__),
         "numpy": str(np.__version__),

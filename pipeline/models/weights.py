@@ -2,13 +2,14 @@
 
 `read_state_dict` accepts the layouts found in the wild: a plain state dict, or a dict
 holding one under ``state_dict`` / ``model`` / ``state_dict_ema`` (first found, in that
-order). ``.safetensors`` files are read with safetensors. `load_state_dict_into` strips wrapper
-prefixes (``module.`` from DataParallel/DDP, ``_orig_mod.`` from ``torch.compile``,
-``backbone.`` from an `ImageClassifier`) where every key of the file has one and the model's
-keys do not, then requires every key and shape to match. Pickled files are opened with
-``torch.load(weights_only=True)``; only a file that cannot be read that way is retried with
-``weights_only=False`` (which runs arbitrary pickle code: use it on trusted files only), and a
-warning says so.
+order). Safetensors files (by suffix or by content: cifd's model files are ones) are read
+with safetensors; any other file only with ``torch.load(weights_only=True)``, which rebuilds
+tensors and plain containers and runs no pickled code. A file that needs more (a training
+checkpoint holding an ``argparse.Namespace``, a pickled module) is refused with the one-line
+command that converts it, to be run by the user on a file they trust: cifd never unpickles.
+`load_state_dict_into` strips wrapper prefixes (``module.`` from DataParallel/DDP,
+``_orig_mod.`` from ``torch.compile``, ``backbone.`` from an `ImageClassifier`) where every
+key of the file has one and the model's keys do not, then requires every key and shape to match.
 
 `state_dict_sha256` is a content hash of a state dict (sorted keys, dtype, shape and raw
 bytes), independent of how ``torch.save`` serialised it: two files with equal hashes hold the
@@ -18,13 +19,14 @@ same weights.
 from __future__ import annotations
 
 import hashlib
-import pickle
-import warnings
+import re
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.models.classifier import weights_module
@@ -46,18 +48,45 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 _MAX_LISTED = 10
 
 
+def _convert_hint(path: Path) -> str:
+    target = path.with_suffix(".safetensors")
+    return (f"If you trust the file, convert it once yourself: torch.load it with weights_only off, pass the "
+            f"state dict it holds to safetensors.torch.save_file(state_dict, '{target}') and give that file instead")
+
+
+def _reason(exc: Exception) -> str:
+    """The telling line of a torch.load error: the unpickler's own, else the first."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text[text.index(marker) + len(marker):]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    return first[:160] + ("..." if len(first) > 160 else "")
+
+
 def _torch_load(path: Path) -> object:
+    """``torch.load(weights_only=True)``; a refusal is a one-line `ModelFileError` with the fix."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as weights_only_error:
-        warnings.warn(
-            f"{path}: not loadable with torch.load(weights_only=True) ({weights_only_error}); "
-            "retrying with weights_only=False, which executes pickled code. "
-            "Only do this with files you trust; re-save the state dict to avoid it.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read weights file {path}: {exc}") from exc
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a torch file), EOFError (truncated), ...
+        reason = _reason(exc)
+        raise ModelFileError(
+            f"{path}: not safetensors, and torch.load(weights_only=True) refuses it ({reason}); cifd never "
+            f"unpickles code. {_convert_hint(path)}"
+        ) from exc
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length
+    that fits the file, then the JSON header's ``{``."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -91,14 +120,20 @@ def _strip_prefixes(state_dict: StateDict, own_keys: list[str]) -> dict[str, tor
 
 
 def read_state_dict(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read the state dict held by a weights file, on CPU, keys as stored."""
+    """Read the state dict held by a weights file, on CPU, keys as stored.
+
+    Safetensors, or a torch file that ``torch.load(weights_only=True)`` reads; anything else is
+    a `ModelFileError` saying how to convert it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"weights file {path} does not exist (or is not a file)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: object = load_file(path, device="cpu")
+    obj: object
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        try:
+            obj = load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from exc
     else:
         obj = _torch_load(path)
     state_dict = _unwrap(obj, path)

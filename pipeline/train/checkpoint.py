@@ -2,21 +2,35 @@
 
 A checkpoint resumes only a run with the same fingerprint: the config, the method, the
 caches, the layout of ranks and the source of the code that decides what a step computes.
+
+A checkpoint is a safetensors file (`pipeline.models.files`; nothing is unpickled): the
+student's state as ``student/<key>``, the optimizer's per-parameter state tensors as
+``optimizer/<param id>/<name>`` and the generator's state as the uint8 tensor ``generator``;
+its JSON document holds the rest (optimizer param groups and non-tensor state, scheduler state,
+epoch, history, fingerprint, the wall seconds the run has spent so far) and the content hash of
+all its tensors, checked on load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
+from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["VOLATILE_KEYS", "code_fingerprint", "config_fingerprint", "load_checkpoint", "save_atomic"]
+from pipeline.models.errors import ModelFileError
+from pipeline.models.files import read_document, read_tensor_file, write_tensor_file
+from pipeline.models.weights import state_dict_sha256
+
+__all__ = ["CHECKPOINT_FORMAT", "VOLATILE_KEYS", "Checkpoint", "code_fingerprint", "config_fingerprint",
+           "load_checkpoint", "resumable_seconds", "save_checkpoint"]
+
+CHECKPOINT_FORMAT = "cifd.checkpoint/1"
 
 # Config keys that change how fast a run goes, never what it computes.
 VOLATILE_KEYS = ("device", "threads", "loader_workers", "methods", "eval_batch_size")
@@ -50,19 +64,101 @@ def config_fingerprint(config: dict[str, Any], method: str, extra: dict[str, Any
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+@dataclass(frozen=True)
+class Checkpoint:
+    """One epoch's end of a run: everything a resume needs to continue bit-exactly."""
+
+    fingerprint: str
+    epoch: int  # epochs done
+    seconds: float  # wall seconds the run has spent up to this save, over every resumed piece
+    student: dict[str, torch.Tensor]  # Module.state_dict()
+    optimizer: dict[str, Any]  # Optimizer.state_dict()
+    scheduler: dict[str, Any]  # LRScheduler.state_dict(): plain values only
+    generator: torch.Tensor  # torch.Generator.get_state(), uint8
+    history: list[dict[str, Any]]  # one plain dict per epoch done
+
+
+def save_checkpoint(path: str | PathLike[str], checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` atomically (a temporary file beside ``path``, then rename)."""
+    tensors = {f"student/{k}": v for k, v in checkpoint.student.items()}
+    plain_state: dict[str, dict[str, Any]] = {}
+    for pid, entries in checkpoint.optimizer["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{pid}/{name}"] = value
+            else:
+                plain_state.setdefault(str(pid), {})[name] = value
+    tensors["generator"] = checkpoint.generator
+    # clone: safetensors refuses tensors that share storage
+    tensors = {k: v.detach().to("cpu").clone() for k, v in tensors.items()}
+    document = {
+        "format": CHECKPOINT_FORMAT, "fingerprint": checkpoint.fingerprint, "epoch": checkpoint.epoch,
+        "seconds": checkpoint.seconds, "history": checkpoint.history, "scheduler": checkpoint.scheduler,
+        "optimizer": {"param_groups": checkpoint.optimizer["param_groups"], "state": plain_state},
+        "tensors_sha256": state_dict_sha256(tensors),
+    }
+    write_tensor_file(path, tensors, document)
+
+
+def _document(path: Path) -> dict[str, Any]:
+    document = read_document(path)
+    if document.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{path} is not a training checkpoint of this cifd (format {document.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r}); delete it to start the run over")
+    return document
+
+
+def load_checkpoint(path: str | PathLike[str]) -> Checkpoint:
+    """A checkpoint written by :func:`save_checkpoint`; anything else, or an edited file, is a
+    `ModelFileError` (delete the file to start the run over)."""
+    path = Path(path)
+    _document(path)
+    tensors, document = read_tensor_file(path)
+    digest = state_dict_sha256(tensors)
+    if digest != document.get("tensors_sha256"):
+        raise ModelFileError(f"{path}: its tensors hash to {digest}, not the recorded "
+                             f"{document.get('tensors_sha256')}; the checkpoint is corrupt or was edited: delete it "
+                             "to start the run over")
+    student: dict[str, torch.Tensor] = {}
+    state: dict[int, dict[str, Any]] = {}
+    generator = None
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for name, value in tensors.items():
+            kind, _, rest = name.partition("/")
+            if kind == "student":
+                student[rest] = value
+            elif kind == "optimizer":
+                pid, _, entry = rest.partition("/")
+                state.setdefault(int(pid), {})[entry] = value
+            elif name == "generator":
+                generator = value
+            else:
+                raise ValueError(f"unexpected tensor {name!r}")
+        for pid, entries in document["optimizer"]["state"].items():
+            state.setdefault(int(pid), {}).update(entries)
+        if generator is None:
+            raise ValueError("no generator state")
+        return Checkpoint(
+            fingerprint=str(document["fingerprint"]), epoch=int(document["epoch"]),
+            seconds=float(document["seconds"]), student=student,
+            optimizer={"state": dict(sorted(state.items())), "param_groups": document["optimizer"]["param_groups"]},
+            scheduler=dict(document["scheduler"]), generator=generator, history=list(document["history"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: a malformed checkpoint ({type(exc).__name__}: {exc}); delete it to start "
+                             "the run over") from exc
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_atomic` in this workspace."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def resumable_seconds(path: str | PathLike[str] | None, fingerprint: str) -> float:
+    """The wall seconds recorded by the checkpoint at ``path`` if it holds the run ``fingerprint``
+    (the one :func:`~pipeline.train.distill.train_student` will resume), else 0. Reads only the
+    file's header."""
+    if path is None or not Path(path).is_file():
+        return 0.0
+    document = _document(Path(path))
+    if document.get("fingerprint") != fingerprint:
+        return 0.0
+    seconds = document.get("seconds")
+    if type(seconds) not in (int, float) or seconds < 0:
+        raise ModelFileError(f"{path}: the checkpoint's seconds is {seconds!r}, expected a number >= 0; delete it "
+                             "to start the run over")
+    return float(seconds)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.evaluate import evaluate_classifier
 from pipeline.runtime import derived_seed
 from pipeline.train.batches import BatchSource
-from pipeline.train.checkpoint import load_checkpoint, save_atomic
+from pipeline.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.train.objective import LossWeights, method_loss, rdm_weight_tensor
 from pipeline.train.optim import clip_gradients, make_optimizer, make_scheduler
 from pipeline.train.student import Student, uses_rdms
@@ -96,6 +97,9 @@ class DistillRun:
     checkpoint: Path | None
     rank: int = 0
     world: int = 1
+    # time.perf_counter() when the run's process began (the stage's start): a checkpoint records
+    # the seconds since then plus those of the pieces it resumes. None: when training begins.
+    started: float | None = None
 
 
 def _average_buffers(module: nn.Module, world: int) -> None:
@@ -124,7 +128,9 @@ def train_student(
     after each one and resuming from ``run.checkpoint`` when it holds a run with the same
     fingerprint (another fingerprint: a fresh start). ``on_epoch`` runs on every rank after
     the checkpoint is written; ``on_step`` after every optimizer step (benchmarks and
-    profilers hook in here; it must not sync the device unless it means to)."""
+    profilers hook in here; it must not sync the device unless it means to). An unreadable or
+    edited checkpoint is a `ModelFileError`, never a silent fresh start."""
+    started = run.started if run.started is not None else time.perf_counter()
     loop, device = run.loop, run.device
     num_rows = targets.num_rows
     if batches.steps < 1:
@@ -144,15 +150,17 @@ def train_student(
                    else torch.zeros(0, device=device))
     history: list[EpochLog] = []
     start_epoch = 0
+    previous_seconds = 0.0  # spent by the runs this one resumes, up to their last checkpoint
     if run.checkpoint is not None and run.checkpoint.is_file():
         state = load_checkpoint(run.checkpoint)
-        if state.get("fingerprint") == run.fingerprint:
-            student.load_state_dict(state["student"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
-            history = [EpochLog(**h) for h in state["history"]]
-            start_epoch = state["epoch"]
+        if state.fingerprint == run.fingerprint:
+            student.load_state_dict(state.student)
+            opt.load_state_dict(state.optimizer)
+            sched.load_state_dict(state.scheduler)
+            generator.set_state(state.generator)
+            history = [EpochLog(**h) for h in state.history]
+            start_epoch = state.epoch
+            previous_seconds = state.seconds
             log.info("resuming %s from %s after epoch %d", run.method, run.checkpoint, start_epoch)
         else:
             log.info("ignoring checkpoint %s: it holds another run (other config, cache or method)",
@@ -206,10 +214,10 @@ def train_student(
                              val_top1=scores.top1, val_agreement=scores.agreement)
         history.append(epoch_log)
         if run.checkpoint is not None and run.rank == 0:
-            save_atomic({"fingerprint": run.fingerprint, "epoch": epoch + 1, "student": student.state_dict(),
-                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "generator": generator.get_state(), "history": [vars(h) for h in history]},
-                        run.checkpoint)
+            save_checkpoint(run.checkpoint, Checkpoint(
+                fingerprint=run.fingerprint, epoch=epoch + 1, seconds=previous_seconds + time.perf_counter() - started,
+                student=student.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                generator=generator.get_state(), history=[vars(h) for h in history]))
         if run.world > 1:
             dist.barrier()
         if on_epoch is not None:

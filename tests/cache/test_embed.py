@@ -15,10 +15,13 @@ import dask
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
+from click.testing import CliRunner
 
 import pipeline.cache.embed as embed_module
-from pipeline.cache.embed import run_embed
+from pipeline.cache.embed import TeacherOutputError, run_embed
+from pipeline.cache.lock import StoreLockedError, writer_lock
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.cache.store import CacheError
 from pipeline.data.shards import (
@@ -37,6 +40,7 @@ from pipeline.models import (
 )
 from schemas import layout as L
 from schemas.config import EmbedConfig
+from stages.cli import main
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -248,13 +252,13 @@ def killable_embed(args: dict) -> None:
     """Child process: ``run_embed`` that half-writes its ``hang_at``-th shard, then waits."""
     original, calls = embed_module.write_rows, [0]
 
-    def write_rows(group, start, stop, rows):
+    def write_rows(root, split, start, stop, rows, **kwargs):
         calls[0] += 1
         if calls[0] == args["hang_at"]:  # half-write this shard, then wait to be killed
-            group[L.EMBEDDINGS][start:stop] = rows[L.EMBEDDINGS] + 1
+            root[split][L.EMBEDDINGS][start:stop] = rows[L.EMBEDDINGS] + 1
             Path(args["marker"]).write_text(str(start))
             time.sleep(600)
-        original(group, start, stop, rows)
+        original(root, split, start, stop, rows, **kwargs)
 
     embed_module.write_rows = write_rows
     torch.set_num_threads(1)
@@ -334,15 +338,20 @@ def test_rerun_of_a_complete_store_does_nothing(embedded_cache, manifest, teache
     shutil.copytree(reference, store)
     report = run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
     assert (report.resumed_shards, report.written_shards, report.teacher_forwards) == (num_shards(manifest), 0, 0)
+    assert report.rebuilt_because == ()
     assert_bit_equal(store, reference)
     open_cache(store)
 
 
-@pytest.mark.parametrize("change", [{"views": 2}, {"seed": 1}, {"policy": {"kind": "pad_crop", "pad": 2}},
-                                    {"logits_dtype": "float16"}])
+@pytest.mark.parametrize(("change", "named"), [
+    ({"views": 2}, "views.num_views: 2 → 3"), ({"seed": 1}, "views.seed: 1 → 0"),
+    ({"policy": {"kind": "pad_crop", "pad": 2}}, "views.policy.kind: pad_crop → rrc"),
+    ({"logits_dtype": "float16"}, "dtypes.logits: float16 → float32"),
+])
 def test_changed_content_settings_recreate_the_store(embedded_cache, manifest, teacher_file, embed_settings,
-                                                     tmp_path, change, monkeypatch) -> None:
-    """A half-made store from other settings is started over, never mixed in."""
+                                                     tmp_path, change, named, monkeypatch) -> None:
+    """A half-made store from other settings is started over, never mixed in, and the
+    report names the inputs that differ."""
     reference, _ = embedded_cache
     store = tmp_path / "changed.zarr"
     other = EmbedConfig.from_mapping({**embed_settings.to_dict(), **change}, section="embed")
@@ -361,6 +370,7 @@ def test_changed_content_settings_recreate_the_store(embedded_cache, manifest, t
     monkeypatch.setattr(embed_module, "embed_shard", original)
     report = run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
     assert report.resumed_shards == 0 and report.written_shards == num_shards(manifest)
+    assert named in report.rebuilt_because, report.rebuilt_because
     assert_bit_equal(store, reference)
 
 
@@ -407,3 +417,83 @@ def test_a_teacher_without_preprocess_is_refused_clearly(manifest, embed_setting
     with pytest.raises(ModelFileError, match=r"bare\.pt: its spec has preprocess = None.*cifd teacher"):
         run_embed(settings=embed_settings, manifest=manifest, teacher_path=bare, store_path=tmp_path / "c.zarr")
     assert not (tmp_path / "c.zarr").exists()
+
+
+# One writer, nothing lost, nothing silently wrong -------------------------------------------
+
+
+def test_a_second_embed_is_refused_at_once_naming_the_holder(embed_settings, manifest, teacher_file, shards_dir,
+                                                             tmp_path) -> None:
+    store = tmp_path / "locked.zarr"
+    with writer_lock(store, command="cifd embed (the first run)"):
+        with pytest.raises(StoreLockedError, match=rf"{store} is being written by pid {os.getpid()} on "):
+            run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump({
+            "paths": {"shards": str(shards_dir), "teacher": str(teacher_file), "cache": str(store),
+                      "metrics": str(tmp_path / "metrics")},
+            "embed": embed_settings.to_dict()}))
+        result = CliRunner().invoke(main, ["embed", "--params", str(params)])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert f"pid {os.getpid()}" in result.output and "the first run" in result.output
+    assert not store.exists()
+
+
+def test_an_unreadable_store_is_reported_and_kept(embedded_cache, manifest, teacher_file, embed_settings,
+                                                  tmp_path) -> None:
+    reference, _ = embedded_cache
+    store = tmp_path / "broken.zarr"
+    shutil.copytree(reference, store)
+    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')  # a truncated write
+    files = sorted(p.relative_to(store) for p in store.rglob("*"))
+    with pytest.raises(CacheError, match=r"existing teacher cache at .* cannot be read .*left as it is: restore it"):
+        run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == files
+
+
+def test_a_store_of_an_old_schema_is_rebuilt_saying_why(embedded_cache, manifest, teacher_file, embed_settings,
+                                                        tmp_path) -> None:
+    reference, _ = embedded_cache
+    store = tmp_path / "old.zarr"
+    shutil.copytree(reference, store)
+    zarr.open_group(store, mode="r+").attrs[L.ATTR_SCHEMA] = 1
+    report = run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher_file, store_path=store)
+    assert report.rebuilt_because == (f"schema_version: 1 → {L.CACHE_SCHEMA_VERSION}",)
+    assert report.written_shards == num_shards(manifest)
+    assert_bit_equal(store, reference)
+    assert not list(tmp_path.glob(".old.zarr.*"))  # no working copies left beside it
+
+
+def _broken_teacher(teacher_file: Path, path: Path, edit) -> Path:
+    model, spec = load_model(teacher_file)
+    with torch.no_grad():
+        edit(model.backbone.layer3[0].bn2)
+    save_model(path, model.eval(), spec=spec)
+    return path
+
+
+def test_embed_stops_on_a_nan_teacher_output_naming_shard_and_row(manifest, teacher_file, embed_settings,
+                                                                  tmp_path) -> None:
+    teacher = _broken_teacher(teacher_file, tmp_path / "nan.safetensors",
+                              lambda bn: bn.running_var.__setitem__(0, -1.0))  # sqrt(-1): NaN in channel 0
+    store = tmp_path / "nan.zarr"
+    first = manifest.split("train")["shards"][0]["file"]
+    with pytest.raises(TeacherOutputError, match=rf"embed train shard {first} \(rows 0:4\): the teacher's "
+                                                 r"embeddings are NaN or inf at row 0 view 0 .*nothing of this shard"):
+        run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher, store_path=store)
+    assert not done_flags(store).any()
+    assert zarr.open_group(store, mode="r").attrs[L.ATTR_COMPLETE] is False
+
+
+def test_embed_stops_on_a_float16_overflow_of_the_embeddings(manifest, teacher_file, embed_settings,
+                                                            tmp_path) -> None:
+    def scale_up(bn) -> None:
+        bn.weight.mul_(1e6)
+        bn.bias.add_(1e6)
+
+    teacher = _broken_teacher(teacher_file, tmp_path / "huge.safetensors", scale_up)
+    with pytest.raises(TeacherOutputError, match=r"shard train-000000\.tar \(rows 0:4\): the teacher's embeddings "
+                                                 r"value .* at row 0 view 0 overflows float16 \(largest 65504\)"):
+        run_embed(settings=embed_settings, manifest=manifest, teacher_path=teacher,
+                  store_path=tmp_path / "huge.zarr")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,9 +12,12 @@ import torch
 import zarr
 
 from pipeline.cache.embed import run_embed
-from pipeline.cache.rdm_store import cache_bank_outputs, open_rdm_cache
+from pipeline.cache.lock import StoreLockedError
+from pipeline.cache.rdm_store import cache_bank_outputs, open_rdm_cache, rdm_writer
 from pipeline.cache.reader import open_cache
-from pipeline.cache.store import CacheError
+from pipeline.cache.store import CacheCorruptError, CacheError
+from pipeline.models import file_sha256
+from pipeline.models.files import read_tensor_file
 from pipeline.rd import RDMBank
 from schemas import layout as L
 
@@ -78,3 +82,92 @@ def test_refuses_incomplete_or_missing(bank_and_store, tmp_path: Path) -> None:
     zarr.consolidate_metadata(str(broken))
     with pytest.raises(CacheError, match="incomplete"):
         open_rdm_cache(broken, teacher)
+
+
+# Integrity, one writer, and the model file + store pair --------------------------------------
+
+
+def _copy(path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / path.name
+    shutil.copytree(path, out)
+    return out
+
+
+def test_rdm_cache_reads_are_checked(bank_and_store, tmp_path: Path) -> None:
+    teacher, _, _, path = bank_and_store
+    broken = _copy(path, tmp_path)
+    (broken / "train" / L.RDM_LOGITS / "c" / "1" / "0" / "0" / "0").unlink()  # rows 4-7
+    part = open_rdm_cache(broken, teacher).split("train")
+    with pytest.raises(CacheCorruptError, match=r"RDM cache .*rdm\.zarr split train array logits: rows 4-7 "
+                                                r"\(4 rows\) are missing.*`cifd rdm`"):
+        part.read_all((L.RDM_LOGITS,))
+
+
+def test_an_edited_rdm_store_is_refused_on_open(bank_and_store, tmp_path: Path) -> None:
+    teacher, _, _, path = bank_and_store
+    edited = _copy(path, tmp_path)
+    root = zarr.open_group(edited, mode="r+")
+    root.attrs[L.ATTR_RDM] = {**root.attrs[L.ATTR_RDM], "embedding_scale": 1.0}
+    with pytest.raises(CacheError, match="do not hash to its recorded fingerprint"):
+        open_rdm_cache(edited, teacher)
+
+
+def _bank(teacher, seed: int) -> RDMBank:
+    part = teacher.split("train")
+    return RDMBank(init_scale=10.0, num_rdms=2, in_dim=part.embed_dim, hidden=8, num_classes=part.num_classes,
+                   generator=torch.Generator().manual_seed(seed)).eval()
+
+
+def _publish(store: Path, model: Path, teacher, bank: RDMBank, on_shard=None) -> str:
+    with rdm_writer(store, model) as writer:
+        return writer.publish(bank, teacher=teacher, document={"seed": 0}, attrs={"rate_weights": [2.0, 1.0],
+                              "embedding_scale": 1.0}, scale=1.0, batch_size=64, on_shard=on_shard)
+
+
+def _snapshot(*paths: Path) -> dict[str, bytes]:
+    files = [p for path in paths for p in ([path] if path.is_file() else sorted(path.rglob("*"))) if p.is_file()]
+    return {str(p): p.read_bytes() for p in files}
+
+
+def test_publish_writes_a_matching_pair(bank_and_store, tmp_path: Path) -> None:
+    teacher = bank_and_store[0]
+    store, model = tmp_path / "rdm.zarr", tmp_path / "models" / "rdm.safetensors"
+    sha = _publish(store, model, teacher, _bank(teacher, 0))
+    tensors, document = read_tensor_file(model)
+    assert document == {"seed": 0} and set(tensors) == set(_bank(teacher, 0).state_dict())
+    rdm = open_rdm_cache(store, teacher, model_file=model)
+    assert rdm.checkpoint_sha256 == sha == file_sha256(model)
+    other = tmp_path / "other.safetensors"
+    shutil.copy(model, other)
+    other.write_bytes(other.read_bytes() + b" ")
+    with pytest.raises(CacheError, match=r"holds the outputs of the RDM model file .* the pair is out of step"):
+        open_rdm_cache(store, teacher, model_file=other)
+    # beside them only the lock file (kept: removing a lock file is racy), no working copies
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "other.safetensors", "rdm.zarr", "rdm.zarr.lock"]
+
+
+def test_a_publish_that_fails_mid_write_leaves_the_old_pair(bank_and_store, tmp_path: Path) -> None:
+    teacher = bank_and_store[0]
+    store, model = tmp_path / "rdm.zarr", tmp_path / "rdm.safetensors"
+    _publish(store, model, teacher, _bank(teacher, 0))
+    before = _snapshot(store, model)
+    written = []
+
+    def fail_after_one_shard(split: str, start: int, stop: int) -> None:
+        written.append((split, start, stop))
+        raise OSError(28, "No space left on device")  # what a full disk raises mid-write
+
+    with pytest.raises(CacheError, match=r"cannot write the RDM model file .* previous pair is left as it was"):
+        _publish(store, model, teacher, _bank(teacher, 1), on_shard=fail_after_one_shard)
+    assert written == [("train", 0, 4)]
+    assert _snapshot(store, model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rdm.safetensors", "rdm.zarr", "rdm.zarr.lock"]
+    open_rdm_cache(store, teacher, model_file=model)
+
+
+def test_a_second_rdm_writer_is_refused(bank_and_store, tmp_path: Path) -> None:
+    store, model = tmp_path / "rdm.zarr", tmp_path / "rdm.safetensors"
+    with rdm_writer(store, model):
+        with pytest.raises(StoreLockedError, match=rf"rdm\.zarr is being written by pid {os.getpid()} .*'cifd rdm'"):
+            with rdm_writer(store, model):
+                pass

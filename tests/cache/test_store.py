@@ -15,13 +15,15 @@ import zarr
 
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.cache.store import (
+    CacheCorruptError,
     CacheError,
     SplitSpec,
     StoreSpec,
+    claim,
     create_store,
+    existing_store,
     finalize,
     fingerprint,
-    open_for_resume,
     write_rows,
 )
 from schemas import layout as L
@@ -33,6 +35,7 @@ SHARD_ROWS, CHUNK_ROWS = 8, 4
 ROWS = {"train": 150, "val": 20}  # 19 and 3 shards, the last ones short
 TEACHER_SHA = "a" * 64
 MANIFEST_SHA = "b" * 64
+TOKEN = "t" * 32  # the writer token tests claim their stores with
 
 
 def bounds(n: int) -> tuple[tuple[int, int], ...]:
@@ -77,21 +80,26 @@ def writer(path: str, worker: int, workers: int, barrier) -> None:
     barrier.wait()
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     for split, n in ROWS.items():
-        group = root[split]
         for i, (a, b) in enumerate(bounds(n)):
             if i % workers == worker:
-                write_rows(group, a, b, rows_for(split, a, b))
+                write(root, split, a, b)
+
+
+def write(root: zarr.Group, split: str, a: int, b: int) -> None:
+    write_rows(root, split, a, b, rows_for(split, a, b), fingerprint_=fingerprint(provenance()), token=TOKEN)
 
 
 def make_store(path: Path, *, prov: dict | None = None) -> zarr.Group:
-    return create_store(path, spec(), provenance=prov or provenance(), sources={"teacher": "t.pt", "shards": "s"})
+    root = create_store(path, spec(), provenance=prov or provenance())
+    claim(root, TOKEN)
+    return root
 
 
 def fill(path: Path) -> None:
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     for split, n in ROWS.items():
         for a, b in bounds(n):
-            write_rows(root[split], a, b, rows_for(split, a, b))
+            write(root, split, a, b)
 
 
 @pytest.fixture(scope="module")
@@ -152,26 +160,30 @@ def test_store_layout_is_preallocated_and_shard_aligned(tmp_path: Path) -> None:
     assert not np.asarray(train[L.DONE][:]).any()
     with pytest.raises(CacheError, match="chunk_rows = 3 does not divide"):
         create_store(tmp_path / "bad.zarr", StoreSpec(**{**spec().__dict__, "chunk_rows": 3}),
-                     provenance=provenance(), sources={})
+                     provenance=provenance())
 
 
 def test_write_rows_flags_only_its_own_shard(tmp_path: Path) -> None:
     path = tmp_path / "cache.zarr"
     root = make_store(path)
     a, b = bounds(ROWS["train"])[-1]  # the short last shard
-    write_rows(root["train"], a, b, rows_for("train", a, b))
+    write(root, "train", a, b)
     done = np.asarray(root["train"][L.DONE][:])
     assert done.tolist() == [0] * (len(done) - 1) + [1]
     assert np.array_equal(root["train"][L.INDEX][a:b], np.arange(a, b))
-    assert not root["train"][L.INDEX][:a].any()
+    assert (root["train"][L.INDEX][:a] == L.INT_FILL).all()  # unwritten rows read as the fill value
+    assert np.isnan(root["train"][L.LOGITS][:a]).all()
 
 
-def test_open_for_resume_needs_the_same_inputs(tmp_path: Path) -> None:
+def test_existing_store_resumes_the_same_inputs_and_names_what_differs(tmp_path: Path) -> None:
     path = tmp_path / "cache.zarr"
-    assert open_for_resume(path, provenance()) is None
+    assert existing_store(path, provenance()) == (None, [])
     make_store(path)
-    assert open_for_resume(path, provenance()) is not None
-    assert open_for_resume(path, provenance(state_dict_sha256="c" * 64)) is None
+    root, changes = existing_store(path, provenance())
+    assert root is not None and changes == []
+    root, changes = existing_store(path, provenance(state_dict_sha256="c" * 64, model="other"))
+    assert root is None
+    assert changes == ["teacher.model: tiny → other", f"teacher.state_dict_sha256: {'a' * 12}… → {'c' * 12}…"]
 
 
 def test_read_all_equals_concatenated_blocks(complete_store: Path) -> None:
@@ -209,7 +221,7 @@ def test_open_cache_refuses_an_incomplete_store(tmp_path: Path) -> None:
     path = tmp_path / "cache.zarr"
     root = make_store(path)
     a, b = bounds(ROWS["train"])[0]
-    write_rows(root["train"], a, b, rows_for("train", a, b))
+    write(root, "train", a, b)
     with pytest.raises(CacheError) as info:
         open_cache(path)
     message = str(info.value)
@@ -241,3 +253,96 @@ def test_open_cache_refuses_another_schema_or_kind(store_copy: Path, attr, value
 def test_open_cache_without_a_store(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="no teacher cache at .*run `cifd embed`"):
         open_cache(tmp_path / "missing.zarr")
+
+
+# Integrity on read and on open ------------------------------------------------------------
+
+
+def test_a_deleted_shard_file_is_refused_naming_split_array_and_rows(store_copy: Path) -> None:
+    (store_copy / "train" / L.LOGITS / "c" / "1" / "0" / "0").unlink()  # rows 8-15
+    part = open_cache(store_copy).split("train")
+    part.read_all((L.EMBEDDINGS, L.LABELS))  # the other arrays are intact
+    with pytest.raises(CacheCorruptError, match=r"teacher cache .*cache\.zarr split train array logits: rows "
+                                                r"8-15 \(8 rows\) are missing: they read as the fill value NaN"):
+        part.read_all((L.LOGITS,))
+    (store_copy / "val" / L.INDEX / "c" / "2").unlink()  # rows 16-19
+    with pytest.raises(CacheCorruptError, match=r"split val array index: rows 16-19 \(4 rows\) are missing: .*-1"):
+        open_cache(store_copy).split("val").read_all((L.INDEX,))
+
+
+def test_a_flipped_byte_fails_the_read_naming_the_chunk_rows(store_copy: Path) -> None:
+    shard = store_copy / "train" / L.EMBEDDINGS / "c" / "2" / "0" / "0"  # rows 16-23, chunks of 4
+    data = bytearray(shard.read_bytes())
+    data[20] ^= 0x01  # inside the first chunk's compressed bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match=r"split train array embeddings: rows 16-19 \(4 rows\) cannot be "
+                                                r"read \(ValueError: Stored and computed checksum do not match"):
+        open_cache(store_copy).split("train").read_all((L.EMBEDDINGS,))
+
+
+def test_nan_in_a_cache_is_refused_on_read_with_the_row(store_copy: Path) -> None:
+    root = zarr.open_group(store_copy, mode="r+")
+    root["train"][L.LOGITS][42, 1, 3] = np.inf
+    part = open_cache(store_copy).split("train")
+    with pytest.raises(CacheCorruptError, match=r"split train array logits: rows 42 \(1 row\) hold NaN or inf"):
+        part.rms(L.LOGITS)
+    # verify's content check sees a change that keeps every value finite and every crc valid
+    root["train"][L.LOGITS][42, 1, 3] = 1.0
+    shard = 42 // SHARD_ROWS
+    with pytest.raises(CacheCorruptError, match=rf"split train shard {shard} \(rows 40:48\): .*sha256 mismatch"):
+        part.verify_shard(shard)
+    part.verify_shard(shard - 1)
+
+
+def test_an_edited_provenance_is_refused_on_open(store_copy: Path) -> None:
+    root = zarr.open_group(store_copy, mode="r+")
+    prov = dict(root.attrs[L.ATTR_PROVENANCE])
+    prov["teacher"] = {**prov["teacher"], "model": "someone:else"}
+    root.attrs[L.ATTR_PROVENANCE] = prov
+    with pytest.raises(CacheError, match=r"provenance hashes to .*not to its recorded fingerprint .*edited"):
+        open_cache(store_copy)
+
+
+def test_unreadable_metadata_is_an_error_and_the_store_is_kept(store_copy: Path) -> None:
+    (store_copy / "zarr.json").write_text("{ not json")
+    with pytest.raises(CacheError, match="metadata cannot be read"):
+        open_cache(store_copy)
+    with pytest.raises(CacheError, match=r"existing teacher cache at .* cannot be read .*left as it is"):
+        existing_store(store_copy, provenance())
+    assert (store_copy / "train" / L.LOGITS).is_dir()
+
+
+def test_a_directory_that_is_not_a_cache_is_never_replaced(tmp_path: Path) -> None:
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(CacheError, match="not a teacher cache .*left as it is"):
+        existing_store(other, provenance())
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("stale", ["token", "fingerprint"])
+def test_a_write_into_a_store_taken_over_by_another_run_is_refused(tmp_path: Path, stale: str) -> None:
+    """Run A resumes after run B recreated (other inputs) or took over (same inputs) the
+    store: A's next shard write refuses and writes nothing."""
+    path = tmp_path / "cache.zarr"
+    root = make_store(path)
+    write(root, "train", 0, SHARD_ROWS)
+    if stale == "token":
+        claim(root, "b" * 32)
+    else:
+        root.attrs[L.ATTR_FINGERPRINT] = "f" * 64
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    with pytest.raises(CacheError, match="recreated or taken over by another run .*stops without writing"):
+        write(root, "train", SHARD_ROWS, 2 * SHARD_ROWS)
+    assert np.asarray(root["train"][L.DONE][:2]).tolist() == [1, 0]
+    assert np.isnan(root["train"][L.LOGITS][SHARD_ROWS:2 * SHARD_ROWS]).all()
+
+
+def test_finalize_drops_the_writer_token(tmp_path: Path) -> None:
+    path = tmp_path / "cache.zarr"
+    make_store(path)
+    fill(path)
+    finalize(path)
+    attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    assert L.ATTR_WRITER not in attrs and attrs[L.ATTR_COMPLETE] is True

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.models import (
+    MODEL_FILE_FORMAT,
     ImageClassifier,
     ModelFileError,
     ModelInterfaceError,
@@ -24,6 +25,7 @@ from pipeline.models import (
     save_model,
     state_dict_sha256,
 )
+from pipeline.models.files import read_tensor_file
 
 from . import toy
 
@@ -131,22 +133,24 @@ def test_save_load_round_trip(tmp_path: Path, name: str, in_chans: int) -> None:
     with torch.no_grad():  # move BN statistics away from their init so they are checked too
         model.train()(_x(channels=in_chans, batch=8, seed=1))
     spec = _spec(name, 4, in_chans, versions=library_versions())
-    digest = save_model(tmp_path / "sub" / "model.pt", model, spec=spec)
+    path = tmp_path / "sub" / "model.safetensors"
+    digest = save_model(path, model, spec=spec)
     assert digest == state_dict_sha256(model)
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["model.pt"], "no temp file may remain"
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["model.safetensors"], "no temp file may remain"
 
-    loaded, loaded_spec = load_model(tmp_path / "sub" / "model.pt")
+    loaded, loaded_spec = load_model(path)
     assert loaded_spec == spec
     assert state_dict_sha256(loaded) == digest
     x = _x(channels=in_chans)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded.eval()(x))
         assert torch.equal(model.embed(x), loaded.embed(x))
-    # weights_only=True must be enough for this format
-    payload = torch.load(tmp_path / "sub" / "model.pt", weights_only=True)
-    assert payload["spec"] == spec
+    # safetensors + a JSON document: readable with no torch or pickle at all
+    tensors, document = read_tensor_file(path)
+    assert document == {"format": MODEL_FILE_FORMAT, "spec": spec, "state_dict_sha256": digest}
+    assert state_dict_sha256(tensors) == digest
     # a model file is also a valid weights= file
-    again = build_model(name, num_classes=4, in_chans=in_chans, weights=tmp_path / "sub" / "model.pt")
+    again = build_model(name, num_classes=4, in_chans=in_chans, weights=path)
     assert state_dict_sha256(again) == digest
 
 
@@ -178,7 +182,7 @@ def test_file_sha256(tmp_path: Path) -> None:
 
 def test_spec_must_hold_plain_types(tmp_path: Path) -> None:
     model = build_model(TOY, num_classes=3)
-    with pytest.raises(TypeError, match="weights_only"):
+    with pytest.raises(TypeError, match="stored as JSON"):
         save_model(tmp_path / "m.pt", model, spec=_spec(TOY, 3, path=tmp_path))
     with pytest.raises(TypeError, match="TorchVersion"):
         save_model(tmp_path / "m.pt", model, spec=_spec(TOY, 3, torch=torch.__version__))
@@ -188,10 +192,15 @@ def test_spec_must_hold_plain_types(tmp_path: Path) -> None:
 
 
 def test_load_model_rejects_bare_weights(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
     model = build_model(TOY, num_classes=3)
     torch.save(model.backbone.state_dict(), tmp_path / "bare.pt")
-    with pytest.raises(ModelFileError, match="save_model"):
+    with pytest.raises(ModelFileError, match="not a safetensors file written by cifd"):
         load_model(tmp_path / "bare.pt")
+    save_file(model.backbone.state_dict(), tmp_path / "bare.safetensors")
+    with pytest.raises(ModelFileError, match="without cifd's 'cifd' header entry"):
+        load_model(tmp_path / "bare.safetensors")
 
 
 # --- weights files --------------------------------------------------------------------------
@@ -214,14 +223,23 @@ def test_weights_layouts(tmp_path: Path, layout: str) -> None:
     assert state_dict_sha256(model) == state_dict_sha256(source)
 
 
-def test_weights_needing_full_pickle_fall_back_with_warning(tmp_path: Path) -> None:
-    # timm training checkpoints carry an argparse.Namespace, which weights_only=True refuses.
+def test_weights_needing_full_pickle_are_refused_with_the_conversion(tmp_path: Path) -> None:
+    # timm training checkpoints carry an argparse.Namespace, which weights_only=True refuses:
+    # cifd does not fall back to unpickling; it says how to convert the file.
     source = build_model(TOY, num_classes=3)
     torch.save({"state_dict": source.backbone.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "w.pth")
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "w.pth", weights_only=True)
-    with pytest.warns(UserWarning, match="weights_only=False"):
-        model = build_model(TOY, num_classes=3, weights=tmp_path / "w.pth")
+    with pytest.raises(ModelFileError) as info:
+        build_model(TOY, num_classes=3, weights=tmp_path / "w.pth")
+    message = str(info.value)
+    assert "\n" not in message and "never unpickles" in message
+    assert "safetensors.torch.save_file(state_dict, " in message and str(tmp_path / "w.safetensors") in message
+    # The conversion the message gives, run by the user on a file they trust, gives a file cifd reads.
+    from safetensors.torch import save_file
+
+    save_file(torch.load(tmp_path / "w.pth", weights_only=False)["state_dict"], tmp_path / "w.safetensors")
+    model = build_model(TOY, num_classes=3, weights=tmp_path / "w.safetensors")
     assert state_dict_sha256(model) == state_dict_sha256(source)
 
 
@@ -256,7 +274,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
 
 def test_other_num_classes_suggests_fix_and_drop_head(tmp_path: Path) -> None:
     source = build_model(TIMM_TINY, num_classes=10, in_chans=1)
-    save_model(tmp_path / "t.pt", source, spec=_spec(TIMM_TINY, 10, 1))
+    save_model(tmp_path / "t.pt", source, spec=_spec(TIMM_TINY, 10, 1))  # safetensors whatever the suffix
     with pytest.raises(WeightsMismatchError, match=r"file has 10 classes, the model 4\. Set num_classes=10"):
         build_model(TIMM_TINY, num_classes=4, in_chans=1, weights=tmp_path / "t.pt")
     model = build_model(TIMM_TINY, num_classes=4, in_chans=1)

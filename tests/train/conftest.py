@@ -38,6 +38,7 @@ def write_params(root: Path, base: dict[str, Any], **sections: Mapping[str, Any]
     params["paths"].setdefault("students", str(root / "students"))
     params["paths"].setdefault("metrics", str(root / "metrics"))
     params["paths"].setdefault("plots", str(root / "plots"))
+    params["paths"].setdefault("checkpoints", str(root / "checkpoints"))
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -59,7 +60,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, shards_dir: Path, teacher_
     cache_path, _ = embedded_cache
     base = {
         "paths": {"shards": str(shards_dir), "teacher": str(teacher_file), "cache": str(cache_path),
-                  "rdm_models": str(root / "rdm.pt"), "rdm_cache": str(root / "rdm.zarr")},
+                  "rdm_models": str(root / "rdm.safetensors"), "rdm_cache": str(root / "rdm.zarr")},
         "rdm": RDM,
         "distill": DISTILL,
         "evaluate": {"batch_size": 64, "device": "cpu"},

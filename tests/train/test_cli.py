@@ -24,10 +24,11 @@ def test_cli_distill_cifd(project, tmp_path: Path) -> None:
     result = _invoke("distill", "--method", "cifd", "--params", str(params))
     assert result.exit_code == 0, result.output
     assert "distill cifd: val top-1" in result.output
-    student, spec = load_model(tmp_path / "students" / "cifd.pt")
+    student, spec = load_model(tmp_path / "students" / "cifd.safetensors")
     assert spec["method"] == "cifd" and student.embed_dim == 8  # the bare backbone: no IBM, no projection
     assert not any(k.startswith(("ibm", "proj")) for k in student.state_dict())
-    assert (tmp_path / "students" / "cifd.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "cifd.safetensors").is_file()  # outside the DVC outputs
+    assert sorted(p.name for p in (tmp_path / "students").iterdir()) == ["cifd.safetensors"]
     assert (tmp_path / "plots" / "distill" / "cifd.csv").read_text().startswith("epoch,train_loss,val_top1")
     timing = json.loads((tmp_path / "metrics" / "distill" / "cifd.json").read_text())
     assert timing[M.SECONDS] > 0 and timing[M.DEVICE] == "cpu" and timing[M.EPOCHS] >= 1

@@ -43,7 +43,7 @@ def test_two_gloo_ranks_end_identical(project, tmp_path: Path) -> None:
     mp.start_processes(_rank_main, args=(2, _free_port(), params, str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     for mode in MODES:
-        ranks = [torch.load(tmp_path / f"{mode}-rank{r}.pt", weights_only=False) for r in (0, 1)]
+        ranks = [torch.load(tmp_path / f"{mode}-rank{r}.pt", weights_only=True) for r in (0, 1)]
         assert ranks[0]["losses"] == ranks[1]["losses"]  # reduced over ranks: the same log everywhere
         assert len(ranks[0]["losses"]) == 1 and math.isfinite(ranks[0]["losses"][0])
         assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
@@ -51,5 +51,5 @@ def test_two_gloo_ranks_end_identical(project, tmp_path: Path) -> None:
             assert torch.equal(value, ranks[1]["state"][key]), f"{mode}: ranks differ in {key}"
         assert any("running_mean" in key for key in ranks[0]["state"])  # BatchNorm buffers were compared too
         # Rank 0 wrote the outputs.
-        assert (tmp_path / mode / "students" / "cifd.pt").is_file()
+        assert (tmp_path / mode / "students" / "cifd.safetensors").is_file()
         assert (tmp_path / mode / "plots" / "distill" / "cifd.csv").is_file()

@@ -20,6 +20,7 @@ from pipeline.cache.store import CacheError
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import load_split
 from pipeline.train.batches import MemoryBatches
+from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.distill import EpochLog, TrainingDiverged, train_student
 from pipeline.train.objective import method_loss, rdm_weight_tensor
 from pipeline.train.stream import StreamBatches
@@ -266,9 +267,9 @@ def test_resume_is_bit_exact_and_foreign_checkpoints_are_ignored(project, tmp_pa
 
     with pytest.raises(Killed):
         _train(_inputs(project, tmp_path / "split", "cifd", epochs=2), on_epoch=kill)
-    ckpt = tmp_path / "split" / "students" / "cifd.ckpt"
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
-    shutil.copy(ckpt, tmp_path / "after_epoch_1.ckpt")
+    ckpt = tmp_path / "split" / "checkpoints" / "cifd.safetensors"
+    assert load_checkpoint(ckpt).epoch == 1
+    shutil.copy(ckpt, tmp_path / "after_epoch_1.safetensors")
 
     resumed = _inputs(project, tmp_path / "split", "cifd", epochs=2)  # a fresh process: new student
     seen: list[int] = []
@@ -281,12 +282,12 @@ def test_resume_is_bit_exact_and_foreign_checkpoints_are_ignored(project, tmp_pa
     # The same checkpoint under another fingerprint (other config/cache): a fresh start.
     other = _inputs(project, tmp_path / "other", "cifd", epochs=2)
     other.run.checkpoint.parent.mkdir(parents=True)
-    shutil.copy(tmp_path / "after_epoch_1.ckpt", other.run.checkpoint)
+    shutil.copy(tmp_path / "after_epoch_1.safetensors", other.run.checkpoint)
     other.run.fingerprint = "f" * 64
     seen.clear()
     assert _train(other, on_epoch=lambda log: seen.append(log.epoch)) == expected
     assert seen == [1, 2]
-    assert torch.load(other.run.checkpoint, weights_only=True)["fingerprint"] == "f" * 64
+    assert load_checkpoint(other.run.checkpoint).fingerprint == "f" * 64
 
 
 # ----------------------------------------------------------------------------- stream mode
