@@ -218,9 +218,10 @@ def cache_verify_cmd(path: Path | None, params: Path, teacher: Path | None, shar
             teacher_path = teacher_path or Path(paths.teacher)
             shards_path = shards_path or Path(paths.shards)
         draw = seed if seed is not None else secrets.randbelow(2**31)
-        click.echo(f"verify: seed {draw} (repeat this draw with --seed {draw})", err=True)
         report = verify_cache(cache_path, teacher=teacher_path, shards=shards_path, samples=samples, seed=draw,
                               tolerance=tolerance, full=full, allow_entrypoint=allow)
+        # The seed is printed once the cache opened: a refusal stays one line.
+        click.echo(f"verify: seed {draw} (repeat this draw with --seed {draw})", err=True)
         click.echo(json.dumps(report.to_dict(), indent=2))
         if not report.ok:
             reasons = report.problems or ["cache and live teacher disagree beyond tolerance"]

@@ -90,6 +90,18 @@ def _resolve_classes(found: Sequence[str], classes: Sequence[str] | None, where:
     return list(classes)
 
 
+def _check_complete(tar: tarfile.TarFile, path: str | Path) -> None:
+    """Refuse a tar that ends without its end-of-archive marker (two zero blocks): Python's
+    tarfile reads a tar cut at a member boundary (an interrupted copy or download) as a
+    shorter, valid archive. Call after every member was read."""
+    assert tar.fileobj is not None
+    tar.fileobj.seek(tar.offset)
+    tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
+        raise SourceError(f"tar '{path}' ends without its end-of-archive marker after {tar.offset} bytes: it is "
+                          "truncated (an interrupted copy or download?); copy it again")
+
+
 def imagefolder_source(path: str | Path, classes: Sequence[str] | None = None) -> SourceSplit:
     """Images laid out as ``<class>/<file>`` in a directory, or as members of a tar.
 
@@ -105,7 +117,9 @@ def imagefolder_source(path: str | Path, classes: Sequence[str] | None = None) -
                 entries.append((file.relative_to(path).as_posix(), ext, file.read_bytes()))
     elif path.is_file() and tarfile.is_tarfile(path):
         with tarfile.open(path) as tar:
-            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            members = tar.getmembers()  # reads to the end of the archive
+            _check_complete(tar, path)
+            for member in sorted(members, key=lambda m: m.name):
                 ext = _ext(member.name)
                 if member.isfile() and ext is not None:
                     handle = tar.extractfile(member)
@@ -142,6 +156,7 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict[str, bytes | str]]:
             assert handle is not None  # isfile() members always have a handle
             current["__key__"] = key
             current[ext.lower()] = handle.read()
+        _check_complete(tar, path)
     if current:
         yield current
 

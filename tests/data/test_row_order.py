@@ -92,3 +92,29 @@ def test_a_failed_prepare_leaves_the_previous_shards(tiny, make_imagefolder_tar,
         prepare_dataset(PrepareConfig(source="imagefolder", train=str(bad), samples_per_shard=4), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # manifest and every tar untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar", "good.tar", "shards"]  # no temp dir left
+
+
+def test_a_tar_cut_at_a_member_boundary_is_refused_and_the_old_shards_stay(tiny, make_imagefolder_tar,
+                                                                           tmp_path: Path) -> None:
+    """A tar cut where a member header starts (an interrupted copy) reads as a shorter valid
+    archive with Python's tarfile; prepare must refuse it, not replace good shards with half."""
+    import tarfile
+
+    from pipeline.data.sources import SourceError
+
+    good = make_imagefolder_tar(tmp_path / "good.tar")
+    out = tmp_path / "shards"
+    prepare_dataset(PrepareConfig(source="imagefolder", train=str(good), samples_per_shard=4), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with tarfile.open(good) as tar:
+        members = tar.getmembers()
+    cut = members[len(members) // 2].offset  # the header of a member in the middle
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(good.read_bytes()[:cut])
+    with tarfile.open(truncated) as tar:  # what makes this dangerous: tarfile reads it without error
+        assert 0 < len(tar.getmembers()) < len(members)
+    with pytest.raises(SourceError, match="end-of-archive marker.*truncated"):
+        prepare_dataset(PrepareConfig(source="imagefolder", train=str(truncated), samples_per_shard=4), out)
+    with pytest.raises(SourceError, match="truncated"):
+        prepare_dataset(PrepareConfig(source="webdataset", train=str(truncated), samples_per_shard=4), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
