@@ -9,6 +9,7 @@ inside, the trainer). Every top-1 and agreement figure of the tool comes from
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.data.preprocess import Preprocess, render_inputs
-from pipeline.data.views import clean_views
+from pipeline.data.shards import Manifest, read_shard
 
-__all__ = ["Scores", "agreement", "agreement_hits", "evaluate_classifier", "predict", "top1", "top1_hits"]
+__all__ = ["Scores", "agreement", "agreement_hits", "evaluate_classifier", "predict", "predict_split", "sizes_of", "top1", "top1_hits"]
 
 
 def top1_hits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -52,31 +53,61 @@ class Scores(NamedTuple):
     kl: float  # KL(teacher ‖ model) at τ = 1, nats per image
 
 
+def sizes_of(images: Tensor | Sequence[Tensor]) -> Tensor:
+    """(N, 2) (height, width) of a batch (N, C, H, W) or a sequence of (C, H_i, W_i) images."""
+    if isinstance(images, Tensor):
+        return torch.tensor(images.shape[2:], dtype=torch.int64).expand(len(images), 2)
+    return torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.int64).reshape(-1, 2)
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, images: Tensor, *, preprocess: Preprocess, batch_size: int,
-            channels_last: bool = False) -> Tensor:
-    """float32 logits (n, C) of ``model`` on the clean views of uint8 ``images`` (n, C, H, W)."""
+def predict(model: nn.Module, images: Tensor | Sequence[Tensor], *, preprocess: Preprocess, batch_size: int,
+            views: Tensor | None = None, channels_last: bool = False) -> Tensor:
+    """float32 logits (n, C) of ``model`` on uint8 ``images`` (a batch (n, C, H, W) or n
+    images of any sizes) under ``views`` (n, 5), by default the clean views of ``preprocess``.
+    Inputs are rendered where the images are and moved to the model's device."""
     was = model.training
     model.eval()
-    _, _, h, w = images.shape
+    device = next(model.parameters()).device
+    if views is None:
+        views = preprocess.clean_views(sizes_of(images))
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        x = render_inputs(batch, clean_views(len(batch), h, w), preprocess=preprocess, channels_last=channels_last)
-        out.append(model(x).float())
+        x = render_inputs(batch, views[start:start + batch_size], preprocess=preprocess, channels_last=channels_last)
+        out.append(model(x.to(device, non_blocking=True)).float())
     model.train(was)
     if not out:
-        return torch.zeros(0, 0, device=images.device)
+        return torch.zeros(0, 0, device=device)
     return torch.cat(out)
 
 
-def evaluate_classifier(model: nn.Module, images: Tensor, labels: Tensor, teacher_logits: Tensor | None, *,
-                        preprocess: Preprocess, batch_size: int, channels_last: bool = False) -> Scores:
-    """Top-1, top-1 agreement with the teacher and KL(teacher ‖ model) at τ = 1 on clean views.
+def predict_split(model: nn.Module, manifest: Manifest, split: str, *, preprocess: Preprocess,
+                  batch_size: int) -> tuple[Tensor, Tensor]:
+    """Logits (N, C) on the clean views of ``preprocess`` and labels (N,) of a whole split,
+    read one shard at a time (memory does not grow with the split's images)."""
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for shard in manifest.split(split)["shards"]:
+        block = read_shard(manifest.root / shard["file"], mode=manifest.mode, start=shard["start"], stop=shard["stop"])
+        images: Tensor | list[Tensor] = [torch.from_numpy(image) for image in block.images]
+        if manifest.image_shape is not None:  # same size: one batch, rendered on the model's device
+            images = torch.from_numpy(block.stacked()).to(device)
+        logits.append(predict(model, images, preprocess=preprocess, batch_size=batch_size))
+        labels.append(torch.from_numpy(block.labels))
+    return torch.cat(logits), torch.cat(labels).to(device)
+
+
+def evaluate_classifier(model: nn.Module, images: Tensor | Sequence[Tensor], labels: Tensor,
+                        teacher_logits: Tensor | None, *, preprocess: Preprocess, batch_size: int,
+                        views: Tensor | None = None, channels_last: bool = False) -> Scores:
+    """Top-1, top-1 agreement with the teacher and KL(teacher ‖ model) at τ = 1 on ``views``
+    (by default the clean views of ``preprocess``).
 
     ``model`` maps inputs to logits (a deployed student, or ``Student.backbone``).
     """
-    logits = predict(model, images, preprocess=preprocess, batch_size=batch_size, channels_last=channels_last)
+    logits = predict(model, images, preprocess=preprocess, batch_size=batch_size, views=views,
+                     channels_last=channels_last)
     if teacher_logits is None:
         return Scores(top1=top1(logits, labels), agreement=math.nan, kl=math.nan)
     t = teacher_logits.float()

@@ -71,7 +71,16 @@ class PrepareConfig(StrictConfig):
     ``shuffle``: rows are put in a seeded random order before sharding (an ImageFolder lists
     images class by class, and a stream that reads a few shards at a time would otherwise see
     one or two classes per batch). The manifest records the rule and the seed.
+
+    Images keep their own size and bytes. ``mode``: the colour mode every image is decoded
+    to, ``RGB`` (alpha dropped, grey and palette images converted) or ``L`` (grey); null:
+    ``L`` for digits, ``RGB`` otherwise. ``max_side``: images whose longer side is over it
+    are shrunk to it and re-encoded (the manifest lists them); null keeps every image as is.
     """
+
+    def colour_mode(self) -> str:
+        """The colour mode images are decoded to (``mode``, or the source's natural one)."""
+        return self.mode or ("L" if self.source == "digits" else "RGB")
 
     source: Literal["digits", "imagefolder", "webdataset"] = "digits"
     train: str | None = None
@@ -81,6 +90,8 @@ class PrepareConfig(StrictConfig):
     limit_val: int | None = None
     classes: tuple[str, ...] | None = None
     samples_per_shard: int = 256
+    mode: Literal["RGB", "L"] | None = None
+    max_side: int | None = None
     on_corrupt: Literal["error", "skip"] = "error"
     max_corrupt_fraction: float = 0.01
     shuffle: bool = True
@@ -99,23 +110,46 @@ class PrepareConfig(StrictConfig):
             require(value is None or value > 0, section, name, value, "expected null or > 0")
         require(self.samples_per_shard > 0, section, "samples_per_shard", self.samples_per_shard,
                 "expected > 0")
+        require(self.max_side is None or self.max_side >= 8, section, "max_side", self.max_side,
+                "expected null (keep every image) or >= 8 pixels")
         require(0.0 <= self.max_corrupt_fraction <= 1.0, section, "max_corrupt_fraction",
                 self.max_corrupt_fraction, "expected 0 <= x <= 1")
 
 
+# What a model without a timm pretrained config (a ``module:function`` entrypoint) gets for
+# the preprocessing fields its params leave out; image_size, mean and std have no fallback.
+FALLBACK_PREPROCESS = {"crop_pct": 1.0, "interpolation": "bilinear"}
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig(StrictConfig):
-    """What the teacher expects: view output size and per-channel normalisation."""
+    """A model's input (``teacher.preprocess``, ``distill.preprocess``).
 
-    image_size: int = 32
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
+    ``image_size``: the square input side S. ``crop_pct``: the clean evaluation view is the
+    image's shorter side resized to ``floor(S / crop_pct)`` then a centre crop of S (timm's
+    and torchvision's eval transform). ``interpolation``: the resampling filter of every view
+    (antialiased when shrinking). ``mean`` / ``std``: per-channel normalisation.
+
+    A field left null comes from the model's timm pretrained config
+    (``timm.data.resolve_model_data_config``); a model without one gets
+    :data:`FALLBACK_PREPROCESS` and must be given image_size, mean and std. The frozen teacher
+    file and the cache record what was used and where each value came from.
+    """
+
+    image_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def check(self, section: str) -> None:
-        require(self.image_size > 0, section, "image_size", self.image_size, "expected > 0")
-        require(len(self.mean) == len(self.std), section, "std", self.std,
-                f"expected as many values as mean ({len(self.mean)})")
-        require(all(s > 0 for s in self.std), section, "std", self.std, "expected all > 0")
+        require(self.image_size is None or self.image_size > 0, section, "image_size", self.image_size,
+                "expected null or > 0")
+        require(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, section, "crop_pct", self.crop_pct,
+                "expected null or 0 < crop_pct <= 1")
+        require(self.mean is None or self.std is None or len(self.mean) == len(self.std), section, "std", self.std,
+                f"expected as many values as mean ({len(self.mean or ())})")
+        require(self.std is None or all(s > 0 for s in self.std), section, "std", self.std, "expected all > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +206,10 @@ class TeacherConfig(StrictConfig):
     def check(self, section: str) -> None:
         require(bool(self.model), section, "model", self.model, "expected a timm name or module:function")
         require(self.in_chans in (1, 3) or self.in_chans > 0, section, "in_chans", self.in_chans, "expected > 0")
-        require(len(self.preprocess.mean) == self.in_chans, f"{section}.preprocess", "mean",
-                self.preprocess.mean, f"expected {self.in_chans} values (one per input channel)")
+        for name in ("mean", "std"):
+            value = getattr(self.preprocess, name)
+            require(value is None or len(value) == self.in_chans, f"{section}.preprocess", name, value,
+                    f"expected {self.in_chans} values (one per input channel, teacher.in_chans)")
         require(self.epochs >= 0, section, "epochs", self.epochs, "expected >= 0 (0 = no fine-tune)")
         require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
         require(self.eval_batch_size > 0, section, "eval_batch_size", self.eval_batch_size, "expected > 0")
@@ -272,11 +308,17 @@ class DistillConfig(StrictConfig):
     teacher and every RDM, KD dropout, no IBM), ``cifd`` (KD to teacher and RDMs, feature
     losses through a projection, IBM rate, KD dropout). ``ckd_weight`` > 0 adds the
     comparative pair term to any method. Defaults are the paper's (DESIGN §2).
+
+    ``preprocess``: the student's input. null: the teacher's (the cached pixels exactly). A
+    mapping: its fields, the rest from the student's timm pretrained config, else from the
+    teacher's. Either way the student sees the same crop box as the teacher, rendered at its
+    own size and normalisation.
     """
 
     methods: tuple[str, ...] = METHODS
     student: str = "resnet10t"
     student_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    preprocess: PreprocessConfig | None = None
     epochs: int = 15
     batch_size: int = 128
     eval_batch_size: int = 512

@@ -11,7 +11,7 @@ SPLITS = ("train", "val")
 KEY_DIGITS = 9  # sample key = zero-padded global row index within its split, no dots
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # 2: images of any size (per-sample sizes), colour mode, re-encoded rows
 LABEL_EXT = "cls"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 

@@ -23,11 +23,11 @@ from tqdm import tqdm
 from pipeline.cache.rdm_store import open_rdm_cache
 from pipeline.cache.reader import CacheExpectation, check_alignment, open_cache
 from pipeline.cache.store import CacheError
-from pipeline.data.preprocess import Preprocess
+from pipeline.data.preprocess import Preprocess, PreprocessError, resolve_preprocess
 from pipeline.data.shards import Manifest, load_manifest, load_split
 from pipeline.models import build_model, load_model, save_model, state_dict_sha256
 from pipeline.runtime import resolve_device
-from pipeline.train.batches import BatchSource, MemoryBatches
+from pipeline.train.batches import BatchSource, MemoryBatches, held_images
 from pipeline.train.checkpoint import config_fingerprint, resumable_seconds
 from pipeline.train.distill import (
     DistillRun,
@@ -80,6 +80,19 @@ def loop_settings(cfg: DistillConfig) -> LoopSettings:
                         channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size)
 
 
+def student_preprocess(cfg: DistillConfig, backbone: torch.nn.Module, *, teacher: Preprocess,
+                       in_chans: int) -> Preprocess:
+    """The student's input: the teacher's when ``distill.preprocess`` is null; else its fields,
+    the rest from the student's timm pretrained config, else from the teacher's."""
+    if cfg.preprocess is None:
+        return teacher
+    try:
+        return resolve_preprocess(cfg.preprocess.to_dict(), backbone, in_chans=in_chans, fallback=teacher.to_spec(),
+                                  section="distill.preprocess")[0]
+    except PreprocessError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def run(params: Path, method: str) -> DistillResult:
     began = time.perf_counter()  # end to end from the cache: loading, training, per-epoch val, saving
     paths, cfg = load_stage(params, "distill", DistillConfig)
@@ -126,7 +139,7 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
                                                      manifest_sha256=manifest.sha256))
     del teacher  # stage three never runs the teacher: its outputs come from the cache
     check_alignment(cache, manifest)
-    preprocess = Preprocess.from_spec(spec, source=str(paths.teacher))
+    teacher_preprocess = Preprocess.from_spec(spec, source=str(paths.teacher))
     rdm = None
     rdm_info = {}
     if uses_rdms(method):
@@ -137,30 +150,33 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
         rdm_info = {"rdm_cache": rdm.checkpoint_sha256}
     targets = load_targets(cache, rdm, method=method, device=device)
     labels = targets.labels.cpu().numpy()
+    torch.manual_seed(cfg.seed)  # timm initialisers use the global generator: the same init on every rank
+    train_split = cache.split("train")
+    backbone = build_model(cfg.student, num_classes=train_split.num_classes,
+                           in_chans=manifest.channels, model_kwargs=dict(cfg.student_kwargs))
+    preprocess = student_preprocess(cfg, backbone, teacher=teacher_preprocess, in_chans=manifest.channels)
     batches: BatchSource
     if cfg.data == "stream":  # labels are checked sample by sample as they stream
-        batches = StreamBatches(manifest, "train", labels=labels, batch_size=cfg.batch_size,
-                                workers=cfg.loader_workers, device=device, rank=rank, world=world, seed=cfg.seed,
-                                shuffle_buffer=cfg.shuffle_buffer)
+        batches = StreamBatches(manifest, "train", labels=labels, boxes=targets.views, preprocess=preprocess,
+                                batch_size=cfg.batch_size, workers=cfg.loader_workers, device=device, rank=rank,
+                                world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     else:
-        images = load_split(manifest, "train")
-        if not np.array_equal(images.labels, labels):
-            row = int(np.flatnonzero(images.labels != labels)[0])
-            raise CacheError(f"cache and shards disagree at row {row}: label {int(images.labels[row])} in the "
+        block = load_split(manifest, "train")
+        if not np.array_equal(block.labels, labels):
+            row = int(np.flatnonzero(block.labels != labels)[0])
+            raise CacheError(f"cache and shards disagree at row {row}: label {int(block.labels[row])} in the "
                              f"shards, {int(labels[row])} in the cache; rerun `cifd embed`")
-        batches = MemoryBatches(torch.from_numpy(images.images).to(device), cfg.batch_size, rank, world)
+        batches = MemoryBatches(held_images(block, manifest, device), targets.views, preprocess=preprocess,
+                                batch_size=cfg.batch_size, rank=rank, world=world)
     if batches.steps < 1:
         raise ConfigError(f"distill.batch_size = {cfg.batch_size} leaves no full batch per rank "
                           f"({targets.num_rows} rows, {world} ranks, data: {cfg.data}); lower it")
     val_block = load_split(manifest, "val")
-    val_logits = cache.split("val").read_all((L.LOGITS,))[L.LOGITS][:, 0]  # (n, C) clean view
-    val = ValSet(images=torch.from_numpy(val_block.images).to(device),
+    val_cached = cache.split("val").read_all((L.LOGITS, L.VIEWS))
+    val = ValSet(images=held_images(val_block, manifest, device),
+                 views=torch.from_numpy(val_cached[L.VIEWS][:, 0]),  # (n, 5) the clean view the teacher saw
                  labels=torch.from_numpy(val_block.labels).to(device),
-                 teacher_logits=torch.from_numpy(val_logits.astype(np.float32)).to(device))
-    torch.manual_seed(cfg.seed)  # timm initialisers use the global generator: the same init on every rank
-    train_split = cache.split("train")
-    backbone = build_model(cfg.student, num_classes=train_split.num_classes,
-                           in_chans=manifest.image_shape[0], model_kwargs=dict(cfg.student_kwargs))
+                 teacher_logits=torch.from_numpy(val_cached[L.LOGITS][:, 0].astype(np.float32)).to(device))
     student = Student(backbone, teacher_dim=train_split.embed_dim if uses_features(method) else None,
                       ibm=cfg.ibm and method == "cifd", ibm_init_scale=cfg.ibm_init_scale).to(device)
     if cfg.channels_last:
@@ -197,8 +213,8 @@ def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world:
         out_dir = Path(paths.students)
         backbone = student.backbone
         save_model(out_dir / f"{method}.safetensors", copy.deepcopy(backbone).cpu().eval(), spec={
-            "name": cfg.student, "num_classes": backbone.num_classes, "in_chans": inputs.manifest.image_shape[0],
-            "model_kwargs": dict(cfg.student_kwargs), "preprocess": inputs.teacher_spec["preprocess"],
+            "name": cfg.student, "num_classes": backbone.num_classes, "in_chans": inputs.manifest.channels,
+            "model_kwargs": dict(cfg.student_kwargs), "preprocess": inputs.run.preprocess.to_spec(),
             "method": method, "teacher_cache_fingerprint": inputs.cache_fingerprint, "epochs": cfg.epochs,
         })
         write_csv(Path(paths.plots) / "distill" / f"{method}.csv",

@@ -15,6 +15,7 @@ from pipeline.data.shards import load_manifest, load_split
 from pipeline.evaluate import evaluate_classifier, top1
 from pipeline.models import load_model, state_dict_sha256
 from pipeline.runtime import resolve_device
+from pipeline.train.batches import held_images
 from report.plots import plot_curves
 from schemas import layout as L
 from schemas import metrics as M
@@ -34,12 +35,12 @@ def run(params: Path) -> None:
     manifest = load_manifest(paths.shards)
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
-    preprocess = Preprocess.from_spec(spec, source=str(paths.teacher))
     val = load_split(manifest, "val")
-    images = torch.from_numpy(val.images).to(device)
+    images = held_images(val, manifest, device)
     labels = torch.from_numpy(val.labels).to(device)
-    teacher_logits = torch.from_numpy(cache.split("val").read_all((L.LOGITS,))[L.LOGITS][:, 0].astype(np.float32))
-    teacher_logits = teacher_logits.to(device)
+    cached = cache.split("val").read_all((L.LOGITS, L.VIEWS))
+    teacher_logits = torch.from_numpy(cached[L.LOGITS][:, 0].astype(np.float32)).to(device)
+    clean = torch.from_numpy(cached[L.VIEWS][:, 0])  # (n, 5) the clean view the teacher saw
     table: dict[str, dict[str, float]] = {}
     teacher_top1 = top1(teacher_logits, labels)
     table["teacher"] = {M.EVAL_TOP1: round(teacher_top1, 5), M.EVAL_AGREEMENT: 1.0, M.EVAL_KL: 0.0}
@@ -51,8 +52,10 @@ def run(params: Path) -> None:
         student, student_spec = load_model(path, allow_entrypoint=student_model)
         if student_spec.get("teacher_cache_fingerprint") != cache.fingerprint:
             raise ConfigError(f"student {path} was distilled from another teacher cache; rerun `dvc repro`")
+        # The student's own input size and normalisation, on the box the teacher saw.
+        preprocess = Preprocess.from_spec(student_spec, source=str(path))
         result = evaluate_classifier(student.to(device), images, labels, teacher_logits, preprocess=preprocess,
-                                     batch_size=cfg.batch_size)
+                                     batch_size=cfg.batch_size, views=clean)
         table[method] = {M.EVAL_TOP1: round(result.top1, 5), M.EVAL_AGREEMENT: round(result.agreement, 5),
                          M.EVAL_KL: round(result.kl, 5)}
         timing = Path(paths.metrics) / M.DISTILL_DIR / f"{method}.json"

@@ -21,4 +21,5 @@ def run(params: Path) -> None:
         M.SKIPPED_VAL: report.num_skipped["val"],
     })
     print(f"prepare: {report.num_samples} samples, {report.num_classes} classes, "
-          f"skipped {report.num_skipped}, manifest sha256 {report.manifest_sha256[:12]}")
+          f"skipped {report.num_skipped}, re-encoded over max_side {report.num_reencoded}, "
+          f"{'one image size' if report.same_size else 'images of many sizes'}, manifest sha256 {report.manifest_sha256[:12]}")

@@ -7,41 +7,38 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.preprocess import Preprocess
+from pipeline.data.preprocess import PreprocessError, resolve_preprocess
 from pipeline.data.shards import load_manifest, load_split
-from pipeline.evaluate import predict, top1
+from pipeline.evaluate import predict_split, top1
 from pipeline.models import build_model, file_sha256, save_model
 from pipeline.runtime import resolve_device
+from pipeline.train.batches import held_images
 from pipeline.train.supervised import EpochLog, TrainSettings, train_classifier
 from schemas import metrics as M
 from schemas.base import ConfigError
-from schemas.config import TeacherConfig, load_stage
+from schemas.config import FALLBACK_PREPROCESS, TeacherConfig, load_stage
 from stages._io import write_csv, write_json
 
 
 def run(params: Path) -> None:
     paths, cfg = load_stage(params, "teacher", TeacherConfig)
     manifest = load_manifest(paths.shards)
-    channels = manifest.image_shape[0]
-    if channels != cfg.in_chans:
+    if manifest.channels != cfg.in_chans:
         raise ConfigError(
-            f"params 'teacher.in_chans' = {cfg.in_chans}: the shards hold {channels}-channel images; "
-            f"set teacher.in_chans: {channels} and give preprocess.mean/std {channels} values"
+            f"params 'teacher.in_chans' = {cfg.in_chans}: the shards hold {manifest.channels}-channel images "
+            f"(prepare mode {manifest.mode}); set teacher.in_chans: {manifest.channels} and give "
+            f"teacher.preprocess.mean/std {manifest.channels} values"
         )
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # timm initialisers draw from the global generator
     model = build_model(cfg.model, num_classes=len(manifest.classes), in_chans=cfg.in_chans,
                         weights=cfg.weights, model_kwargs=dict(cfg.model_kwargs)).to(device)
-    train = load_split(manifest, "train")
-    val = load_split(manifest, "val")
-    train_x, train_y = torch.from_numpy(train.images).to(device), torch.from_numpy(train.labels).to(device)
-    val_x, val_y = torch.from_numpy(val.images).to(device), torch.from_numpy(val.labels).to(device)
-    pre = cfg.preprocess
-    preprocess = Preprocess(image_size=pre.image_size, mean=pre.mean, std=pre.std)
-    settings = TrainSettings(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, optim=cfg.optim,
-        label_smoothing=cfg.label_smoothing, augment=cfg.augment, preprocess=preprocess, seed=cfg.seed,
-    )
+    try:
+        preprocess, origin = resolve_preprocess(cfg.preprocess.to_dict(), model, in_chans=cfg.in_chans,
+                                                fallback=FALLBACK_PREPROCESS, section="teacher.preprocess")
+    except PreprocessError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"teacher preprocess: {preprocess.to_spec()} (from {', '.join(f'{k}: {v}' for k, v in origin.items())})")
     curve: list[dict[str, float]] = []
 
     def on_epoch(log: EpochLog) -> None:
@@ -49,13 +46,22 @@ def run(params: Path) -> None:
         print(f"teacher epoch {log.epoch}/{cfg.epochs}: loss {log.train_loss:.4f} val top-1 {log.val_top1:.4f}")
 
     began = time.perf_counter()
-    train_classifier(model, train_images=train_x, train_labels=train_y, val_images=val_x, val_labels=val_y,
-                     settings=settings, on_epoch=on_epoch)
-    val_top1 = top1(predict(model, val_x, preprocess=preprocess, batch_size=cfg.eval_batch_size), val_y)
-    train_top1 = top1(predict(model, train_x, preprocess=preprocess, batch_size=cfg.eval_batch_size), train_y)
+    if cfg.epochs > 0:  # fine-tuning holds both splits in memory (a device batch when same-size)
+        train, val = load_split(manifest, "train"), load_split(manifest, "val")
+        settings = TrainSettings(
+            epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, optim=cfg.optim,
+            label_smoothing=cfg.label_smoothing, augment=cfg.augment, preprocess=preprocess, seed=cfg.seed,
+        )
+        train_classifier(model, train_images=held_images(train, manifest, device),
+                         train_labels=torch.from_numpy(train.labels).to(device),
+                         val_images=held_images(val, manifest, device), val_labels=torch.from_numpy(val.labels).to(device),
+                         settings=settings, on_epoch=on_epoch)
+        del train, val
+    val_top1 = top1(*predict_split(model, manifest, "val", preprocess=preprocess, batch_size=cfg.eval_batch_size))
+    train_top1 = top1(*predict_split(model, manifest, "train", preprocess=preprocess, batch_size=cfg.eval_batch_size))
     spec = {
         "name": cfg.model, "num_classes": len(manifest.classes), "in_chans": cfg.in_chans,
-        "model_kwargs": dict(cfg.model_kwargs), "preprocess": pre.to_dict(),
+        "model_kwargs": dict(cfg.model_kwargs), "preprocess": preprocess.to_spec(), "preprocess_origin": origin,
         "source_weights_sha256": file_sha256(cfg.weights) if cfg.weights else None,
         "fine_tune_epochs": cfg.epochs, "classes": manifest.classes, "dataset_manifest_sha256": manifest.sha256,
     }

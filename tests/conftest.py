@@ -33,7 +33,7 @@ IMAGE_SIZE = 12
 CLASS_NAMES = ("cat", "dog", "frog")  # sorted, so class index = position
 SAMPLES_PER_SHARD = 4
 VAL_FRACTION = 0.25
-TEACHER_PREPROCESS = {"image_size": IMAGE_SIZE, "mean": [0.5, 0.45, 0.4], "std": [0.25, 0.25, 0.25]}
+TEACHER_PREPROCESS = {"image_size": IMAGE_SIZE, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5, 0.45, 0.4], "std": [0.25, 0.25, 0.25]}
 
 
 def encode_image(array: np.ndarray, fmt: str) -> bytes:

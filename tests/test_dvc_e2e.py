@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "prepare": {"source": "digits", "limit_train": 160, "limit_val": 60, "samples_per_shard": 40},
-    "teacher": {"model": "test_resnet", "in_chans": 1, "preprocess": {"image_size": 16, "mean": [0.5], "std": [0.5]},
+    "teacher": {"model": "test_resnet", "in_chans": 1, "preprocess": {"image_size": 16, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5], "std": [0.5]},
                 "epochs": 2, "batch_size": 64},
     "embed": {"views": 2, "batch_size": 128, "chunk_rows": 20, "scheduler": "synchronous"},
     "rdm": {"rate_weights": [4.0, 1.0], "hidden": 32, "epochs": 2, "batch_size": 128},

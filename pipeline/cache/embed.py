@@ -30,6 +30,7 @@ import torch
 import zarr
 
 from pipeline.cache.lock import writer_lock
+from pipeline.cache.provenance import build_provenance
 from pipeline.cache.reader import format_rows
 from pipeline.cache.store import (
     CacheError,
@@ -49,7 +50,6 @@ from pipeline.data.shards import Manifest, read_shard
 from pipeline.data.views import sample_views
 from pipeline.models import (
     ImageClassifier,
-    library_versions,
     load_model,
     logits_from_embedding_check,
     state_dict_sha256,
@@ -69,22 +69,28 @@ class TeacherOutputError(CacheError):
 @torch.inference_mode()
 def teacher_outputs(
     model: ImageClassifier,
-    images: torch.Tensor,
+    images: torch.Tensor | list[torch.Tensor],
     views: torch.Tensor,
     *,
     preprocess: Preprocess,
     batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings (n, V, D) and logits (n, V, C), float32, of uint8 ``images`` (n, C, H, W)
-    under ``views`` (n, V, 5). Runs on the device of ``images``."""
+    """Embeddings (n, V, D) and logits (n, V, C), float32, of uint8 ``images`` under ``views``
+    (n, V, 5): a batch (n, C, H, W) of same-size images, rendered on its device, or n images
+    (C, H_i, W_i) of any sizes, rendered one by one on the host. Runs on the model's device."""
     n, v = views.shape[:2]
-    rows = torch.arange(n, device=images.device).repeat_interleave(v)  # (n*V,)
-    flat_views = views.reshape(n * v, -1).to(images.device)
+    device = next(model.parameters()).device
+    rows = torch.arange(n).repeat_interleave(v)  # (n*V,)
+    flat_views = views.reshape(n * v, -1)
+    batched = isinstance(images, torch.Tensor)
     embs, logits = [], []
     for start in range(0, n * v, batch_size):
         sel = slice(start, start + batch_size)
-        x = render_inputs(images[rows[sel]], flat_views[sel], preprocess=preprocess)
-        e = model.embed(x)
+        if batched:
+            x = render_inputs(images[rows[sel].to(images.device)], flat_views[sel], preprocess=preprocess)
+        else:
+            x = render_inputs([images[r] for r in rows[sel].tolist()], flat_views[sel], preprocess=preprocess)
+        e = model.embed(x.to(device, non_blocking=True))
         embs.append(e.float())
         logits.append(model.classify(e).float())
     emb = torch.cat(embs).view(n, v, -1) if embs else torch.zeros(n, v, model.embed_dim)
@@ -108,7 +114,8 @@ class ShardTask:
     shard_file: str
     start: int
     stop: int
-    channels: int
+    mode: str  # the colour mode images are decoded to
+    same_size: bool  # one batch rendered on the device, else image by image on the host
     hashes: tuple[str, ...]
     views: np.ndarray  # (n, V, 5) float32
     teacher: str
@@ -165,9 +172,11 @@ def embed_shard(task: ShardTask) -> ShardResult:
     torch.set_num_threads(task.threads)
     device = resolve_device(task.device)
     model, _ = _load_teacher(task.teacher, task.teacher_sha256, str(device), task.allow_entrypoint)
-    block = read_shard(task.shard_file, channels=task.channels, start=task.start, stop=task.stop,
+    block = read_shard(task.shard_file, mode=task.mode, start=task.start, stop=task.stop,
                        expected_hashes=task.hashes)
-    images = torch.from_numpy(block.images).to(device, non_blocking=True)
+    images: torch.Tensor | list[torch.Tensor] = [torch.from_numpy(image) for image in block.images]
+    if task.same_size:
+        images = torch.from_numpy(block.stacked()).to(device, non_blocking=True)
     views = torch.from_numpy(task.views)
     emb, logits = teacher_outputs(model, images, views, preprocess=task.preprocess, batch_size=task.batch_size)
     where = f"embed {task.split} shard {Path(task.shard_file).name} (rows {task.start}:{task.stop})"
@@ -193,44 +202,6 @@ class EmbedReport:
     classifier_reproduces_logits: bool = False
     per_split_rows: dict[str, int] = field(default_factory=dict)
     rebuilt_because: tuple[str, ...] = ()  # the inputs that differ from an existing store's
-
-
-def build_provenance(
-    *, model: ImageClassifier, spec: dict[str, Any], sha256: str, manifest: Manifest,
-    settings: EmbedConfig, check: tuple[bool, float], device_type: str,
-) -> dict[str, Any]:
-    return {
-        "teacher": {
-            "model": spec["name"],
-            "model_kwargs": spec.get("model_kwargs", {}),
-            "state_dict_sha256": sha256,
-            "source_weights_sha256": spec.get("source_weights_sha256"),
-            "num_classes": model.num_classes,
-            "embed_dim": model.embed_dim,
-            "in_chans": spec.get("in_chans"),
-            "library_versions": library_versions(),
-        },
-        "preprocess": spec["preprocess"],
-        "views": {
-            "num_views": settings.views,
-            "fields": list(L.VIEW_FIELDS),
-            "policy": {"kind": settings.policy.kind, "scale": list(settings.policy.scale),
-                       "ratio": list(settings.policy.ratio), "pad": settings.policy.pad,
-                       "flip": settings.policy.flip},
-            "seed": settings.seed,
-            "view0": "clean: whole image, no flip",
-        },
-        "dataset": {
-            "manifest_sha256": manifest.sha256,
-            "classes": manifest.classes,
-            "image_shape": list(manifest.image_shape),
-            "num_samples": {s: manifest.split(s)["num_samples"] for s in L.SPLITS},
-        },
-        "dtypes": {L.EMBEDDINGS: "float16", L.LOGITS: settings.logits_dtype, L.VIEWS: "float32"},
-        # CPU and GPU kernels differ in the last bits: a resume never mixes the two.
-        "compute": {"device_type": device_type},
-        "classifier_check": {"reproduces_logits": check[0], "max_abs_err": round(check[1], 6)},
-    }
 
 
 def _run_tasks(tasks: list[ShardTask], settings: EmbedConfig, on_done: Callable[[ShardResult], None]) -> None:
@@ -313,14 +284,13 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
     model = model.eval()
     sha = state_dict_sha256(model)
     preprocess = Preprocess.from_spec(spec, source=str(teacher_path))
-    channels, height, width = manifest.image_shape
+    same_size = manifest.image_shape is not None
 
     # Does classifier(embedding) reproduce the logits? Checked on a few clean views.
     first = manifest.split(splits[0])["shards"][0]
-    probe = read_shard(manifest.root / first["file"], channels=channels, start=first["start"], stop=first["stop"])
-    x = render_inputs(torch.from_numpy(probe.images[:16]), sample_views(
-        num_images=min(16, len(probe.images)), num_views=1, height=height, width=width,
-        policy=settings.policy, generator=torch.Generator().manual_seed(0))[:, 0], preprocess=preprocess)
+    probe = read_shard(manifest.root / first["file"], mode=manifest.mode, start=first["start"], stop=first["stop"])
+    sample = [torch.from_numpy(image) for image in probe.images[:16]]
+    x = render_inputs(sample, preprocess.clean_views(torch.from_numpy(probe.sizes[:16])), preprocess=preprocess)
     check = logits_from_embedding_check(model, x)
 
     provenance = build_provenance(model=model, spec=spec, sha256=sha, manifest=manifest,
@@ -350,8 +320,9 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
     tasks: list[ShardTask] = []
     for split in splits:
         entry = manifest.split(split)
-        views = sample_views(num_images=entry["num_samples"], num_views=settings.views, height=height,
-                             width=width, policy=settings.policy, generator=generator).numpy()
+        views = sample_views(sizes=torch.from_numpy(manifest.sizes(split)), num_views=settings.views,
+                             policy=settings.policy, image_size=preprocess.image_size, crop_pct=preprocess.crop_pct,
+                             generator=generator).numpy()
         done = np.asarray(root[split][L.DONE][:])
         report.per_split_rows[split] = entry["num_samples"]
         for i, shard in enumerate(entry["shards"]):
@@ -361,7 +332,7 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
             a, b = shard["start"], shard["stop"]
             tasks.append(ShardTask(
                 store=str(store_path.resolve()), split=split, shard_file=str((manifest.root / shard["file"]).resolve()),
-                start=a, stop=b, channels=channels, hashes=tuple(entry["sample_sha256"][a:b]),
+                start=a, stop=b, mode=manifest.mode, same_size=same_size, hashes=tuple(entry["sample_sha256"][a:b]),
                 views=views[a:b], teacher=str(teacher_path.resolve()), teacher_sha256=sha, allow_entrypoint=allow_entrypoint,
                 preprocess=preprocess,
                 batch_size=settings.batch_size, logits_dtype=settings.logits_dtype, device=str(device),

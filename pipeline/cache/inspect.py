@@ -105,7 +105,6 @@ def _compare_split(
     count = min(samples, part.num_rows * part.num_views)
     flat = np.sort(rng.choice(part.num_rows * part.num_views, size=count, replace=False))
     rows, views = flat // part.num_views, flat % part.num_views
-    channels = manifest.image_shape[0]
     emb_err, log_err, min_cos, agree, compared = 0.0, 0.0, 1.0, 0, 0
     emb_scale, log_scale = 1e-12, 1e-12
     checked = 0
@@ -126,10 +125,12 @@ def _compare_split(
             problems.append(str(exc))
         if not sel.any():
             continue
-        block = read_shard(manifest.root / shard["file"], channels=channels, start=a, stop=b)
+        block = read_shard(manifest.root / shard["file"], mode=manifest.mode, start=a, stop=b)
         r, v = rows[sel] - a, views[sel]
         params = torch.from_numpy(cached[L.VIEWS][r, v])[:, None]  # (k, 1, 5)
-        images = torch.from_numpy(block.images[r]).to(device)
+        images: torch.Tensor | list[torch.Tensor] = [torch.from_numpy(block.images[k]) for k in r.tolist()]
+        if manifest.image_shape is not None:  # same size: one batch on the device, as embed renders it
+            images = torch.stack(images).to(device)
         emb, logits = teacher_outputs(model, images, params, preprocess=preprocess, batch_size=256)
         emb, logits = emb[:, 0].cpu(), logits[:, 0].cpu()
         c_emb = torch.from_numpy(cached[L.EMBEDDINGS][r, v].astype(np.float32))

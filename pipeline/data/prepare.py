@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.shards import validate_samples, write_manifest, write_split
+from pipeline.data.shards import channels_of, validate_samples, write_manifest, write_split
 from pipeline.runtime import derived_seed
 from pipeline.data.sources import (
     RawSample,
@@ -29,6 +29,8 @@ class PrepareReport:
     num_samples: dict[str, int]
     num_skipped: dict[str, int]
     num_classes: int
+    num_reencoded: dict[str, int]
+    same_size: bool  # every image of every split has one size
 
 
 def _load(cfg: PrepareConfig, path: str) -> SourceSplit:
@@ -139,22 +141,25 @@ def prepare_dataset(cfg: PrepareConfig, out_dir: Path) -> PrepareReport:
 
 def _write_all(cfg: PrepareConfig, splits: dict[str, list[RawSample]], classes: list[str],
                out_dir: Path) -> PrepareReport:
-    entries, skipped, shape = {}, {}, None
+    entries, skipped, shapes = {}, {}, set()
+    mode = cfg.colour_mode()
     for split in SPLITS:
-        checked = validate_samples(splits[split], on_corrupt=cfg.on_corrupt,
+        checked = validate_samples(splits[split], on_corrupt=cfg.on_corrupt, mode=mode, max_side=cfg.max_side,
                                    max_corrupt_fraction=cfg.max_corrupt_fraction, split=split)
-        if shape is not None and checked.image_shape != shape:
-            raise ValueError(f"split {split} images are {checked.image_shape}, train images are {shape}")
-        shape = checked.image_shape
+        shapes |= set(checked.sizes)
         entries[split] = write_split(out_dir, split, checked.samples, samples_per_shard=cfg.samples_per_shard)
         entries[split]["skipped"] = checked.skipped
+        entries[split]["sizes"] = [list(size) for size in checked.sizes]
+        entries[split]["reencoded"] = checked.reencoded
         skipped[split] = len(checked.skipped)
+    (height, width), = shapes if len(shapes) == 1 else ((None, None),)
     sha = write_manifest(out_dir, {
         "source": cfg.to_dict(),
         "row_order": {"shuffled": cfg.shuffle, "seed": cfg.seed,
                       "rule": SHUFFLE_RULE if cfg.shuffle else "source order"},
         "classes": classes,
-        "image_shape": list(shape or ()),
+        "mode": mode,
+        "image_shape": [channels_of(mode), height, width] if height is not None else None,
         "samples_per_shard": cfg.samples_per_shard,
         "splits": entries,
     })
@@ -163,4 +168,6 @@ def _write_all(cfg: PrepareConfig, splits: dict[str, list[RawSample]], classes: 
         num_samples={k: v["num_samples"] for k, v in entries.items()},
         num_skipped=skipped,
         num_classes=len(classes),
+        num_reencoded={k: len(v["reencoded"]) for k, v in entries.items()},
+        same_size=height is not None,
     )

@@ -2,9 +2,12 @@
 
 Each split is stored as ``{split}-{index:06d}.tar`` holding ``samples_per_shard`` samples
 (the last one may hold fewer). A sample has ``__key__`` = zero-padded global row index,
-``cls`` = the integer label, and one image member. ``manifest.json`` records, per split,
-shard → row range and file sha256, the class names, the image shape, and a content hash
-per sample; its own sha256 identifies the dataset in every cache made from it.
+``cls`` = the integer label, and one image member (bytes as in the source: images keep
+their own size and format). ``manifest.json`` records, per split, shard → row range and
+file sha256, each image's (height, width), the images re-encoded because they were larger
+than ``prepare.max_side``, and a content hash per sample; plus the class names and the
+colour mode every image is decoded to. Its own sha256 identifies the dataset in every
+cache made from it.
 """
 
 from __future__ import annotations
@@ -41,13 +44,32 @@ class ManifestError(ValueError):
     """The shard manifest is missing, malformed, or disagrees with the shards."""
 
 
+class VariableSizeError(ValueError):
+    """Images of different sizes where one batch array of them was asked for."""
+
+
 @dataclass(frozen=True)
 class ShardBlock:
     """The decoded samples of one or more shards, row-aligned."""
 
     index: np.ndarray  # (n,) int64 global row index
     labels: np.ndarray  # (n,) int64
-    images: np.ndarray  # (n, C, H, W) uint8
+    images: list[np.ndarray]  # n × (C, H_i, W_i) uint8
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(n, 2) int64 (height, width) of every image."""
+        return np.asarray([im.shape[1:] for im in self.images], dtype=np.int64).reshape(-1, 2)
+
+    def stacked(self) -> np.ndarray:
+        """The images as one (n, C, H, W) array; they must share one size."""
+        shapes = {im.shape for im in self.images}
+        if len(shapes) > 1:
+            raise VariableSizeError(
+                f"the images have {len(shapes)} different shapes (e.g. {sorted(shapes)[:2]}), but this path holds "
+                "a split as one array of same-size images; set distill.data: stream (images of any size are "
+                "cropped and resized per image in the loader)")
+        return np.stack(self.images) if self.images else np.zeros((0, 0, 0, 0), np.uint8)
 
 
 def content_hash(data: bytes) -> str:
@@ -63,38 +85,67 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def decode_image(data: bytes, *, channels: int | None, where: str) -> np.ndarray:
-    """Decode image bytes to uint8 (C, H, W); 1 channel for grayscale, else RGB."""
+def decode_image(data: bytes, *, mode: str, where: str) -> np.ndarray:
+    """Decode image bytes to uint8 (C, H, W) in colour ``mode`` (``RGB``: 3 channels, alpha
+    dropped, palette / CMYK / grey converted; ``L``: 1 grey channel), as PIL converts."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            if channels is None:
-                channels = 1 if img.mode in ("L", "I", "I;16", "1") else 3
-            img = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img.convert(mode), dtype=np.uint8)  # writable: torch.from_numpy takes it as is
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CorruptSampleError(f"{where}: cannot decode image ({exc})") from exc
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def channels_of(mode: str) -> int:
+    """Channels of a decoded image in colour ``mode``."""
+    return len(Image.new(mode, (1, 1)).getbands())
+
+
+def _reencode(data: bytes, ext: str, *, max_side: int) -> tuple[bytes, tuple[int, int]]:
+    """The image shrunk so that its longer side is ``max_side`` (bicubic, antialiased, as
+    PIL resizes), re-encoded in its format (JPEG quality 95, lossless otherwise); its new
+    (height, width)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        width, height = img.size
+        scale = max_side / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = img.resize(size, Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        if ext in ("jpg", "jpeg"):
+            small = small if small.mode in ("RGB", "L", "CMYK") else small.convert("RGB")
+            small.save(buffer, format="JPEG", quality=95)
+        elif ext == "webp":
+            small.save(buffer, format="WEBP", lossless=True)
+        else:
+            small.save(buffer, format="PNG" if ext == "png" else "BMP")
+    return buffer.getvalue(), (size[1], size[0])
 
 
 @dataclass(frozen=True)
 class ValidatedSplit:
     samples: list[RawSample]
     skipped: list[dict[str, str]]
-    image_shape: tuple[int, int, int]  # (C, H, W)
+    sizes: list[tuple[int, int]]  # (height, width) of every kept sample, in row order
+    reencoded: list[dict[str, Any]]  # the rows re-encoded because they were over max_side
 
 
 def validate_samples(
-    samples: Sequence[RawSample], *, on_corrupt: str, max_corrupt_fraction: float, split: str
+    samples: Sequence[RawSample], *, on_corrupt: str, max_corrupt_fraction: float, split: str, mode: str,
+    max_side: int | None = None,
 ) -> ValidatedSplit:
     """Decode every image once: corrupt images fail (naming the sample) or are skipped and
-    counted; more skips than ``max_corrupt_fraction`` fail. All images must share a shape."""
+    counted; more skips than ``max_corrupt_fraction`` fail. Images keep their own size; one
+    whose longer side is over ``max_side`` is shrunk to it and re-encoded (recorded)."""
     kept: list[RawSample] = []
     skipped: list[dict[str, str]] = []
-    shape: tuple[int, int, int] | None = None
+    sizes: list[tuple[int, int]] = []
+    reencoded: list[dict[str, Any]] = []
     for sample in samples:
+        where = f"{split} sample {sample.origin}"
         try:
-            array = decode_image(sample.image, channels=None, where=f"{split} sample {sample.origin}")
+            array = decode_image(sample.image, mode=mode, where=where)
         except CorruptSampleError as exc:
             if on_corrupt == "error":
                 raise CorruptSampleError(
@@ -103,23 +154,22 @@ def validate_samples(
                 ) from exc
             skipped.append({"origin": sample.origin, "error": str(exc)})
             continue
-        if shape is None:
-            shape = tuple(array.shape)  # type: ignore[assignment]
-        elif tuple(array.shape) != shape:
-            raise CorruptSampleError(
-                f"{split} sample {sample.origin} has shape {tuple(array.shape)} (C, H, W) but earlier "
-                f"images have {shape}; all images of a dataset must share one size: resize the source"
-            )
+        size = (int(array.shape[1]), int(array.shape[2]))
+        if max_side is not None and max(size) > max_side:
+            data, new = _reencode(sample.image, sample.ext, max_side=max_side)
+            reencoded.append({"row": len(kept), "origin": sample.origin, "from": list(size), "to": list(new)})
+            sample, size = RawSample(label=sample.label, image=data, ext=sample.ext, origin=sample.origin), new
         kept.append(sample)
+        sizes.append(size)
     total = len(samples)
     if total and len(skipped) / total > max_corrupt_fraction:
         raise CorruptSampleError(
             f"{split}: {len(skipped)} of {total} images are corrupt, more than "
             f"prepare.max_corrupt_fraction = {max_corrupt_fraction}; first: {skipped[0]['error']}"
         )
-    if shape is None:
+    if not kept:
         raise CorruptSampleError(f"{split}: no readable images")
-    return ValidatedSplit(samples=kept, skipped=skipped, image_shape=shape)
+    return ValidatedSplit(samples=kept, skipped=skipped, sizes=sizes, reencoded=reencoded)
 
 
 def write_split(
@@ -172,8 +222,23 @@ class Manifest:
         return list(self.data["classes"])
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.data["image_shape"])  # type: ignore[return-value]
+    def mode(self) -> str:
+        """The colour mode every image is decoded to (``RGB`` or ``L``)."""
+        return str(self.data["mode"])
+
+    @property
+    def channels(self) -> int:
+        return channels_of(self.mode)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) when every image of every split has one size, else None."""
+        shape = self.data["image_shape"]
+        return tuple(shape) if shape is not None else None  # type: ignore[return-value]
+
+    def sizes(self, split: str) -> np.ndarray:
+        """(N, 2) int64 (height, width) of every image of ``split``, in row order."""
+        return np.asarray(self.split(split)["sizes"], dtype=np.int64).reshape(-1, 2)
 
     def split(self, name: str) -> dict[str, Any]:
         splits = self.data["splits"]
@@ -206,7 +271,7 @@ def load_manifest(shards_dir: str | Path) -> Manifest:
 def read_shard(
     path: str | Path,
     *,
-    channels: int,
+    mode: str,
     start: int,
     stop: int,
     expected_hashes: Sequence[str] | None = None,
@@ -234,7 +299,7 @@ def read_shard(
                 f"{where}: image bytes do not match the manifest content hash (file changed after "
                 "`cifd prepare`). Rerun `cifd prepare` to rebuild the shards"
             )
-        images.append(decode_image(data, channels=channels, where=where))
+        images.append(decode_image(data, mode=mode, where=where))
         label = sample[LABEL_EXT]
         assert isinstance(label, bytes)
         labels.append(int(label))
@@ -244,25 +309,22 @@ def read_shard(
             f"shard {path.name} holds {len(index)} samples, manifest says rows {start}..{stop - 1} "
             f"({stop - start}); the shard is truncated or altered. Rerun `cifd prepare`"
         )
-    return ShardBlock(
-        index=np.asarray(index, dtype=np.int64),
-        labels=np.asarray(labels, dtype=np.int64),
-        images=np.stack(images) if images else np.zeros((0, channels, 0, 0), np.uint8),
-    )
+    return ShardBlock(index=np.asarray(index, dtype=np.int64), labels=np.asarray(labels, dtype=np.int64),
+                      images=images)
 
 
 def load_split(manifest: Manifest, split: str, *, verify_hashes: bool = False) -> ShardBlock:
-    """Decode every shard of a split into memory (for CIFAR-sized data), in row order."""
+    """Decode every shard of a split into memory (for CIFAR-sized data), in row order.
+    ``.stacked()`` of the result is the (N, C, H, W) array of a same-size set."""
     entry = manifest.split(split)
-    channels = manifest.image_shape[0]
     hashes = entry["sample_sha256"] if verify_hashes else None
     blocks = [
-        read_shard(manifest.root / s["file"], channels=channels, start=s["start"], stop=s["stop"],
+        read_shard(manifest.root / s["file"], mode=manifest.mode, start=s["start"], stop=s["stop"],
                    expected_hashes=hashes[s["start"]:s["stop"]] if hashes else None)
         for s in entry["shards"]
     ]
     return ShardBlock(
         index=np.concatenate([b.index for b in blocks]),
         labels=np.concatenate([b.labels for b in blocks]),
-        images=np.concatenate([b.images for b in blocks]),
+        images=[image for b in blocks for image in b.images],
     )

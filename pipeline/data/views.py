@@ -1,81 +1,143 @@
-"""Augmented views as explicit parameters, and their exact, batched replay.
+"""Augmented views as explicit parameters, and their exact replay.
 
 A view is a box in source-pixel coordinates plus a horizontal flip:
-``(top, left, height, width, flip)`` (``schemas.layout.VIEW_FIELDS``). Boxes may reach
-outside the image (the CIFAR pad-and-crop); outside pixels are zero, as with
-``RandomCrop(padding=...)``, while inside the image's extent resampling clamps to the edge
-pixels, as a resize does. The same :func:`replay_views` is used by ``embed`` (stage one)
-and by the student loop (stage three), so the student sees exactly the pixels the teacher
-saw. Integer same-size boxes are copied exactly (no interpolation); other boxes are
-resampled bilinearly with ``grid_sample``, per sample, on whatever device the images are.
+``(top, left, height, width, flip)`` (``schemas.layout.VIEW_FIELDS``), drawn per image on
+that image's own size (:func:`sample_views`). Boxes may reach outside the image (the CIFAR
+pad-and-crop); outside pixels are zero, as with ``RandomCrop(padding=...)``. The same
+:func:`render_views` turns (image, view) into a model input for teacher fine-tuning,
+``embed`` (stage one), ``cache verify`` and the student (stage three), so the student sees
+exactly the pixels the teacher saw, at its own input size if it differs. Integer boxes of
+the output size are copied exactly (no interpolation); other boxes are resampled with the
+antialiased filter of :mod:`pipeline.data.resample`, per sample, on whatever device the
+images are: a batch at once for same-size images, one by one for images of many sizes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.data.resample import resample_boxes
 from schemas.config import ViewPolicyConfig as ViewPolicy
 from schemas.layout import VIEW_FIELDS
 
 NUM_VIEW_FIELDS = len(VIEW_FIELDS)
+RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop: 10 tries, then the centre fallback
+_RRC_CHUNK = 4096  # rows drawn at a time (bounds memory; part of the draw order, never change)
 
 
-def clean_views(num_images: int, height: int, width: int) -> Tensor:
-    """``(N, 5)`` parameters of the clean evaluation view: the whole image, no flip."""
-    params = torch.zeros(num_images, NUM_VIEW_FIELDS)
-    params[:, 2] = height
-    params[:, 3] = width
-    return params
+def image_sizes(sizes: Tensor | np.ndarray | list, num_images: int | None = None) -> Tensor:
+    """``(N, 2)`` int64 ``(height, width)`` per image from a list, array or tensor; a single
+    ``(height, width)`` pair is repeated ``num_images`` times."""
+    out = torch.as_tensor(np.asarray(sizes), dtype=torch.int64)
+    if out.ndim == 1 and num_images is not None:
+        out = out.expand(num_images, 2)
+    if out.ndim != 2 or out.shape[1] != 2 or (len(out) and int(out.min()) < 1):
+        raise ValueError(f"image sizes of shape {tuple(out.shape)}: expected (N, 2) positive (height, width)")
+    return out
+
+
+def clean_views(sizes: Tensor, *, image_size: int, crop_pct: float) -> Tensor:
+    """``(N, 5)`` boxes of the standard evaluation view: the shorter side resized to
+    ``floor(image_size / crop_pct)`` (torchvision ``Resize``: the longer side truncated),
+    then a centre crop of ``image_size`` (torchvision ``CenterCrop`` offsets), expressed in
+    source pixels; no flip. With ``crop_pct = 1`` and ``image_size`` equal to a square image's
+    side this is the whole image."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct = {crop_pct}: expected 0 < crop_pct <= 1")
+    sizes = sizes.to(torch.int64)
+    h, w = sizes[:, 0], sizes[:, 1]
+    target = math.floor(image_size / crop_pct)
+    short, long = torch.minimum(h, w), torch.maximum(h, w)
+    resized_long = torch.floor(target * long.double() / short.double()).long()
+    rh = torch.where(h <= w, torch.full_like(h, target), resized_long)  # resized height
+    rw = torch.where(h <= w, resized_long, torch.full_like(w, target))
+    rh = torch.where(short == target, h, rh)  # torchvision leaves an image of the right size alone
+    rw = torch.where(short == target, w, rw)
+    crop_top = torch.round((rh - image_size).double() / 2.0)  # CenterCrop: int(round((h - S) / 2))
+    crop_left = torch.round((rw - image_size).double() / 2.0)
+    out = torch.zeros(len(sizes), NUM_VIEW_FIELDS, dtype=torch.float64)
+    out[:, 0] = crop_top * h / rh
+    out[:, 1] = crop_left * w / rw
+    out[:, 2] = image_size * h.double() / rh
+    out[:, 3] = image_size * w.double() / rw
+    return out.float()
+
+
+def _rrc_boxes(sizes: Tensor, extra: int, policy: ViewPolicy, generator: torch.Generator) -> Tensor:
+    """torchvision's ``RandomResizedCrop.get_params`` for ``extra`` views of every image,
+    vectorised: up to 10 tries of (area fraction, log-uniform aspect ratio), the first box
+    that fits wins, its offset uniform; none fits → the centre crop at the clamped ratio.
+    Returns (N, extra, 4) float64 integer boxes."""
+    out = []
+    log_lo, log_hi = math.log(policy.ratio[0]), math.log(policy.ratio[1])
+    lo, hi = policy.scale
+    for start in range(0, len(sizes), _RRC_CHUNK):
+        part = sizes[start:start + _RRC_CHUNK].double()
+        n = len(part)
+        height, width = part[:, 0, None, None], part[:, 1, None, None]  # (n, 1, 1)
+        u = torch.rand((n, extra, RRC_ATTEMPTS, 4), generator=generator, dtype=torch.float64)
+        target = height * width * (lo + (hi - lo) * u[..., 0])
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+        box_w = torch.round(torch.sqrt(target * aspect))
+        box_h = torch.round(torch.sqrt(target / aspect))
+        fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)  # (n, extra, tries)
+        first = fits.to(torch.int8).argmax(-1, keepdim=True)  # the first try that fits
+        pick = lambda t: t.gather(-1, first)[..., 0]  # noqa: E731
+        box_h, box_w = pick(box_h), pick(box_w)
+        top = torch.floor(pick(u[..., 2]) * (height[..., 0] - box_h + 1))
+        left = torch.floor(pick(u[..., 3]) * (width[..., 0] - box_w + 1))
+        # Fallback (torchvision): whole image, aspect clamped into the ratio range, centred.
+        h_img, w_img = height[..., 0].expand_as(box_h), width[..., 0].expand_as(box_w)
+        in_ratio = w_img / h_img
+        fb_w = torch.where(in_ratio > policy.ratio[1], torch.round(h_img * policy.ratio[1]), w_img)
+        fb_h = torch.where(in_ratio < policy.ratio[0], torch.round(w_img / policy.ratio[0]), h_img)
+        fb_top, fb_left = torch.div(h_img - fb_h, 2, rounding_mode="floor"), torch.div(w_img - fb_w, 2,
+                                                                                      rounding_mode="floor")
+        ok = fits.any(-1)
+        out.append(torch.stack([torch.where(ok, top, fb_top), torch.where(ok, left, fb_left),
+                                torch.where(ok, box_h, fb_h), torch.where(ok, box_w, fb_w)], -1))
+    return torch.cat(out) if out else torch.zeros(0, extra, 4, dtype=torch.float64)
 
 
 def sample_views(
     *,
-    num_images: int,
+    sizes: Tensor,
     num_views: int,
-    height: int,
-    width: int,
     policy: ViewPolicy,
+    image_size: int,
+    crop_pct: float,
     generator: torch.Generator,
 ) -> Tensor:
-    """Draw ``(N, V, 5)`` float32 view parameters; view 0 is always the clean view.
+    """Draw ``(N, V, 5)`` float32 view boxes for images of ``sizes`` (N, 2); view 0 is always
+    the clean view (:func:`clean_views` of the model's ``image_size`` and ``crop_pct``).
 
-    Draws are made in one fixed order from ``generator``, so the same seed gives the same
-    views whatever the worker layout.
+    ``rrc``: torchvision's random-resized crop on each image's own size. ``pad_crop``: the
+    clean box shifted by up to ``pad`` source pixels (the CIFAR crop, zero padding). Draws
+    are made in one fixed order from ``generator``, so the same seed gives the same views
+    whatever the worker layout.
     """
     if num_views < 1:
         raise ValueError(f"num_views = {num_views}: expected >= 1 (view 0 is the clean view)")
-    out = clean_views(num_images * num_views, height, width).view(num_images, num_views, 5)
+    clean = clean_views(sizes, image_size=image_size, crop_pct=crop_pct)  # (N, 5)
+    num_images = len(sizes)
+    out = clean[:, None, :].repeat(1, num_views, 1)
     extra = num_views - 1
     if extra == 0 or num_images == 0:
         return out
     shape = (num_images, extra)
     if policy.kind == "rrc":
-        area = height * width
-        u_scale = torch.rand(shape, generator=generator, dtype=torch.float64)
-        u_ratio = torch.rand(shape, generator=generator, dtype=torch.float64)
-        u_top = torch.rand(shape, generator=generator, dtype=torch.float64)
-        u_left = torch.rand(shape, generator=generator, dtype=torch.float64)
-        lo, hi = policy.scale
-        scale = lo + (hi - lo) * u_scale
-        log_lo, log_hi = math.log(policy.ratio[0]), math.log(policy.ratio[1])
-        ratio = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
-        # Integer boxes (as torchvision's RandomResizedCrop), clamped instead of rejected.
-        box_w = torch.sqrt(area * scale * ratio).round().clamp(1, width)
-        box_h = torch.sqrt(area * scale / ratio).round().clamp(1, height)
-        top = torch.floor(u_top * (height - box_h + 1)).clamp(max=height - box_h)
-        left = torch.floor(u_left * (width - box_w + 1)).clamp(max=width - box_w)
-        out[:, 1:, 0] = top.float()
-        out[:, 1:, 1] = left.float()
-        out[:, 1:, 2] = box_h.float()
-        out[:, 1:, 3] = box_w.float()
+        out[:, 1:, :4] = _rrc_boxes(sizes, extra, policy, generator).float()
     elif policy.kind == "pad_crop":
         pad = policy.pad
-        out[:, 1:, 0] = torch.randint(-pad, pad + 1, shape, generator=generator).float()
-        out[:, 1:, 1] = torch.randint(-pad, pad + 1, shape, generator=generator).float()
+        out[:, 1:, 0] += torch.randint(-pad, pad + 1, shape, generator=generator).float()
+        out[:, 1:, 1] += torch.randint(-pad, pad + 1, shape, generator=generator).float()
     elif policy.kind != "none":
         raise ValueError(f"view policy kind = {policy.kind!r}: expected 'rrc', 'pad_crop' or 'none'")
     if policy.flip:
@@ -108,32 +170,13 @@ def _copy_crops(images: Tensor, params: Tensor, out_size: int) -> Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-def _resample_crops(images: Tensor, params: Tensor, out_size: int) -> Tensor:
-    # Affine map from output coords o in [-1, 1] to input coords (align_corners=False):
-    # x_n = (w / W) * o + (2 * left + w) / W - 1, mirrored in o when flipped.
-    batch, channels, height, width = images.shape
-    p = params.to(torch.float64)
-    top, left, h, w, flip = p.unbind(-1)
-    sign = torch.where(flip > 0.5, -1.0, 1.0)
-    theta = torch.zeros(batch, 2, 3, dtype=torch.float64, device=params.device)
-    theta[:, 0, 0] = sign * w / width
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = F.affine_grid(theta.to(images.dtype), [batch, channels, out_size, out_size],
-                         align_corners=False)  # (B, S, S, 2)
-    # Inside the image's extent, clamp to the edge pixels (as a resize does: no dark
-    # border when upscaling); outside it (a box reaching past the image), zeros.
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    inside = (grid.abs() <= 1.0).all(-1)  # (B, S, S): sample point within the image extent
-    return out * inside[:, None].to(out.dtype)
-
-
-def replay_views(images: Tensor, params: Tensor, *, out_size: int) -> Tensor:
+def replay_views(images: Tensor, params: Tensor, *, out_size: int, interpolation: str = "bilinear") -> Tensor:
     """Crop/flip/resize ``images`` (B, C, H, W) float by ``params`` (B, 5) → (B, C, S, S).
 
     Deterministic and per-sample: the result for one image does not depend on the others
-    in the batch, so any batching of the same (image, view) gives the same pixels.
+    in the batch, so any batching of the same (image, view) gives the same pixels. Integer
+    output-sized boxes are copied exactly; others go through
+    :func:`pipeline.data.resample.resample_boxes`.
     """
     if images.ndim != 4:
         raise ValueError(f"images shape {tuple(images.shape)}: expected (B, C, H, W)")
@@ -147,11 +190,12 @@ def replay_views(images: Tensor, params: Tensor, *, out_size: int) -> Tensor:
     exact = _is_exact_copy(params, out_size)
     if bool(exact.all()):
         return _copy_crops(images, params, out_size)
+    resample = functools.partial(resample_boxes, out_size=out_size, interpolation=interpolation)
     if not bool(exact.any()):
-        return _resample_crops(images, params, out_size)
+        return resample(images, params)
     out = images.new_empty(images.shape[0], images.shape[1], out_size, out_size)
     out[exact] = _copy_crops(images[exact], params[exact], out_size)
-    out[~exact] = _resample_crops(images[~exact], params[~exact], out_size)
+    out[~exact] = resample(images[~exact], params[~exact])
     return out
 
 
@@ -168,17 +212,28 @@ def normalize(images: Tensor, *, mean: tuple[float, ...], std: tuple[float, ...]
 
 
 def render_views(
-    images_u8: Tensor,
+    images_u8: Tensor | Sequence[Tensor],
     params: Tensor,
     *,
     out_size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    interpolation: str = "bilinear",
 ) -> Tensor:
-    """uint8 (B, C, H, W) images + (B, 5) views → normalised float32 (B, C, S, S) inputs.
+    """uint8 images + (B, 5) views → normalised float32 (B, C, S, S) inputs.
 
-    The single preprocessing path shared by teacher training, ``embed``, ``cache verify``
-    and student training.
+    ``images_u8`` is a batch (B, C, H, W) of same-size images (replayed together, on their
+    device) or a sequence of B images (C, H_i, W_i) of any sizes (replayed one by one, then
+    stacked). The single preprocessing path shared by teacher training, ``embed``, ``cache
+    verify``, student training and evaluation.
     """
-    images = images_u8.float().div_(255.0)
-    return normalize(replay_views(images, params, out_size=out_size), mean=mean, std=std)
+    if isinstance(images_u8, Tensor):
+        images = replay_views(images_u8.float().div_(255.0), params, out_size=out_size,
+                              interpolation=interpolation)
+    else:
+        if len(images_u8) != len(params):
+            raise ValueError(f"{len(images_u8)} images but {len(params)} view params; expected one view per image")
+        images = torch.cat([replay_views(image[None].float().div_(255.0), params[i:i + 1], out_size=out_size,
+                                         interpolation=interpolation) for i, image in enumerate(images_u8)]) \
+            if len(images_u8) else torch.zeros(0, len(mean), out_size, out_size)
+    return normalize(images, mean=mean, std=std)

@@ -1,26 +1,33 @@
-"""Batch sources of stage three: what yields ``(rows, views, uint8 images)`` each epoch.
+"""Batch sources of stage three: what yields ``(rows, views, student inputs)`` each epoch.
 
-Two sources implement :class:`BatchSource`: :class:`MemoryBatches` (device-resident images,
+Two sources implement :class:`BatchSource`: :class:`MemoryBatches` (images held in memory,
 CIFAR-sized data) and ``pipeline.train.stream.StreamBatches`` (WebDataset shards). Both
-join to the cache by the global row index and take the view of a row from the loop's
-``choice`` tensor, so they train on the same (row, view) pairs, in a different order.
+join to the cache by the global row index, take the view of a row from the loop's
+``choice`` tensor and render the cached view box of that (row, view) with
+:func:`~pipeline.data.preprocess.render_inputs`, so they train on the same pixels, in a
+different order. Same-size images are rendered as one batch on the training device; images
+of many sizes one by one (in the loader workers when streaming), then batched.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
-__all__ = ["BatchSource", "MemoryBatches", "steps_per_epoch"]
+from pipeline.data.preprocess import Preprocess, render_inputs
+from pipeline.data.shards import Manifest, ShardBlock
+
+__all__ = ["BatchSource", "MemoryBatches", "held_images", "steps_per_epoch"]
 
 
 class BatchSource(Protocol):
-    """``(epoch, permutation, view choice)`` → iterator of ``(rows, views, uint8 images)`` on
-    the device; ``rows`` (B,) int64 global row indices, ``views`` (B,) the view index of each
-    row (``choice[rows]``), images (B, C, H, W) uint8.
+    """``(epoch, permutation, view choice)`` → iterator of ``(rows, views, x)`` on the
+    device; ``rows`` (B,) int64 global row indices, ``views`` (B,) the view index of each
+    row (``choice[rows]``), ``x`` (B, C, S, S) float32 the student's normalised inputs.
 
     ``steps`` is the number of batches every call yields: the same on every rank (DDP needs
     equal step counts, and the LR schedule is built from it).
@@ -36,22 +43,46 @@ def steps_per_epoch(rows_per_rank: int, batch_size: int, world: int) -> int:
     return rows_per_rank // batch_size if world > 1 else math.ceil(rows_per_rank / batch_size)
 
 
-class MemoryBatches:
-    """Batches from device-resident uint8 images (N, C, H, W): no host work in the loop.
+def held_images(block: ShardBlock, manifest: Manifest, device: torch.device) -> Tensor | list[Tensor]:
+    """A split's images as memory mode holds them: one uint8 batch on ``device`` when every
+    image of the dataset has one size, else a list of host images (rendered one by one)."""
+    if manifest.image_shape is not None:
+        return torch.from_numpy(block.stacked()).to(device)
+    return [torch.from_numpy(image) for image in block.images]
 
-    Rank ``r`` of ``world`` takes ``order[r::world]`` cut to ``N // world`` rows, so every
-    rank has the same number of full batches.
+
+class MemoryBatches:
+    """Batches from images held in memory: a device-resident uint8 batch (N, C, H, W) of
+    same-size images (no host work in the loop), or N images (C, H_i, W_i) of any sizes
+    (rendered one by one on the host, then moved).
+
+    ``boxes`` (N, V, 5): every row's cached view boxes, on the device. Rank ``r`` of
+    ``world`` takes ``order[r::world]`` cut to ``N // world`` rows, so every rank has the same
+    number of full batches.
     """
 
-    def __init__(self, images: Tensor, batch_size: int, rank: int, world: int) -> None:
-        self.images, self.batch_size, self.rank, self.world = images, batch_size, rank, world
+    def __init__(self, images: Tensor | Sequence[Tensor], boxes: Tensor, *, preprocess: Preprocess,
+                 batch_size: int, rank: int, world: int) -> None:
+        self.images, self.boxes, self.preprocess = images, boxes, preprocess
+        self.batch_size, self.rank, self.world = batch_size, rank, world
         self.per_rank = len(images) // world if world > 1 else len(images)
         self.steps = steps_per_epoch(self.per_rank, batch_size, world)
 
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        device = self.images.device
+        device = self.boxes.device
         mine = order[self.rank::self.world][:self.per_rank].to(device, non_blocking=True)
         choice = choice.to(device, non_blocking=True)
+        batched = isinstance(self.images, Tensor)
+        host_rows = None if batched else order[self.rank::self.world][:self.per_rank].tolist()
         for step in range(self.steps):
             rows = mine[step * self.batch_size:(step + 1) * self.batch_size]
-            yield rows, choice[rows], self.images[rows]
+            views = choice[rows]
+            boxes = self.boxes[rows, views]  # (B, 5)
+            if batched:
+                images = self.images[rows]
+            else:
+                assert host_rows is not None
+                images = [self.images[r] for r in host_rows[step * self.batch_size:(step + 1) * self.batch_size]]
+                boxes = boxes.cpu()
+            x = render_inputs(images, boxes, preprocess=self.preprocess)
+            yield rows, views, x.to(device, non_blocking=True)

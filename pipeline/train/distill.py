@@ -1,7 +1,7 @@
 """Stage three's loop: distill a student from replayed views + cached teacher/RDM targets.
 
 Each epoch every image gets one of its V cached views, drawn from a seeded generator; the
-view's exact crop and flip are replayed on the device (``pipeline.data.preprocess``), and
+view's exact box and flip are rendered by the batch source (``pipeline.data.preprocess``), and
 the targets are the cached teacher (and RDM) outputs of that very view
 (``pipeline.train.targets``). Images come from a :class:`~pipeline.train.batches.BatchSource`
 (device memory or streamed shards); both join to the cache by the global row index.
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline.data.preprocess import Preprocess, render_inputs
+from pipeline.data.preprocess import Preprocess
 from pipeline.evaluate import evaluate_classifier
 from pipeline.runtime import derived_seed
 from pipeline.train.batches import BatchSource
@@ -65,9 +65,12 @@ class StepInfo(NamedTuple):
 
 
 class ValSet(NamedTuple):
-    """Clean-view evaluation data on the device: uint8 images, labels, teacher logits."""
+    """Clean-view evaluation data: uint8 images (a device batch of same-size images, or n
+    host images of any sizes), their clean view boxes (the cache's view 0), labels and
+    teacher logits on the device."""
 
-    images: Tensor  # (n, C, H, W) uint8
+    images: Tensor | list[Tensor]  # (n, C, H, W) uint8, or n × (C, H_i, W_i)
+    views: Tensor  # (n, 5) clean view boxes
     labels: Tensor  # (n,)
     teacher_logits: Tensor  # (n, C) float32
 
@@ -175,9 +178,9 @@ def train_student(
         total = torch.zeros((), device=device)
         count = torch.zeros((), device=device)
         done = 0
-        for rows, views, images in batches(epoch, order, choice):
-            x = render_inputs(images, targets.views[rows, views], preprocess=run.preprocess,
-                              channels_last=loop.channels_last)
+        for rows, views, x in batches(epoch, order, choice):
+            if loop.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             batch = gather_targets(targets, rows, views)
             with autocast:
                 out = model(x, generator=noise)
@@ -208,7 +211,7 @@ def train_student(
                 f"distill.feature_weight (now {run.weights.feature_weight:g}), or set distill.optim.grad_clip "
                 f"(now {loop.optim.grad_clip}); the checkpoint keeps epoch {epoch} and a changed config restarts")
         scores = evaluate_classifier(student.backbone, val.images, val.labels, val.teacher_logits,
-                                     preprocess=run.preprocess, batch_size=loop.eval_batch_size,
+                                     preprocess=run.preprocess, batch_size=loop.eval_batch_size, views=val.views,
                                      channels_last=loop.channels_last)
         epoch_log = EpochLog(epoch=epoch + 1, train_loss=float(total) / max(float(count), 1.0),
                              val_top1=scores.top1, val_agreement=scores.agreement)

@@ -8,7 +8,10 @@ Each epoch:
    whole shards per rank) and DataLoader workers (``wds.split_by_worker``);
 3. each worker decodes its samples (:func:`pipeline.data.shards.decode_image`), checks the
    join (the label in the tar must be the cached label at that row), shuffles them in a
-   buffer and hands chunks of ``(rows, uint8 images)`` to the main process;
+   buffer and hands chunks of ``(rows, images)`` to the main process. Images of many sizes
+   are rendered in the worker, one by one (the row's chosen cached view box at the student's
+   input size), so a chunk is a float batch; same-size images travel as uint8 and are
+   rendered as one batch on the device;
 4. the main process moves the chunks to the device (pinned memory and non-blocking copies
    on CUDA) and re-cuts them into batches of exactly ``batch_size``, so the step count does
    not depend on how the workers' streams end.
@@ -34,6 +37,7 @@ import webdataset as wds
 from torch import Tensor
 
 from pipeline.cache.store import CacheError
+from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import CorruptSampleError, Manifest, decode_image
 from pipeline.runtime import derived_seed
 from pipeline.train.batches import steps_per_epoch
@@ -42,7 +46,7 @@ from schemas.layout import IMAGE_EXTS, KEY_DIGITS, LABEL_EXT
 __all__ = ["StreamBatches"]
 
 
-def _decode(sample: dict, *, labels: np.ndarray, channels: int) -> tuple[int, np.ndarray]:
+def _decode(sample: dict, *, labels: np.ndarray, mode: str) -> tuple[int, np.ndarray]:
     """One WebDataset sample → (global row, uint8 image (C, H, W)), after the join check."""
     key = str(sample["__key__"])
     shard = str(sample.get("__url__", "?")).rsplit("/", 1)[-1]
@@ -61,12 +65,18 @@ def _decode(sample: dict, *, labels: np.ndarray, channels: int) -> tuple[int, np
     if label != labels[row]:
         raise CacheError(f"cache and shards disagree at row {row} ({shard}): label {label} in the tar, "
                          f"{int(labels[row])} in the cache; rerun `cifd embed`")
-    return row, decode_image(sample[exts[0]], channels=channels, where=where)
+    return row, decode_image(sample[exts[0]], mode=mode, where=where)
 
 
-def _collate(samples: list[tuple[int, np.ndarray]]) -> tuple[Tensor, Tensor]:
+def _render(item: tuple[int, np.ndarray], *, boxes: Tensor, preprocess: Preprocess) -> tuple[int, Tensor]:
+    """(row, uint8 image (C, H, W)) → (row, its chosen view at the model's input, (C, S, S))."""
+    row, image = item
+    return row, render_inputs([torch.from_numpy(image)], boxes[row:row + 1], preprocess=preprocess)[0]
+
+
+def _collate(samples: list[tuple[int, np.ndarray | Tensor]]) -> tuple[Tensor, Tensor]:
     rows = torch.tensor([s[0] for s in samples], dtype=torch.int64)  # (n,)
-    images = torch.from_numpy(np.stack([s[1] for s in samples]))  # (n, C, H, W) uint8
+    images = torch.stack([torch.as_tensor(s[1]) for s in samples])  # (n, C, H, W) uint8 or (n, C, S, S) float
     return rows, images
 
 
@@ -77,6 +87,8 @@ class StreamBatches:
         manifest: the shard manifest (its split must have as many rows as ``labels``).
         split: ``"train"``.
         labels: the cached labels of the split (N,), for the join check.
+        boxes: every row's cached view boxes (N, V, 5), on ``device``.
+        preprocess: the student's input (size, filter, normalisation).
         batch_size: rows per batch.
         workers: DataLoader worker processes (0: decode in this process).
         device: where batches go.
@@ -86,8 +98,9 @@ class StreamBatches:
         shuffle_buffer: samples held per worker to shuffle across shard boundaries.
     """
 
-    def __init__(self, manifest: Manifest, split: str, *, labels: np.ndarray, batch_size: int, workers: int,
-                 device: torch.device, rank: int, world: int, seed: int, shuffle_buffer: int) -> None:
+    def __init__(self, manifest: Manifest, split: str, *, labels: np.ndarray, boxes: Tensor, preprocess: Preprocess,
+                 batch_size: int, workers: int, device: torch.device, rank: int, world: int, seed: int,
+                 shuffle_buffer: int) -> None:
         entry = manifest.split(split)
         if entry["num_samples"] != len(labels):
             raise CacheError(f"the {split} shards hold {entry['num_samples']} rows but the cache holds {len(labels)}; "
@@ -99,14 +112,18 @@ class StreamBatches:
                              f"only {len(self.urls)}; use distill.data: memory, or prepare smaller shards")
         self.num_rows = len(labels)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.channels = manifest.image_shape[0]
+        self.mode = manifest.mode
+        self.boxes, self.preprocess = boxes, preprocess
+        self.same_size = manifest.image_shape is not None  # one uint8 batch, rendered on the device
+        self.host_boxes = None if self.same_size else boxes.cpu()
         self.batch_size, self.workers, self.device = batch_size, workers, device
         self.rank, self.world, self.seed, self.shuffle_buffer = rank, world, seed, shuffle_buffer
         fewest = sum(sizes[:len(sizes) // world]) if world > 1 else self.num_rows
         self.steps = steps_per_epoch(fewest, batch_size, world)
 
-    def dataset(self, epoch: int) -> wds.WebDataset:
-        """This rank's sample pipeline for ``epoch`` (iterate it for ``(rows, images)`` chunks)."""
+    def dataset(self, epoch: int, choice: Tensor | None = None) -> wds.WebDataset:
+        """This rank's sample pipeline for ``epoch`` (iterate it for ``(rows, images)`` chunks);
+        images of many sizes come rendered under the view ``choice`` (N,) of each row."""
         seen = wds.utils.pytorch_worker_info()[:2]
         if seen != (self.rank, self.world):
             raise RuntimeError(f"webdataset sees rank {seen[0]} of {seen[1]} but training runs as rank {self.rank} "
@@ -119,14 +136,26 @@ class StreamBatches:
         pipeline = wds.WebDataset([self.urls[i] for i in perm], shardshuffle=False, seed=seed,
                                   nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                                   empty_check=False)
-        decode = functools.partial(_decode, labels=self.labels, channels=self.channels)
-        return (pipeline.map(decode)
+        pipeline = pipeline.map(functools.partial(_decode, labels=self.labels, mode=self.mode))
+        if not self.same_size:
+            if choice is None or self.host_boxes is None:
+                raise ValueError("images of many sizes are rendered in the loader: pass the epoch's view choice")
+            chosen = self.host_boxes[torch.arange(self.num_rows), choice.cpu()]  # (N, 5)
+            pipeline = pipeline.map(functools.partial(_render, boxes=chosen, preprocess=self.preprocess))
+        return (pipeline
                 .shuffle(self.shuffle_buffer, seed=seed)
                 .batched(self.batch_size, collation_fn=_collate, partial=True))
 
+    def _inputs(self, rows: Tensor, choice: Tensor, images: Tensor) -> Tensor:
+        """The student's inputs of a batch: same-size uint8 images rendered here, on the device;
+        images of many sizes arrive rendered by the loader."""
+        if not self.same_size:
+            return images
+        return render_inputs(images, self.boxes[rows, choice[rows]], preprocess=self.preprocess)
+
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         cuda = self.device.type == "cuda"
-        loader = wds.WebLoader(self.dataset(epoch), batch_size=None, shuffle=False, num_workers=self.workers,
+        loader = wds.WebLoader(self.dataset(epoch, choice), batch_size=None, shuffle=False, num_workers=self.workers,
                                pin_memory=cuda, persistent_workers=False)
         choice = choice.to(self.device, non_blocking=True)
         seen = torch.zeros(self.num_rows, dtype=torch.int32, device=self.device)
@@ -142,14 +171,14 @@ class StreamBatches:
                 batch, images_buf = images_buf[:self.batch_size], images_buf[self.batch_size:]
                 seen[rows] += 1
                 done += 1
-                yield rows, choice[rows], batch
+                yield rows, choice[rows], self._inputs(rows, choice, batch)
             if done == self.steps:
                 break
         if done < self.steps and len(rows_buf) > 0 and self.world == 1:  # the last, partial batch
             assert images_buf is not None
             seen[rows_buf] += 1
             done += 1
-            yield rows_buf, choice[rows_buf], images_buf
+            yield rows_buf, choice[rows_buf], self._inputs(rows_buf, choice, images_buf)
         if done != self.steps:
             raise CacheError(f"rank {self.rank} streamed {int(seen.sum())} rows in epoch {epoch + 1}, fewer than the "
                              f"{self.steps} batches of {self.batch_size} expected; the shards do not match "

@@ -1,4 +1,5 @@
-"""Supervised training of an image classifier on in-memory uint8 images.
+"""Supervised training of an image classifier on in-memory uint8 images (a device batch of
+same-size images, or host images of any sizes rendered one by one).
 
 Used by the ``teacher`` stage (optional fine-tune). Augmentation draws one fresh view per
 image per epoch with the same sampler and replay as the cache, on the training device.
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.views import ViewPolicy, sample_views
-from pipeline.evaluate import predict, top1
+from pipeline.evaluate import predict, sizes_of, top1
 from pipeline.models import ImageClassifier
 from pipeline.train.optim import clip_gradients, make_optimizer, make_scheduler
 from schemas.config import OptimConfig
@@ -45,30 +46,32 @@ class EpochLog:
 def train_classifier(
     model: ImageClassifier,
     *,
-    train_images: Tensor,
+    train_images: Tensor | list[Tensor],
     train_labels: Tensor,
-    val_images: Tensor,
+    val_images: Tensor | list[Tensor],
     val_labels: Tensor,
     settings: TrainSettings,
     on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> list[EpochLog]:
     """Train with cross-entropy and a one-cycle schedule; images stay on their device."""
-    device = train_images.device
+    device = train_labels.device
+    sizes = sizes_of(train_images)
+    batched = isinstance(train_images, Tensor)
     generator = torch.Generator().manual_seed(settings.seed)
     opt = make_optimizer(model.parameters(), settings.optim)
     steps_per_epoch = max(1, math.ceil(len(train_images) / settings.batch_size))
     sched = make_scheduler(opt, settings.optim, total_steps=settings.epochs * steps_per_epoch)
-    _, _, h, w = train_images.shape
     logs = []
     for epoch in range(settings.epochs):
         model.train()
         order = torch.randperm(len(train_images), generator=generator)
-        views = sample_views(num_images=len(train_images), num_views=2, height=h, width=w,
-                             policy=settings.augment, generator=generator)[:, 1]
+        views = sample_views(sizes=sizes, num_views=2, policy=settings.augment, generator=generator,
+                             image_size=settings.preprocess.image_size, crop_pct=settings.preprocess.crop_pct)[:, 1]
         total, count = torch.zeros((), device=device), 0
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
-            x = render_inputs(train_images[idx.to(device)], views[idx], preprocess=settings.preprocess)
+            images = train_images[idx.to(device)] if batched else [train_images[i] for i in idx.tolist()]
+            x = render_inputs(images, views[idx], preprocess=settings.preprocess).to(device)
             loss = F.cross_entropy(model(x), train_labels[idx.to(device)], label_smoothing=settings.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

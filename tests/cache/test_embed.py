@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from pipeline.cache.embed import TeacherOutputError, run_embed
 from pipeline.cache.lock import StoreLockedError, writer_lock
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.cache.store import CacheError
+from view_reference import torchvision_get_params
 from pipeline.data.shards import (
     CorruptSampleError,
     content_hash,
@@ -135,7 +135,7 @@ def test_view0_logits_are_the_teachers_clean_logits(embedded_cache, manifest, te
     cache = open_cache(store)
     for split in L.SPLITS:
         block = load_split(manifest, split)
-        x = normalize(torch.from_numpy(block.images).float() / 255, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+        x = normalize(torch.from_numpy(block.stacked()).float() / 255, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
         with torch.no_grad():
             emb = model.embed(x)
             logits = model.classify(emb)
@@ -147,52 +147,34 @@ def test_view0_logits_are_the_teachers_clean_logits(embedded_cache, manifest, te
         torch.testing.assert_close(c_emb, emb, atol=2e-3, rtol=2e-3)  # stored as float16
 
 
-def _reference_rrc_views(uniforms: dict[str, np.ndarray], *, height: int, width: int, scale: tuple[float, float],
-                         ratio: tuple[float, float]) -> np.ndarray:
-    """(n, V, 5) views by the random-resized-crop recipe, written out in numpy from the
-    uniform draws: area fraction s and log aspect ratio uniform in their ranges, integer box
-    w = round(√(H·W·s·r)), h = round(√(H·W·s/r)) clamped to the image, top/left uniform over
-    the positions that fit, a flip with probability ½; view 0 is the whole, unflipped image."""
-    u_s, u_r, u_t, u_l, u_f = (uniforms[k] for k in ("scale", "ratio", "top", "left", "flip"))
-    n, extra = u_s.shape
-    area = height * width
-    s = scale[0] + (scale[1] - scale[0]) * u_s
-    r = np.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_r)
-    box_w = np.clip(np.round(np.sqrt(area * s * r)), 1, width)
-    box_h = np.clip(np.round(np.sqrt(area * s / r)), 1, height)
-    top = np.minimum(np.floor(u_t * (height - box_h + 1)), height - box_h)
-    left = np.minimum(np.floor(u_l * (width - box_w + 1)), width - box_w)
-    out = np.zeros((n, 1 + extra, 5), dtype=np.float32)
-    out[:, 0] = (0, 0, height, width, 0)
-    out[:, 1:] = np.stack([top, left, box_h, box_w, (u_f < 0.5).astype(np.float64)], axis=-1)
-    return out
-
-
-def test_cached_views_are_the_seeded_random_resized_crops(embedded_cache, manifest, embed_settings) -> None:
+def test_cached_views_are_the_seeded_random_resized_crops(embedded_cache, manifest, embed_settings, teacher) -> None:
     store, _ = embedded_cache
     cache = open_cache(store)
     _, height, width = manifest.image_shape
+    pre = teacher[1]["preprocess"]
+    assert pre["image_size"] == height == width and pre["crop_pct"] == 1.0  # so the clean view is the whole image
     policy = embed_settings.policy
     assert policy.kind == "rrc" and policy.flip
-    # The seeded stream of uniforms (one generator, splits in order; per split: scale, ratio,
-    # top, left in float64, then the flips), turned into boxes by the recipe above.
+    # The seeded stream of uniforms (one generator, splits in order; per split: 10 tries × 4
+    # uniforms per view in float64, then the flips), turned into boxes by torchvision's
+    # get_params written out (tests/view_reference.py).
     generator = torch.Generator().manual_seed(embed_settings.seed)
     for split in L.SPLITS:
         n, extra = manifest.split(split)["num_samples"], embed_settings.views - 1
-        uniforms = {k: torch.rand(n, extra, generator=generator, dtype=torch.float64).numpy()
-                    for k in ("scale", "ratio", "top", "left")}
-        uniforms["flip"] = torch.rand(n, extra, generator=generator).numpy()
-        expected = _reference_rrc_views(uniforms, height=height, width=width, scale=policy.scale,
-                                        ratio=policy.ratio)
+        u = torch.rand((n, extra, 10, 4), generator=generator, dtype=torch.float64).numpy()
+        flips = torch.rand(n, extra, generator=generator).numpy() < 0.5
+        expected = np.zeros((n, 1 + extra, 5), dtype=np.float32)
+        expected[:, 0] = (0, 0, height, width, 0)
+        for i in range(n):
+            for k in range(extra):
+                expected[i, k + 1, :4] = torchvision_get_params(u[i, k], height, width, policy.scale, policy.ratio)
+        expected[:, 1:, 4] = flips
         cached = cache.split(split).read_all((L.VIEWS,))[L.VIEWS]
         assert cached.dtype == np.float32
         np.testing.assert_array_equal(cached, expected)
         # And the recipe's promises, checked on the cached boxes themselves.
         top, left, h, w, flip = np.moveaxis(cached[:, 1:], -1, 0)
         assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
-        frac = h * w / (height * width)
-        # Integer rounding of each side moves the area by at most about one pixel row/column.
-        assert (frac >= policy.scale[0] - 2 / min(height, width)).all() and (frac <= 1).all()
         assert set(np.unique(flip)) == {0.0, 1.0}
         assert (cached[:, 1:, 2] < height).any()  # real crops, not only clean views
 
@@ -207,7 +189,7 @@ def test_replaying_cached_views_reproduces_cached_outputs(embedded_cache, manife
         part = cache.split(split)
         block = load_split(manifest, split)
         cached = part.read_all()
-        images = torch.from_numpy(block.images)
+        images = torch.from_numpy(block.stacked())
         for v in range(part.num_views):
             x = render_views(images, torch.from_numpy(cached[L.VIEWS][:, v]), out_size=pre["image_size"],
                              mean=tuple(pre["mean"]), std=tuple(pre["std"]))

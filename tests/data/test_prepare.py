@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.shards import (
+    VariableSizeError,
     CorruptSampleError,
     ManifestError,
     content_hash,
@@ -86,13 +89,15 @@ def test_shard_keys_hashes_and_labels_match_the_manifest(manifest, tiny) -> None
 def test_read_shard_and_load_split_decode_rows_in_order(manifest, tiny) -> None:
     block = load_split(manifest, "train", verify_hashes=True)
     n = manifest.split("train")["num_samples"]
-    assert block.images.shape == (n, 3, tiny.image_size, tiny.image_size) and block.images.dtype == np.uint8
+    stacked = block.stacked()
+    assert stacked.shape == (n, 3, tiny.image_size, tiny.image_size) and stacked.dtype == np.uint8
+    assert block.sizes.tolist() == manifest.split("train")["sizes"] == [[tiny.image_size] * 2] * n
     assert block.index.tolist() == list(range(n))
     shard = manifest.split("train")["shards"][1]
     with pytest.raises(CorruptSampleError, match="expected key"):  # wrong row range
-        read_shard(manifest.root / shard["file"], channels=3, start=shard["start"] + 1, stop=shard["stop"] + 1)
+        read_shard(manifest.root / shard["file"], mode="RGB", start=shard["start"] + 1, stop=shard["stop"] + 1)
     with pytest.raises(CorruptSampleError, match="truncated or altered"):
-        read_shard(manifest.root / shard["file"], channels=3, start=shard["start"], stop=shard["stop"] + 1)
+        read_shard(manifest.root / shard["file"], mode="RGB", start=shard["start"], stop=shard["stop"] + 1)
 
 
 def test_shards_are_byte_stable_across_runs(tmp_path, prepare_config, shards_dir) -> None:
@@ -210,7 +215,7 @@ def test_digits_source_is_grayscale(tmp_path) -> None:
     manifest = load_manifest(tmp_path)
     assert manifest.image_shape == (1, 8, 8)
     block = load_split(manifest, "val", verify_hashes=True)
-    assert block.images.shape == (10, 1, 8, 8) and block.images.max() > 0
+    assert manifest.mode == "L" and block.stacked().shape == (10, 1, 8, 8) and block.stacked().max() > 0
 
 
 # Corrupt and odd images ------------------------------------------------------------------
@@ -258,13 +263,52 @@ def test_too_many_corrupt_images_fail_even_when_skipping(tiny, make_imagefolder_
         prepare_dataset(cfg, tmp_path / "out")
 
 
-def test_image_of_another_size_fails_clearly(tiny, make_imagefolder_tar, tmp_path) -> None:
-    small = tiny.encode_image(np.zeros((10, 10, 3), np.uint8), "jpg")
-    tar = make_imagefolder_tar(tmp_path / "src.tar", overrides={BAD: small})
-    with pytest.raises(CorruptSampleError) as info:
-        prepare_dataset(PrepareConfig(source="imagefolder", train=str(tar)), tmp_path / "out")
-    message = str(info.value)
-    assert f"src.tar:{BAD}" in message and "(3, 10, 10)" in message and "one size" in message
+def test_images_of_any_size_and_mode_are_kept_with_their_sizes(tiny, make_imagefolder_tar, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    odd = {  # another size; grey; RGBA (alpha dropped); palette
+        BAD: tiny.encode_image((rng.random((10, 17, 3)) * 255).astype(np.uint8), "jpg"),
+        BAD2: tiny.encode_image((rng.random((23, 9)) * 255).astype(np.uint8), "jpg"),
+    }
+    rgba = Image.fromarray((rng.random((31, 12, 4)) * 255).astype(np.uint8), "RGBA")
+    pal = Image.fromarray((rng.random((7, 40, 3)) * 255).astype(np.uint8)).convert("P")
+    for name, img in (("train/cat/0001.jpg", rgba), ("train/cat/0002.jpg", pal)):  # PIL reads by content
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+        odd[name] = buffer.getvalue()
+    tar = make_imagefolder_tar(tmp_path / "src.tar", overrides=odd)
+    report = prepare_dataset(PrepareConfig(source="imagefolder", train=str(tar), samples_per_shard=4), tmp_path / "o")
+    assert not report.same_size
+    manifest = load_manifest(tmp_path / "o")
+    assert manifest.image_shape is None and manifest.mode == "RGB" and manifest.channels == 3
+    sizes = {tuple(s) for split in SPLITS for s in manifest.split(split)["sizes"]}
+    assert {(10, 17), (23, 9), (31, 12), (7, 40), (tiny.image_size, tiny.image_size)} == sizes
+    for split in SPLITS:
+        block = load_split(manifest, split, verify_hashes=True)
+        assert block.sizes.tolist() == manifest.split(split)["sizes"]
+        assert all(image.shape[0] == 3 and image.dtype == np.uint8 for image in block.images)
+        if len({image.shape for image in block.images}) > 1:
+            with pytest.raises(VariableSizeError, match="distill.data: stream"):
+                block.stacked()
+    # The same source decoded grey: one channel everywhere.
+    prepare_dataset(PrepareConfig(source="imagefolder", train=str(tar), samples_per_shard=4, mode="L"),
+                    tmp_path / "grey")
+    grey = load_manifest(tmp_path / "grey")
+    assert grey.mode == "L" and all(image.shape[0] == 1 for image in load_split(grey, "train").images)
+
+
+def test_max_side_shrinks_and_records_only_the_large_images(tiny, make_imagefolder_tar, tmp_path) -> None:
+    big = tiny.encode_image((np.random.default_rng(1).random((60, 90, 3)) * 255).astype(np.uint8), "jpg")
+    tar = make_imagefolder_tar(tmp_path / "src.tar", overrides={BAD: big})
+    prepare_dataset(PrepareConfig(source="imagefolder", train=str(tar), samples_per_shard=4, max_side=45, shuffle=False),
+                    tmp_path / "o")
+    manifest = load_manifest(tmp_path / "o")
+    redone = [r for split in SPLITS for r in manifest.split(split)["reencoded"]]
+    assert [(r["origin"], r["from"], r["to"]) for r in redone] == [(f"src.tar:{BAD}", [60, 90], [30, 45])]
+    split = next(s for s in SPLITS if manifest.split(s)["reencoded"])
+    row = manifest.split(split)["reencoded"][0]["row"]
+    block = load_split(manifest, split, verify_hashes=True)
+    assert block.images[row].shape == (3, 30, 45) and manifest.split(split)["sizes"][row] == [30, 45]
+    assert sum(1 for s in manifest.split(split)["sizes"] if s != [tiny.image_size] * 2) == 1  # the rest untouched
 
 
 def test_png_source_and_image_outside_a_class_folder(tiny, tmp_path) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.data.prepare import SHUFFLE_RULE, prepare_dataset
+from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import CorruptSampleError, load_manifest, load_split
 from pipeline.train.batches import MemoryBatches
 from pipeline.train.stream import StreamBatches
@@ -71,9 +72,13 @@ def test_stream_batches_mix_classes_as_memory_batches_do(sorted_source: Path, tm
     for shuffle in (False, True):
         manifest = _prepare(sorted_source, tmp_path / str(shuffle), shuffle=shuffle)
         split = load_split(manifest, "train")
-        stream = StreamBatches(manifest, "train", labels=split.labels, batch_size=16, workers=0, device=cpu,
-                               rank=0, world=1, seed=0, shuffle_buffer=32)
-        memory = MemoryBatches(torch.from_numpy(split.images), 16, 0, 1)
+        size = split.stacked().shape[-1]
+        boxes = torch.tensor([0.0, 0.0, size, size, 0.0]).repeat(len(split.labels), 1, 1)  # (N, 1, 5) whole images
+        pre = Preprocess(image_size=size, crop_pct=1.0, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
+        stream = StreamBatches(manifest, "train", labels=split.labels, boxes=boxes, preprocess=pre, batch_size=16,
+                               workers=0, device=cpu, rank=0, world=1, seed=0, shuffle_buffer=32)
+        memory = MemoryBatches(torch.from_numpy(split.stacked()), boxes, preprocess=pre, batch_size=16, rank=0,
+                               world=1)
         result[shuffle] = (_classes_per_batch(stream, split.labels), _classes_per_batch(memory, split.labels))
     stream_sorted, memory_sorted = result[False]
     stream_mixed, memory_mixed = result[True]

@@ -1,20 +1,29 @@
-"""View sampling and replay (`pipeline.data.views`): the pixels the teacher saw, exactly."""
+"""View sampling and replay (`pipeline.data.views`, `pipeline.data.resample`): the pixels
+the teacher saw, exactly, on images of any size; torchvision / PIL as references."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision import transforms as T
 
+from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.views import (
     clean_views,
+    image_sizes,
     normalize,
     render_views,
     replay_views,
     sample_views,
 )
 from schemas.config import ViewPolicyConfig
+from view_reference import torchvision_get_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,11 +33,18 @@ POLICIES = {
     "pad_crop": ViewPolicyConfig(kind="pad_crop", pad=3),
     "none": ViewPolicyConfig(kind="none"),
 }
+MODES = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
-def draw(policy: ViewPolicyConfig, seed: int = 0, n: int = 200, v: int = 5, h: int = H, w: int = W) -> torch.Tensor:
-    return sample_views(num_images=n, num_views=v, height=h, width=w, policy=policy,
-                        generator=torch.Generator().manual_seed(seed))
+def whole(n: int, h: int, w: int) -> torch.Tensor:
+    """(n, 5) boxes covering the whole h × w image, no flip."""
+    return torch.tensor([[0.0, 0.0, h, w, 0.0]]).repeat(n, 1)
+
+
+def draw(policy: ViewPolicyConfig, seed: int = 0, n: int = 200, v: int = 5, h: int = H, w: int = W,
+         image_size: int | None = None) -> torch.Tensor:
+    return sample_views(sizes=image_sizes([h, w], n), num_views=v, policy=policy, image_size=image_size or h,
+                        crop_pct=1.0, generator=torch.Generator().manual_seed(seed))
 
 
 def images(b: int = 6, c: int = 3, h: int = 12, w: int = 12, seed: int = 0) -> torch.Tensor:
@@ -41,10 +57,12 @@ def params(rows: list[list[float]]) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", sorted(POLICIES))
 def test_view_zero_is_the_clean_view(kind: str) -> None:
-    views = draw(POLICIES[kind])
+    views = draw(POLICIES[kind], h=12, w=12)
     assert views.shape == (200, 5, 5) and views.dtype == torch.float32
-    assert torch.equal(views[:, 0], clean_views(200, H, W))
-    assert torch.equal(views[0, 0], torch.tensor([0.0, 0.0, H, W, 0.0]))
+    assert torch.equal(views[:, 0], whole(200, 12, 12))  # square, crop_pct 1, S = side: the whole image
+    # Non-square: the shorter side is S already, the centre S × S (torchvision CenterCrop offsets).
+    views = draw(POLICIES[kind])
+    assert torch.equal(views[0, 0], torch.tensor([0.0, 2.0, 10.0, 10.0, 0.0]))
 
 
 @pytest.mark.parametrize("kind", sorted(POLICIES))
@@ -56,12 +74,30 @@ def test_sample_views_is_deterministic_for_a_seed(kind: str) -> None:
 def test_single_view_draws_nothing() -> None:
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
-    views = sample_views(num_images=4, num_views=1, height=H, width=W, policy=POLICIES["rrc"],
-                         generator=generator)
-    assert torch.equal(views[:, 0], clean_views(4, H, W))
+    views = sample_views(sizes=image_sizes([12, 12], 4), num_views=1, policy=POLICIES["rrc"], image_size=12,
+                         crop_pct=1.0, generator=generator)
+    assert torch.equal(views[:, 0], whole(4, 12, 12))
     assert torch.equal(generator.get_state(), state)
     with pytest.raises(ValueError, match="num_views"):
-        sample_views(num_images=4, num_views=0, height=H, width=W, policy=POLICIES["rrc"], generator=generator)
+        sample_views(sizes=image_sizes([12, 12], 4), num_views=0, policy=POLICIES["rrc"], image_size=12,
+                     crop_pct=1.0, generator=generator)
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.9, 1.0)])
+def test_rrc_is_torchvisions_algorithm_on_each_images_size(scale: tuple[float, float]) -> None:
+    sizes = torch.tensor([[10, 14], [40, 30], [7, 90], [90, 7], [33, 33], [5, 200]])  # incl. fallback cases
+    policy = ViewPolicyConfig(kind="rrc", scale=scale, flip=False)
+    views = sample_views(sizes=sizes, num_views=4, policy=policy, image_size=8, crop_pct=1.0,
+                         generator=torch.Generator().manual_seed(1))
+    u = torch.rand((len(sizes), 3, 10, 4), generator=torch.Generator().manual_seed(1), dtype=torch.float64).numpy()
+    fallbacks = 0
+    for i, (h, w) in enumerate(sizes.tolist()):
+        for k in range(3):
+            expected = torchvision_get_params(u[i, k], h, w, scale, policy.ratio)
+            assert tuple(int(x) for x in views[i, k + 1, :4].tolist()) == expected, (i, k, h, w)
+            fallbacks += expected == torchvision_get_params(np.full((0, 4), 0.0), h, w, scale, policy.ratio)
+    if scale[0] == 0.9:
+        assert fallbacks >= 6  # the thin images never fit a 0.9-area box of ratio 3:4..4:3
 
 
 def test_rrc_boxes_are_integer_and_inside_the_image() -> None:
@@ -80,9 +116,9 @@ def test_rrc_boxes_are_integer_and_inside_the_image() -> None:
 
 def test_pad_crop_offsets_stay_within_pad() -> None:
     pad = POLICIES["pad_crop"].pad
-    views = draw(POLICIES["pad_crop"])[:, 1:]
+    views = draw(POLICIES["pad_crop"], h=12, w=12)[:, 1:]
     top, left, h, w, _ = views.unbind(-1)
-    assert torch.equal(h, torch.full_like(h, H)) and torch.equal(w, torch.full_like(w, W))
+    assert torch.equal(h, torch.full_like(h, 12)) and torch.equal(w, torch.full_like(w, 12))
     assert (top.abs() <= pad).all() and (left.abs() <= pad).all()
     assert set(top.unique().tolist()) == set(range(-pad, pad + 1))  # every offset is reachable
     assert set(left.unique().tolist()) == set(range(-pad, pad + 1))
@@ -90,7 +126,7 @@ def test_pad_crop_offsets_stay_within_pad() -> None:
 
 def test_policy_none_and_no_flip() -> None:
     views = draw(POLICIES["none"])
-    assert torch.equal(views[..., :4], clean_views(200 * 5, H, W).view(200, 5, 5)[..., :4])
+    assert torch.equal(views[..., :4], views[:, :1, :4].expand(200, 5, 4))  # every view is the clean box
     assert views[:, 1:, 4].sum() > 0  # flips only
     no_flip = draw(ViewPolicyConfig(kind="rrc", flip=False))
     assert not no_flip[..., 4].any()
@@ -98,8 +134,84 @@ def test_policy_none_and_no_flip() -> None:
 
 def test_replay_of_the_clean_view_is_the_identity() -> None:
     x = images(b=5, h=12, w=12)
-    out = replay_views(x, clean_views(5, 12, 12), out_size=12)
+    out = replay_views(x, whole(5, 12, 12), out_size=12)
     assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize("interpolation", sorted(MODES))
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+@pytest.mark.parametrize("size", [(37, 53), (200, 150), (20, 30), (32, 32), (24, 300)])
+def test_clean_view_is_torchvisions_resize_and_centre_crop_on_tensors(interpolation: str, crop_pct: float,
+                                                                       size: tuple[int, int]) -> None:
+    h, w = size
+    x = images(b=1, h=h, w=w, seed=h * w)
+    out_size = 16
+    box = clean_views(torch.tensor([size]), image_size=out_size, crop_pct=crop_pct)
+    got = replay_views(x, box, out_size=out_size, interpolation=interpolation)
+    resized = TF.resize(x, math.floor(out_size / crop_pct), interpolation=MODES[interpolation], antialias=True)
+    expected = TF.center_crop(resized, [out_size, out_size])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+# PIL resizes uint8 images with 8-bit intermediate rounding (and clips bicubic overshoot): the
+# stated tolerance against PIL, on [0, 1] pixels, measured on smooth (photo-like) images.
+PIL_MAX_ERR = {"bilinear": 1.5 / 255, "bicubic": 3.0 / 255}
+PIL_MEAN_ERR = 0.5 / 255
+
+
+@pytest.mark.parametrize("interpolation", sorted(MODES))
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+@pytest.mark.parametrize("size", [(40, 53), (400, 300), (37, 37), (33, 200)])
+def test_clean_view_matches_the_timm_eval_transform_on_pil_images(interpolation: str, crop_pct: float,
+                                                                  size: tuple[int, int]) -> None:
+    h, w = size
+    rng = np.random.default_rng(h + w)
+    photo = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    out_size = 32
+    expected = T.Compose([T.Resize(math.floor(out_size / crop_pct), interpolation=MODES[interpolation]),
+                          T.CenterCrop(out_size), T.ToTensor()])(photo)
+    pre = Preprocess(image_size=out_size, crop_pct=crop_pct, interpolation=interpolation, mean=(0.0,) * 3,
+                     std=(1.0,) * 3)
+    image = torch.from_numpy(np.asarray(photo).transpose(2, 0, 1).copy())
+    got = render_inputs([image], pre.clean_views(torch.tensor([size])), preprocess=pre)[0]
+    err = (got - expected).abs()
+    assert float(err.max()) <= PIL_MAX_ERR[interpolation] and float(err.mean()) <= PIL_MEAN_ERR
+
+
+@pytest.mark.parametrize("interpolation", sorted(MODES))
+def test_a_whole_image_box_is_torchs_antialiased_resize(interpolation: str) -> None:
+    x = images(b=1, h=37, w=53, seed=3)
+    for out_size in (8, 16, 64):  # shrinking (antialiased) and growing
+        got = replay_views(x, whole(1, 37, 53), out_size=out_size, interpolation=interpolation)
+        expected = F.interpolate(x, size=(out_size, out_size), mode=interpolation, antialias=True,
+                                 align_corners=False)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("interpolation", sorted(MODES))
+def test_an_rrc_box_is_torchvisions_resized_crop_inside_the_border(interpolation: str) -> None:
+    # torchvision crops first, so its border output pixels clamp at the box; replay's filter
+    # also weighs the image pixels just outside the box. Away from the border they agree.
+    x = images(b=1, h=60, w=80, seed=4)
+    top, left, h, w, out_size = 7, 11, 30, 40, 16  # shrinking by 1.875 / 2.5
+    got = replay_views(x, params([[top, left, h, w, 0]]), out_size=out_size, interpolation=interpolation)
+    expected = TF.resized_crop(x, top, left, h, w, [out_size, out_size], interpolation=MODES[interpolation],
+                               antialias=True)
+    torch.testing.assert_close(got[..., 3:-3, 3:-3], expected[..., 3:-3, 3:-3], atol=1e-5, rtol=0)
+
+
+def test_images_of_many_sizes_render_one_by_one_as_they_would_alone() -> None:
+    rng = torch.Generator().manual_seed(5)
+    sizes = [(20, 31), (64, 48), (12, 12)]
+    u8 = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=rng) for h, w in sizes]
+    views = sample_views(sizes=torch.tensor(sizes), num_views=3, policy=POLICIES["rrc"], image_size=16, crop_pct=0.9,
+                         generator=rng)[:, 2]
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    out = render_views(u8, views, out_size=16, mean=mean, std=std)
+    assert out.shape == (3, 3, 16, 16)
+    for i, image in enumerate(u8):
+        alone = render_views(image[None], views[i:i + 1], out_size=16, mean=mean, std=std)
+        assert torch.equal(out[i], alone[0])
 
 
 def test_integer_pad_crop_equals_pad_and_slice() -> None:
@@ -121,29 +233,6 @@ def test_integer_crop_smaller_than_the_image_is_an_exact_copy() -> None:
     out = replay_views(x, p, out_size=6)
     assert torch.equal(out[0], x[0, :, 1:7, 3:9])
     assert torch.equal(out[1], x[1, :, 4:10, 8:14].flip(-1))
-
-
-def test_downscaling_box_matches_torchvision_resized_crop() -> None:
-    # An exact 2× downscale: bilinear (no antialias) averages 2×2 blocks in both libraries.
-    x = images(b=1, h=H, w=W, seed=3)
-    out = replay_views(x, params([[2, 4, 8, 8, 0]]), out_size=4)
-    expected = TF.resized_crop(x, 2, 4, 8, 8, [4, 4], antialias=False)
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
-    # Different height and width scale factors (box 8×10 → 4×4: 2× and 2.5×).
-    out = replay_views(x, params([[1, 2, 8, 10, 0]]), out_size=4)
-    expected = TF.resized_crop(x, 1, 2, 8, 10, [4, 4], antialias=False)
-    assert out.shape == expected.shape == (1, 3, 4, 4)
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
-
-
-def test_upscaling_box_matches_torchvision_away_from_the_edges() -> None:
-    # torchvision crops first, then clamps at the crop's edge; replay samples the real image
-    # around the box (zeros outside the image). Interior pixels must agree.
-    x = images(b=1, h=12, w=12, seed=4)
-    out = replay_views(x, params([[3, 2, 6, 6, 0]]), out_size=12)
-    expected = TF.resized_crop(x, 3, 2, 6, 6, [12, 12], antialias=False)
-    torch.testing.assert_close(out[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1], atol=1e-6, rtol=0)
-    assert not torch.allclose(out, expected)  # the edge really is sampled differently
 
 
 def test_fractional_box_is_bilinear_at_the_shifted_centres() -> None:
@@ -172,9 +261,10 @@ def test_box_outside_the_image_samples_zeros() -> None:
     assert float(out[0, 0, :-1].abs().max()) == 0.0
 
 
-def test_upscaled_clean_view_has_no_dark_border() -> None:
+@pytest.mark.parametrize("interpolation", sorted(MODES))
+def test_upscaled_clean_view_has_no_dark_border(interpolation: str) -> None:
     x = torch.ones(1, 1, 8, 8)
-    out = replay_views(x, params([[0, 0, 8, 8, 0]]), out_size=16)  # 8 -> 16: resampled
+    out = replay_views(x, params([[0, 0, 8, 8, 0]]), out_size=16, interpolation=interpolation)  # 8 -> 16
     torch.testing.assert_close(out, torch.ones(1, 1, 16, 16))
 
 
@@ -209,7 +299,7 @@ def test_replay_does_not_depend_on_batch_composition() -> None:
 
 def test_sampled_views_replay_to_the_output_size() -> None:
     x = images(b=20, h=H, w=W, seed=8)
-    views = draw(POLICIES["rrc"], n=20, v=3)
+    views = draw(POLICIES["rrc"], n=20, v=3, image_size=8)
     for v in range(3):
         out = replay_views(x, views[:, v], out_size=8)
         assert out.shape == (20, 3, 8, 8) and torch.isfinite(out).all()
@@ -218,7 +308,7 @@ def test_sampled_views_replay_to_the_output_size() -> None:
 def test_render_views_scales_and_normalises() -> None:
     u8 = torch.randint(0, 256, (3, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    out = render_views(u8, clean_views(3, 12, 12), out_size=12, mean=mean, std=std)
+    out = render_views(u8, whole(3, 12, 12), out_size=12, mean=mean, std=std)
     expected = (u8.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(out, expected)
     assert u8.dtype == torch.uint8  # input untouched
@@ -229,14 +319,14 @@ def test_render_views_scales_and_normalises() -> None:
 def test_replay_rejects_bad_inputs() -> None:
     x = images(b=2)
     with pytest.raises(ValueError, match="view params shape"):
-        replay_views(x, clean_views(3, 12, 12), out_size=12)
+        replay_views(x, whole(3, 12, 12), out_size=12)
     with pytest.raises(ValueError, match="float"):
-        replay_views((x * 255).to(torch.uint8), clean_views(2, 12, 12), out_size=12)
+        replay_views((x * 255).to(torch.uint8), whole(2, 12, 12), out_size=12)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        replay_views(x[0], clean_views(2, 12, 12), out_size=12)
+        replay_views(x[0], whole(2, 12, 12), out_size=12)
 
 
 @pytest.mark.parametrize("out_size", [12, 16])
 def test_an_empty_batch_replays_to_an_empty_batch(out_size: int) -> None:
-    out = replay_views(images(b=0), clean_views(0, 12, 12), out_size=out_size)
+    out = replay_views(images(b=0), whole(0, 12, 12), out_size=out_size)
     assert out.shape == (0, 3, out_size, out_size)

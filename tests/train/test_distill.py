@@ -52,6 +52,22 @@ def _cached_labels(embedded_cache) -> np.ndarray:
     return open_cache(embedded_cache[0]).split("train").read_all((L.LABELS,))[L.LABELS]
 
 
+def _boxes_and_preprocess(embedded_cache) -> tuple[torch.Tensor, Preprocess]:
+    """The cached view boxes (N, V, 5) of the train split and the teacher's preprocessing."""
+    from pipeline.cache.reader import open_cache
+
+    cache = open_cache(embedded_cache[0])
+    boxes = torch.from_numpy(cache.split("train").read_all((L.VIEWS,))[L.VIEWS])
+    return boxes, Preprocess.from_spec(cache.provenance, source="cache")
+
+
+def _stream(manifest, embedded_cache, labels, **kwargs) -> StreamBatches:
+    boxes, pre = _boxes_and_preprocess(embedded_cache)
+    settings = {"batch_size": 4, "workers": 0, "device": CPU, "rank": 0, "world": 1, "seed": 0, "shuffle_buffer": 1000,
+                **kwargs}
+    return StreamBatches(manifest, "train", labels=labels, boxes=boxes, preprocess=pre, **settings)
+
+
 def _epoch_pairs(source, choice: torch.Tensor, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     order = torch.randperm(len(choice), generator=torch.Generator().manual_seed(epoch))
     return list(source(epoch, order, choice))
@@ -92,9 +108,9 @@ WEIGHTS = {"temperature": 3.0, "kd_alpha": 0.6, "ce_weight": 0.8, "kl_weight": 1
 def _first_batch(inputs):
     targets, run = inputs.targets, inputs.run
     choice = torch.randint(targets.num_views, (targets.num_rows,), generator=torch.Generator().manual_seed(0))
-    rows, views, images = _epoch_pairs(inputs.batches, choice)[0]
-    x = render_inputs(images, targets.views[rows, views], preprocess=run.preprocess,
-                      channels_last=run.loop.channels_last)
+    rows, views, x = _epoch_pairs(inputs.batches, choice)[0]
+    if run.loop.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     return rows, x, gather_targets(targets, rows, views)
 
 
@@ -296,38 +312,43 @@ def test_resume_is_bit_exact_and_foreign_checkpoints_are_ignored(project, tmp_pa
 def test_stream_join_with_two_workers(manifest, embedded_cache) -> None:
     labels = _cached_labels(embedded_cache)
     n = len(labels)
-    source = StreamBatches(manifest, "train", labels=labels, batch_size=5, workers=2, device=CPU, rank=0, world=1,
-                           seed=0, shuffle_buffer=1000)
+    source = _stream(manifest, embedded_cache, labels, batch_size=5, workers=2)
     choice = torch.randint(3, (n,), generator=torch.Generator().manual_seed(0))
     batches = _epoch_pairs(source, choice)
     assert len(batches) == source.steps == math.ceil(n / 5)
     assert [len(b[0]) for b in batches] == [5] * (n // 5) + [n % 5]
     rows = torch.cat([b[0] for b in batches])
     views = torch.cat([b[1] for b in batches])
-    images = torch.cat([b[2] for b in batches])
+    inputs = torch.cat([b[2] for b in batches])
     assert sorted(rows.tolist()) == list(range(n))  # each row exactly once
     assert torch.equal(views, choice[rows])
-    decoded = torch.from_numpy(load_split(manifest, "train").images)
-    assert images.dtype == torch.uint8 and torch.equal(images, decoded[rows])
+    decoded = torch.from_numpy(load_split(manifest, "train").stacked())
+    boxes, pre = _boxes_and_preprocess(embedded_cache)
+    assert torch.equal(inputs, render_inputs(decoded[rows], boxes[rows, views], preprocess=pre))  # the cached views
 
 
 def test_memory_and_stream_sources_yield_the_same_pairs(manifest, embedded_cache) -> None:
     labels = _cached_labels(embedded_cache)
-    images = torch.from_numpy(load_split(manifest, "train").images)
+    block = load_split(manifest, "train")
+    images = torch.from_numpy(block.stacked())
+    boxes, pre = _boxes_and_preprocess(embedded_cache)
     choice = torch.randint(3, (len(labels),), generator=torch.Generator().manual_seed(3))
-    memory = MemoryBatches(images, 8, 0, 1)
-    stream = StreamBatches(manifest, "train", labels=labels, batch_size=8, workers=0, device=CPU, rank=0, world=1,
-                           seed=0, shuffle_buffer=1000)
-    assert memory.steps == stream.steps
+    memory = MemoryBatches(images, boxes, preprocess=pre, batch_size=8, rank=0, world=1)
+    stream = _stream(manifest, embedded_cache, labels, batch_size=8)
+    # Images of many sizes (the same pixels, held as a list): rendered one by one, same inputs.
+    listed = MemoryBatches([torch.from_numpy(im) for im in block.images], boxes, preprocess=pre, batch_size=8, rank=0,
+                           world=1)
+    assert memory.steps == stream.steps == listed.steps
 
     def pairs(source) -> set[tuple[int, int]]:
         out = set()
-        for rows, views, imgs in _epoch_pairs(source, choice):
-            assert torch.equal(imgs, images[rows])
+        for rows, views, x in _epoch_pairs(source, choice):
+            torch.testing.assert_close(x, render_inputs(images[rows], boxes[rows, views], preprocess=pre),
+                                       atol=1e-6, rtol=0)
             out |= set(zip(rows.tolist(), views.tolist(), strict=True))
         return out
 
-    assert pairs(memory) == pairs(stream) == {(r, int(choice[r])) for r in range(len(labels))}
+    assert pairs(memory) == pairs(stream) == pairs(listed) == {(r, int(choice[r])) for r in range(len(labels))}
 
 
 def test_stream_ranks_get_disjoint_shards_and_equal_steps(manifest, embedded_cache, monkeypatch) -> None:
@@ -337,8 +358,7 @@ def test_stream_ranks_get_disjoint_shards_and_equal_steps(manifest, embedded_cac
     per_rank = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        source = StreamBatches(manifest, "train", labels=labels, batch_size=4, workers=0, device=CPU, rank=rank,
-                               world=2, seed=0, shuffle_buffer=1000)
+        source = _stream(manifest, embedded_cache, labels, rank=rank, world=2)
         assert source.steps == (4 + 4 + 3) // 4  # the 3 smallest of 7 shards: the fewest rows a rank can get
         epoch0 = _epoch_pairs(source, choice)
         assert len(epoch0) == source.steps and all(len(b[0]) == 4 for b in epoch0)
@@ -350,20 +370,17 @@ def test_stream_ranks_get_disjoint_shards_and_equal_steps(manifest, embedded_cac
     assert not per_rank[0] & per_rank[1]
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="webdataset sees rank 0 of 2 but training runs as rank 1"):
-        next(StreamBatches(manifest, "train", labels=labels, batch_size=4, workers=0, device=CPU, rank=1,
-                           world=2, seed=0, shuffle_buffer=1000)(0, torch.arange(len(labels)), choice))
+        next(_stream(manifest, embedded_cache, labels, rank=1, world=2)(0, torch.arange(len(labels)), choice))
 
 
 def test_stream_join_check_names_row_and_shard(manifest, embedded_cache) -> None:
     labels = _cached_labels(embedded_cache).copy()
     labels[5] = (labels[5] + 1) % 3
-    source = StreamBatches(manifest, "train", labels=labels, batch_size=4, workers=0, device=CPU, rank=0, world=1,
-                           seed=0, shuffle_buffer=1000)
+    source = _stream(manifest, embedded_cache, labels)
     with pytest.raises(CacheError, match=r"cache and shards disagree at row 5 \(train-000001\.tar\).*cifd embed"):
         _epoch_pairs(source, torch.zeros(len(labels), dtype=torch.int64))
     with pytest.raises(CacheError, match="27 rows but the cache holds 26"):
-        StreamBatches(manifest, "train", labels=labels[:-1], batch_size=4, workers=0, device=CPU, rank=0, world=1,
-                      seed=0, shuffle_buffer=1000)
+        _stream(manifest, embedded_cache, labels[:-1])
 
 
 class _Recording:
@@ -446,7 +463,7 @@ def test_replayed_crops_are_the_documented_crops_and_give_the_cached_embeddings(
     views = torch.from_numpy(cached[L.VIEWS])  # (n, V, 5)
     v = views.shape[1]
     assert bool((views[:, 1:, 2] != manifest.image_shape[1]).any())  # real resampled crops, not only copies
-    images_np = load_split(manifest, "train").images[:n]
+    images_np = load_split(manifest, "train").stacked()[:n]
     images = torch.from_numpy(images_np)
 
     # The student loop: (row, view) pairs in a shuffled order, other batch boundaries.

@@ -1,0 +1,79 @@
+"""Antialiased resampling of a box of an image to a square model input.
+
+A view box ``(top, left, height, width)`` in source-pixel coordinates (fractional allowed)
+is rendered at ``S × S`` as if the whole image were resized so that the box becomes
+``S × S`` and the box were then cut out: output pixel ``i`` samples the image at
+``top + (i + 0.5) · height / S`` with a separable filter, stretched by the scale factor when
+shrinking (antialiasing), exactly as ``torch.nn.functional.interpolate(..., antialias=True)``
+and PIL compute their weights (bilinear: triangle filter of radius 1; bicubic: Keys cubic
+with ``a = -0.5`` and radius 2). Taps outside the image are dropped and the rest
+renormalised (an edge is clamped, as a resize does); an output row or column with no tap
+inside the image (a box reaching past it, the CIFAR pad-and-crop) is zero.
+
+Consequences: the clean evaluation view of a model (shorter side to ``S / crop_pct``, centre
+crop ``S``: torchvision's ``Resize`` + ``CenterCrop``) is one box, reproduced exactly; a
+random-resized-crop box gives torchvision's ``resized_crop`` except that border output
+pixels may also weigh image pixels just outside the box (within half a filter support).
+
+The filter is applied as two small weight matrices per box (``(S, H)`` and ``(S, W)``), so
+a batch of same-size images with different boxes is one batched product on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["INTERPOLATIONS", "axis_weights", "resample_boxes"]
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+_RADIUS = {"bilinear": 1.0, "bicubic": 2.0}
+_CUBIC_A = -0.5  # PIL's and torch's antialiased bicubic
+
+
+def _filter(x: Tensor, interpolation: str) -> Tensor:
+    x = x.abs()
+    if interpolation == "bilinear":
+        return (1.0 - x).clamp(min=0.0)
+    a = _CUBIC_A
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def axis_weights(start: Tensor, length: Tensor, *, size: int, out: int, interpolation: str) -> Tensor:
+    """Resampling weights ``(B, out, size)`` along one axis for boxes ``[start, start + length)``
+    (``(B,)`` each) of an axis of ``size`` pixels, in float64. Rows sum to 1, or are all zero
+    when no tap falls inside the image."""
+    if interpolation not in _RADIUS:
+        raise ValueError(f"interpolation = {interpolation!r}: expected one of {list(INTERPOLATIONS)}")
+    start = start.to(torch.float64)
+    scale = length.to(torch.float64) / out  # (B,) source pixels per output pixel
+    stretch = scale.clamp(min=1.0)  # the filter widens only when shrinking
+    steps = torch.arange(out, dtype=torch.float64, device=start.device) + 0.5
+    centres = start[:, None] + steps[None, :] * scale[:, None]  # (B, out)
+    pixels = torch.arange(size, dtype=torch.float64, device=start.device) + 0.5  # (size,)
+    w = _filter((pixels[None, None, :] - centres[:, :, None]) / stretch[:, None, None], interpolation)
+    total = w.sum(-1, keepdim=True)  # (B, out, 1)
+    return torch.where(total != 0, w / torch.where(total != 0, total, 1.0), 0.0)
+
+
+def resample_boxes(images: Tensor, boxes: Tensor, *, out_size: int, interpolation: str) -> Tensor:
+    """Render ``boxes`` (B, 5: top, left, height, width, flip) of float ``images``
+    (B, C, H, W) at ``out_size`` → (B, C, S, S), flipped horizontally where ``flip > 0.5``."""
+    batch, _, height, width = images.shape
+    b = boxes.to(device=images.device, dtype=torch.float64)
+    rows = axis_weights(b[:, 0], b[:, 2], size=height, out=out_size, interpolation=interpolation)  # (B, S, H)
+    cols = axis_weights(b[:, 1], b[:, 3], size=width, out=out_size, interpolation=interpolation)  # (B, S, W)
+    cols = torch.where((b[:, 4] > 0.5)[:, None, None], cols.flip(1), cols)
+    rows, cols = rows.to(images.dtype), cols.to(images.dtype)
+    if batch == 1:  # one (often large) image: cut it to the pixels any tap reaches first
+        r = rows[0].any(0).nonzero()
+        c = cols[0].any(0).nonzero()
+        if len(r) == 0 or len(c) == 0:
+            return images.new_zeros(1, images.shape[1], out_size, out_size)
+        r0, r1, c0, c1 = int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1
+        part = images[0, :, r0:r1, c0:c1]  # (C, h, w)
+        out = rows[0, :, r0:r1] @ part @ cols[0, :, c0:c1].T  # (C, S, S)
+        return out[None]
+    return torch.einsum("bih,bchw,bjw->bcij", rows, images, cols)
