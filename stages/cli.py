@@ -170,6 +170,10 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
         click.echo(f"cache      {info['path']}")
         click.echo(f"teacher    {info['teacher']}  (weights sha256 {info['teacher_state_dict_sha256'][:16]}…)")
         click.echo(f"dataset    manifest sha256 {info['dataset_manifest_sha256'][:16]}…, {len(info['classes'])} classes")
+        click.echo(f"images     {info['images']['mode']}, "
+                   f"{'one size ' + str(info['images']['shape']) if info['images']['shape'] else 'many sizes'}")
+        pre, origin = info["preprocess"], info["preprocess_origin"]
+        click.echo("preprocess " + ", ".join(f"{k}={pre[k]}" + (f" ({origin[k]})" if k in origin else "") for k in pre))
         click.echo(f"views      {info['views']['num_views']} per image, policy {info['views']['policy']}")
         click.echo(f"dtypes     {info['dtypes']}")
         click.echo(f"classifier(embedding) reproduces logits: {info['classifier_check']}")

@@ -112,3 +112,34 @@ def test_data_and_rd_know_nothing_of_cache_or_train() -> None:
 def test_no_pipeline_module_over_400_lines() -> None:
     long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 400}
     assert not long, f"modules over 400 lines (one concept per module): {long}"
+
+
+def _stage_closure(stage_file: Path, graph: dict[str, set[str]], known: set[str]) -> set[str]:
+    """Every ``pipeline`` module a stage script reaches through its imports."""
+    todo, seen = list(_imports(stage_file, known)), set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.get(name, ()))
+    return seen
+
+
+def test_every_stage_depends_on_the_library_code_it_runs() -> None:
+    """A change to any ``pipeline`` module a stage imports (directly or through other
+    modules) must rerun that stage under ``dvc repro``: its file or folder is a dependency."""
+    import yaml
+
+    modules = _modules()
+    graph, known = _graph(), set(modules)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    missing = {}
+    for name, stage in stages.items():
+        deps = [d.rstrip("/") for d in stage.get("do", stage).get("deps", [])]
+        for module in _stage_closure(ROOT / "stages" / f"{name}.py", graph, known):
+            path = modules[module].relative_to(ROOT).as_posix()
+            if modules[module].stat().st_size == 0:  # an empty package __init__
+                continue
+            if not any(path == d or path.startswith(f"{d}/") for d in deps):
+                missing.setdefault(name, []).append(path)
+    assert not missing, f"dvc.yaml stages miss these dependencies: {missing}"

@@ -56,6 +56,8 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         "dtypes": prov["dtypes"],
         "views": prov["views"],
         "preprocess": prov["preprocess"],
+        "preprocess_origin": prov.get("preprocess_origin", {}),
+        "images": {"mode": prov["dataset"].get("mode"), "shape": prov["dataset"].get("image_shape")},
         "classifier_check": prov["classifier_check"],
         "splits": splits,
         "compression_ratio": round(raw_total / max(stored_total, 1), 3),

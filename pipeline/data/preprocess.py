@@ -82,7 +82,9 @@ def render_inputs(images: Tensor | Sequence[Tensor], views: Tensor, *, preproces
 
 
 def timm_data_config(model: nn.Module) -> dict[str, Any] | None:
-    """timm's resolved data config of a timm model (its ``pretrained_cfg``), else None."""
+    """timm's resolved data config of a timm model (its ``pretrained_cfg``; an
+    ``ImageClassifier``'s backbone), else None."""
+    model = getattr(model, "backbone", model)
     if getattr(model, "pretrained_cfg", None) is None:
         return None
     from timm.data import resolve_model_data_config

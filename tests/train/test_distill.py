@@ -396,6 +396,32 @@ class _Recording:
             yield rows, views, images
 
 
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_a_student_with_its_own_input_size_and_normalisation(project, tmp_path: Path, mode: str) -> None:
+    """distill.preprocess: the student renders the cached boxes at its own size and
+    normalisation; the fields it leaves out come from the teacher's; the saved student records it."""
+    from stages import distill as distill_stage
+
+    own = {"image_size": 20, "mean": [0.4, 0.4, 0.4], "std": [0.3, 0.3, 0.3]}
+    inputs = _inputs(project, tmp_path / mode, "kd", data=mode, preprocess=own)
+    teacher = Preprocess.from_spec(inputs.teacher_spec, source="teacher")
+    assert inputs.run.preprocess == Preprocess(image_size=20, crop_pct=teacher.crop_pct,
+                                               interpolation=teacher.interpolation, mean=(0.4,) * 3, std=(0.3,) * 3)
+    choice = torch.zeros(inputs.targets.num_rows, dtype=torch.int64)  # the clean views
+    rows, views, x = _epoch_pairs(inputs.batches, choice)[0]
+    assert x.shape[1:] == (3, 20, 20)
+    images = torch.from_numpy(load_split(inputs.manifest, "train").stacked())[rows]
+    # The clean box of a 12 px image at 20 px: torch's resize of the whole image, then normalised.
+    expected = torch.nn.functional.interpolate(images.float() / 255, size=(20, 20), mode="bilinear", antialias=True)
+    torch.testing.assert_close(x, (expected - 0.4) / 0.3, atol=1e-5, rtol=0)
+    result = distill_stage.run(project.params(tmp_path / mode, distill={"data": mode, "preprocess": own}), "kd")
+    assert result.history and math.isfinite(result.history[-1].val_top1)
+    from pipeline.models import load_model
+
+    _, spec = load_model(tmp_path / mode / "students" / "kd.safetensors")
+    assert spec["preprocess"] == inputs.run.preprocess.to_spec()
+
+
 def test_training_sees_the_same_pairs_from_memory_and_stream(project, tmp_path: Path) -> None:
     pairs = {}
     for mode in ("memory", "stream"):
