@@ -22,7 +22,10 @@ CIFAR_TRAIN = SHARED / "data" / "cifar10-jpeg" / "train.tar"
 CIFAR_TEST = SHARED / "data" / "cifar10-jpeg" / "test.tar"
 RESNET56 = SHARED / "models" / "cifar10-resnet56.th"
 TEACHER_NAME = "pipeline.models.cifar_resnet:resnet56"
-CIFAR_PREPROCESS = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+# The teacher's input as its model file records it (``Preprocess.to_spec``): 32×32, the clean
+# view is the whole image (crop_pct 1), bilinear resampling, ImageNet mean/std (the weights').
+CIFAR_PREPROCESS = {"image_size": 32, "crop_pct": 1.0, "interpolation": "bilinear",
+                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def _cpu_model() -> str:

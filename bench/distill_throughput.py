@@ -151,38 +151,40 @@ class TimedBatches:
 class OnlineTeacher:
     """Online KD as a batch source: for every batch the wrapped source yields, run the frozen
     teacher (``teacher.classify(teacher.embed(x))``, eval, ``inference_mode``, the loop's
-    bf16 autocast on CUDA) on the batch's rendered views (``render_inputs``, the loop's own
-    rendering) and write its logits into the targets table the loop gathers from
-    (``targets.teacher_logits[rows, views]``), so the unchanged ``train_student`` trains on
-    live teacher logits. The view rendering is done twice (here and in the loop), which
-    costs a small fraction of the teacher forward. ``check`` gets the largest
-    |live - cached| logit difference (the cache holds this teacher on these views: ~0).
+    bf16 autocast and channels-last on CUDA) on the batch's inputs ``x``, which the source
+    has already rendered (``render_inputs``) at the student's input, and write its logits
+    into the targets table the loop gathers from (``targets.teacher_logits[rows, views]``),
+    so the unchanged ``train_student`` trains on live teacher logits. The views are rendered
+    once, by the source, for both networks; that is exact only when the student's input is
+    the teacher's (``distill.preprocess`` null), which ``teacher_preprocess`` checks.
+    ``check`` gets the largest |live - cached| logit difference (the cache holds this
+    teacher on these views: ~0).
     """
 
     def __init__(self, inner: Any, *, teacher: Any, targets: Any, cached: torch.Tensor, run: Any,
-                 state: RunState) -> None:
+                 state: RunState, teacher_preprocess: Any = None) -> None:
+        if teacher_preprocess is not None and teacher_preprocess != run.preprocess:
+            raise ValueError(f"online KD runs the teacher on the student's inputs, but the student's preprocess "
+                             f"{run.preprocess} differs from the teacher's {teacher_preprocess}")
         self.inner, self.teacher, self.targets, self.run, self.state = inner, teacher, targets, run, state
         self.cached = cached  # (N, V, C) the cached logits, as read: the check's reference
         self.steps = inner.steps
 
     def __call__(self, epoch: int, order: torch.Tensor, choice: torch.Tensor) -> Iterator[Any]:
-        from pipeline.data.preprocess import render_inputs
-
         run = self.run
         use_amp = run.loop.amp and run.device.type == "cuda"
-        for rows, views, images in self.inner(epoch, order, choice):
+        for rows, views, x in self.inner(epoch, order, choice):
             autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp
                         else contextlib.nullcontext())
             with torch.inference_mode(), autocast, torch.profiler.record_function("teacher_forward (online)"):
-                x = render_inputs(images, self.targets.views[rows, views], preprocess=run.preprocess,
-                                  channels_last=run.loop.channels_last)
-                z = self.teacher.classify(self.teacher.embed(x)).float()
+                xt = x.contiguous(memory_format=torch.channels_last) if run.loop.channels_last else x
+                z = self.teacher.classify(self.teacher.embed(xt)).float()
             self.targets.teacher_logits[rows, views] = z
             if self.state.check is not None:
                 key = "max_abs_logit_diff_online_teacher_vs_cache"
                 diff = float((z - self.cached[rows, views]).abs().max())
                 self.state.check[key] = max(self.state.check.get(key, 0.0), diff)
-            yield rows, views, images
+            yield rows, views, x
 
 
 @contextlib.contextmanager
@@ -243,6 +245,7 @@ class Variant:
     inputs: Any  # stages.distill.DistillInputs
     init_state: dict[str, torch.Tensor]
     teacher: Any = None  # online_kd only: the frozen ImageClassifier
+    teacher_preprocess: Any = None  # online_kd only: its Preprocess (must be the student's)
     cached_logits: torch.Tensor | None = None  # online_kd only: the cache's teacher logits (N, V, C)
 
 
@@ -256,7 +259,7 @@ def _train(v: Variant, state: RunState, *, warmup: int, limit: int | None) -> di
     source: Any = batches
     if v.teacher is not None:
         source = OnlineTeacher(batches, teacher=v.teacher, targets=inp.targets, cached=v.cached_logits,
-                               run=inp.run, state=state)
+                               run=inp.run, state=state, teacher_preprocess=v.teacher_preprocess)
 
     history = train_student(inp.student, run=inp.run, targets=inp.targets, batches=source, val=inp.val,
                             on_step=batches.on_step)
@@ -288,8 +291,8 @@ def run_round(variants: dict[str, Variant], *, warmup: int, check: dict[str, flo
 
 def profile_round(variants: dict[str, Variant], *, warmup: int, steps: int) -> dict[str, Any]:
     """A separate pass of ``steps`` steps per variant under ``torch.profiler`` (CPU activity),
-    with the ranges of ``PART_KEYS``; ``other`` is the residual of the step (render_inputs,
-    gather_targets, method_loss, the LR scheduler, the loop's bookkeeping) plus the
+    with the ranges of ``PART_KEYS``; ``other`` is the residual of the step (the batch
+    source's render_inputs, gather_targets, method_loss, the LR scheduler, the loop's bookkeeping) plus the
     profiler's own overhead."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -348,17 +351,16 @@ def flops_per_image(variants: dict[str, Variant]) -> dict[str, Any]:
     """Teacher forward vs student forward+backward FLOPs per image (FlopCounterMode: matmul,
     conv and their backward; elementwise ops, BatchNorm and the entropy model are not counted),
     and the number of aten ops of one student step per method."""
-    from pipeline.data.preprocess import render_inputs
     from pipeline.train.objective import method_loss, rdm_weight_tensor
     from pipeline.train.targets import gather_targets
 
     out: dict[str, Any] = {}
     ref = variants["kd"].inputs
     n = ref.targets.num_rows
-    rows, views, images = next(iter(ref.batches(0, torch.arange(n), torch.ones(n, dtype=torch.long))))
+    rows, views, x = next(iter(ref.batches(0, torch.arange(n), torch.ones(n, dtype=torch.long))))  # rendered
     b = len(rows)
-    x = render_inputs(images, ref.targets.views[rows, views], preprocess=ref.run.preprocess,
-                      channels_last=ref.run.loop.channels_last)
+    if ref.run.loop.channels_last:  # as train_student hands it to the student
+        x = x.contiguous(memory_format=torch.channels_last)
     teacher = variants["online_kd"].teacher
     assert teacher is not None
 
@@ -554,6 +556,7 @@ def main() -> None:
 
     import pipeline.cache.embed as E
     import stages.rdm as stage_rdm
+    from pipeline.data.preprocess import Preprocess
     from pipeline.data.shards import load_manifest
     from pipeline.models import load_model
     from pipeline.runtime import resolve_device
@@ -583,7 +586,7 @@ def main() -> None:
                    "embed_config": embed_cfg.to_dict(), "rdm_config": rdm_cfg.to_dict(),
                    "distill_config": distill_cfg.to_dict(),
                    "online_kd": "method kd, cached teacher logits replaced by teacher.classify(teacher.embed(x)) on "
-                                "the rendered views of every step (eval, inference_mode, channels_last as the "
+                                "the batch source's rendered views of every step (eval, inference_mode, channels_last as the "
                                 "student, bf16 autocast on CUDA as the student), computed by a batch source "
                                 "wrapper that writes them into the targets table the loop gathers from"},
     }
@@ -624,11 +627,12 @@ def main() -> None:
             inp = build_inputs(paths, distill_cfg, method, device=device)
             inp.run.checkpoint = None  # a stored checkpoint would resume (skip) the epoch
             variants[name] = Variant(name, inp, copy.deepcopy(inp.student.state_dict()))
-        teacher, _ = load_model(str(teacher_path))
+        teacher, teacher_spec = load_model(str(teacher_path))
         teacher = teacher.to(device).eval().requires_grad_(False)
         if distill_cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         variants["online_kd"].teacher = teacher
+        variants["online_kd"].teacher_preprocess = Preprocess.from_spec(teacher_spec, source=str(teacher_path))
         variants["online_kd"].cached_logits = variants["online_kd"].inputs.targets.teacher_logits.clone()
         setup["build_inputs_s (4 variants)"] = pc() - began
         setup["prepare"] = prep

@@ -11,6 +11,7 @@ reference, on the same shards and teacher; and the bare forward in this process 
 without the variable (in a subprocess, since glibc reads it at start).
 
     uv run python bench/embed_local_env.py
+    uv run python bench/embed_local_env.py --smoke    # a tiny run, to a temp file
 """
 
 from __future__ import annotations
@@ -68,7 +69,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "embed_local_env.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny check that the script runs (256 images, V=2, 1 repeat); writes to a "
+                             "temporary file unless --out is given")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.views, args.repeats = 256, 2, 1
+        if args.out == RESULTS / "embed_local_env.json":
+            args.out = Path(tempfile.gettempdir()) / "cifd-bench-smoke" / "embed_local_env.json"
 
     from pipeline.data.shards import load_manifest
 

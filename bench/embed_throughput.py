@@ -93,12 +93,12 @@ def breakdown(stats: pstats.Stats, *, wall: float, phases: dict[str, float]) -> 
         "read_shard.tar_read": tar,
         "read_shard.hash (sha256 per image)": hashing,
         "read_shard.decode_jpeg (PIL)": decode,
-        "read_shard.other (key checks, np.stack)": read - tar - hashing - decode,
+        "read_shard.other (key checks, lists)": read - tar - hashing - decode,
         "render_inputs (crop/flip/resize + normalise)": render,
         "forward (embed + classify)": forward,
         "teacher_outputs.other (indexing, cat)": outputs - render - forward,
         "write_rows (zarr, 5 arrays + done flag)": write,
-        "embed_shard.other (to numpy, astype, open_group)": shard - load - read - outputs - write,
+        "embed_shard.other (block.stacked, to numpy, astype, open_group)": shard - load - read - outputs - write,
         "finalize + teardown": phases["teardown_s"],
     }
     accounted = sum(parts.values())
@@ -341,7 +341,6 @@ def main() -> None:
     from pipeline.cache.inspect import cache_info
     from pipeline.data.shards import load_manifest, load_split
     from pipeline.data.preprocess import Preprocess, render_inputs
-    from pipeline.data.views import clean_views
     from pipeline.models import load_model
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -360,11 +359,11 @@ def main() -> None:
         manifest = load_manifest(tmp / "shards")
         model, spec = load_model(str(teacher))
         model = model.eval()
-        pre = spec["preprocess"]
+        preprocess = Preprocess.from_spec(spec, source=str(teacher))
         block = load_split(manifest, "train")
-        n, (c, h, w) = len(block.images), manifest.image_shape
-        inputs = render_inputs(torch.from_numpy(block.images), clean_views(n, h, w),
-                               preprocess=Preprocess.from_spec(spec, source=str(teacher)))
+        n = len(block.images)
+        inputs = render_inputs(torch.from_numpy(block.stacked()),
+                               preprocess.clean_views(torch.from_numpy(block.sizes)), preprocess=preprocess)
         # Kept as render_inputs returns them (channels-last strides for exact-copy views), which
         # is what the stage feeds the teacher.
         result["setup"] = {"prepare_s": round(prep_s, 2), "prepare": prep, "inputs_shape": list(inputs.shape),

@@ -13,6 +13,7 @@ RDM-bank-sized latent.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 import torch
@@ -72,7 +73,9 @@ def time_step(fn, eb: EntropyBottleneck, v: torch.Tensor, repeats: int) -> float
 @click.option("--batch", default=512, show_default=True)
 @click.option("--repeats", default=11, show_default=True)
 @click.option("--threads", default=1, show_default=True)
-def main(channels: int, batch: int, repeats: int, threads: int) -> None:
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "entropy_bottleneck.json",
+              show_default=True, help="Result JSON (e.g. a temporary file for a quick check).")
+def main(channels: int, batch: int, repeats: int, threads: int, out: Path) -> None:
     torch.set_num_threads(threads)
     eb = EntropyBottleneck(channels, init_scale=1.0, generator=torch.Generator().manual_seed(0))
     v = torch.randn(batch, channels, generator=torch.Generator().manual_seed(1)) * 2 + torch.rand(batch, channels)
@@ -91,7 +94,7 @@ def main(channels: int, batch: int, repeats: int, threads: int) -> None:
         "speedup_ours_over_two_pass": matmul_s / ours_s,
         "speedup_ours_over_broadcast": broadcast_s / ours_s,
     }
-    path = write_result(RESULTS / "entropy_bottleneck.json", result)
+    path = write_result(out, result)
     click.echo(f"per fwd+bwd step: two-pass matmul {matmul_s * 1e3:.1f} ms, broadcast {broadcast_s * 1e3:.1f} ms, "
                f"ours {ours_s * 1e3:.1f} ms (max bits diff {diff:.2e}) → {path}")
 

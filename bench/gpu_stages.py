@@ -127,8 +127,8 @@ def step_prepare(args: argparse.Namespace) -> dict[str, Any]:
 def step_embed(args: argparse.Namespace) -> dict[str, Any]:
     import pipeline.cache.embed as E
     from pipeline.data.preprocess import Preprocess, render_inputs
+    from pipeline.evaluate import sizes_of
     from pipeline.data.shards import load_manifest, read_shard
-    from pipeline.data.views import clean_views
     from pipeline.models import load_model
     from pipeline.runtime import resolve_device
 
@@ -145,16 +145,16 @@ def step_embed(args: argparse.Namespace) -> dict[str, Any]:
     # (a) bare forward, fp32, on clean views already on the device (the stage's ceiling)
     model, spec = load_model(str(teacher_path))
     model = model.to(device).eval()
+    preprocess = Preprocess.from_spec(spec, source=str(teacher_path))
     blocks = []  # the first shards only: decoding all 50,000 images here would double the decode time
     for shard in manifest.split("train")["shards"]:
         if sum(len(b) for b in blocks) >= args.bare_images:
             break
-        blocks.append(read_shard(manifest.root / shard["file"], channels=manifest.image_shape[0],
-                                 start=shard["start"], stop=shard["stop"]).images)
+        blocks.append(read_shard(manifest.root / shard["file"], mode=manifest.mode,
+                                 start=shard["start"], stop=shard["stop"]).stacked())  # CIFAR: one size
     images = torch.from_numpy(np.concatenate(blocks)[:args.bare_images]).to(device)
-    n, _, h, w = images.shape
-    x = render_inputs(images, clean_views(n, h, w).to(device),
-                      preprocess=Preprocess.from_spec(spec, source=str(teacher_path)))
+    n = len(images)
+    x = render_inputs(images, preprocess.clean_views(sizes_of(images)).to(device), preprocess=preprocess)
     bs = cfg.batch_size
     runs = []
     with torch.inference_mode():
@@ -252,6 +252,7 @@ def _train(inputs: Any, *, epochs: int, source: Any = None) -> dict[str, Any]:
 def step_distill(args: argparse.Namespace) -> dict[str, Any]:
     import stages.rdm as stage_rdm
     from distill_throughput import OnlineTeacher, RunState
+    from pipeline.data.preprocess import Preprocess
     from pipeline.models import load_model
     from pipeline.runtime import resolve_device
     from stages.distill import build_inputs
@@ -299,14 +300,15 @@ def step_distill(args: argparse.Namespace) -> dict[str, Any]:
             elif inputs.run.loop.channels_last:
                 inputs.student.to(memory_format=torch.channels_last)
             if online:
-                teacher, _ = load_model(paths.teacher)
+                teacher, teacher_spec = load_model(paths.teacher)
                 teacher = teacher.to(device).eval().requires_grad_(False)
                 if inputs.run.loop.channels_last:
                     teacher = teacher.to(memory_format=torch.channels_last)
                 state = RunState(name=name, device=device, check={})
                 cached = inputs.targets.teacher_logits.clone()
                 source = OnlineTeacher(inputs.batches, teacher=teacher, targets=inputs.targets, cached=cached,
-                                       run=inputs.run, state=state)
+                                       run=inputs.run, state=state,
+                                       teacher_preprocess=Preprocess.from_spec(teacher_spec, source=paths.teacher))
             loop = inputs.run.loop
             print(f"{name} ({method}, amp {loop.amp}, channels_last {loop.channels_last}):", flush=True)
             try:

@@ -11,7 +11,7 @@ ResNet-56 teacher, measures wall time of:
 (c) a TAKD teacher assistant: CIFAR ResNet-20 trained with Hinton KD from the ResNet-56 for
     the same E epochs, the teacher forward computed online at every step (no cache), on the
     images already decoded in memory (its cheapest form), augmented with the CIFAR
-    pad-and-crop + flip through ``sample_views`` / ``render_views``.
+    pad-and-crop + flip through ``sample_views`` / ``render_inputs``.
 
 Every part runs with the same torch thread count. The claim tested: the RDM stage costs well
 under 1% of training an assistant. Ratios rdm/assistant (per epoch and total) and
@@ -89,38 +89,37 @@ def rdm_bank_macs(bank: torch.nn.Module) -> int:
 
 def train_assistant(*, teacher_path: Path, train: Any, val: Any, epochs: int, batch_size: int,
                     temperature: float, alpha: float, lr: float, seed: int) -> dict[str, Any]:
-    from pipeline.data.views import render_views, sample_views
+    from pipeline.data.preprocess import Preprocess, render_inputs
+    from pipeline.data.views import sample_views
+    from pipeline.evaluate import predict, sizes_of, top1
     from pipeline.losses import hinton_kd
     from pipeline.models import build_model, load_model
-    from pipeline.data.preprocess import Preprocess
-    from pipeline.evaluate import predict, top1
     from schemas.config import ViewPolicyConfig
 
     teacher, spec = load_model(str(teacher_path))
     teacher = teacher.eval()
     preprocess = Preprocess.from_spec(spec, source=str(teacher_path))
-    size, mean, std = preprocess.image_size, preprocess.mean, preprocess.std
     torch.manual_seed(seed)
     student = build_model(ASSISTANT, num_classes=teacher.num_classes, in_chans=3)
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     policy = ViewPolicyConfig(kind="pad_crop", pad=4, flip=True)  # the CIFAR recipe TAKD uses
     generator = torch.Generator().manual_seed(seed)
-    images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels)
-    val_images, val_labels = torch.from_numpy(val.images), torch.from_numpy(val.labels)
-    n, _, h, w = images.shape
+    images, labels = torch.from_numpy(train.stacked()), torch.from_numpy(train.labels)  # CIFAR: one size
+    val_images, val_labels = torch.from_numpy(val.stacked()), torch.from_numpy(val.labels)
+    n, sizes = len(images), sizes_of(images)
+    draw = dict(policy=policy, image_size=preprocess.image_size, crop_pct=preprocess.crop_pct, generator=generator)
     epochs_out = []
     for epoch in range(epochs):
         timer = Timer()
         began = pc()
         student.train()
-        views = sample_views(num_images=n, num_views=2, height=h, width=w, policy=policy,
-                             generator=generator)[:, 1]
+        views = sample_views(sizes=sizes, num_views=2, **draw)[:, 1]
         order = torch.randperm(n, generator=generator)
         total, count = 0.0, 0
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             t0 = pc()
-            x = render_views(images[idx], views[idx], out_size=size, mean=mean, std=std)
+            x = render_inputs(images[idx], views[idx], preprocess=preprocess)
             t1 = pc()
             with torch.no_grad():  # the teacher forward TAKD pays at every step
                 z_t = teacher.classify(teacher.embed(x))
@@ -131,7 +130,7 @@ def train_assistant(*, teacher_path: Path, train: Any, val: Any, epochs: int, ba
             loss.backward()
             opt.step()
             t3 = pc()
-            timer.add("render_views", t1 - t0)
+            timer.add("render_inputs", t1 - t0)
             timer.add("teacher_forward", t2 - t1)
             timer.add("student_forward_backward_step", t3 - t2)
             total += float(loss.detach()) * len(idx)
@@ -145,8 +144,7 @@ def train_assistant(*, teacher_path: Path, train: Any, val: Any, epochs: int, ba
                            "val_top1": round(val_top1, 4), "parts": timer.as_dict()})
         print(f"assistant epoch {epoch + 1}: {train_s + eval_s:.1f}s (train {train_s:.1f}s), "
               f"loss {total / max(count, 1):.3f}, val top-1 {val_top1:.3f}", flush=True)
-    x = render_views(images[:1], sample_views(num_images=1, num_views=1, height=h, width=w, policy=policy,
-                                               generator=generator)[:, 0], out_size=size, mean=mean, std=std)
+    x = render_inputs(images[:1], sample_views(sizes=sizes[:1], num_views=1, **draw)[:, 0], preprocess=preprocess)
     macs = {"teacher_forward": conv_net_macs(teacher.backbone, x),
             "assistant_forward": conv_net_macs(student.backbone, x)}
     return {"epochs": epochs_out, "macs_per_image": macs}

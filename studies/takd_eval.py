@@ -22,6 +22,7 @@ from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest, load_split
 from pipeline.evaluate import evaluate_classifier
 from pipeline.models import load_model
+from pipeline.train.batches import held_images
 from report.study import mean_std
 from schemas import layout as L
 
@@ -36,16 +37,20 @@ def main() -> None:
     torch.set_num_threads(1)
     manifest = load_manifest(args.study / "data/shards")
     cache = open_cache(args.study / "cache/teacher.zarr", CacheExpectation(manifest_sha256=manifest.sha256))
-    _, spec = load_model(args.study / "models/teacher.safetensors")
-    preprocess = Preprocess.from_spec(spec, source=str(args.study / "models/teacher.safetensors"))
     val = load_split(manifest, "val")
-    images, labels = torch.from_numpy(val.images), torch.from_numpy(val.labels)
-    teacher_logits = torch.from_numpy(cache.split("val").read_all((L.LOGITS,))[L.LOGITS][:, 0].astype(np.float32))
+    images = held_images(val, manifest, torch.device("cpu"))  # a batch of same-size images, else a list
+    labels = torch.from_numpy(val.labels)
+    cached = cache.split("val").read_all((L.LOGITS, L.VIEWS))
+    teacher_logits = torch.from_numpy(cached[L.LOGITS][:, 0].astype(np.float32))
+    clean = torch.from_numpy(cached[L.VIEWS][:, 0])  # (n, 5) the clean view the ResNet-56 saw
     runs = {}
     for seed in args.seeds:
-        student, _ = load_model(args.takd / f"models/students_takd_s{seed}/kd.safetensors")
+        path = args.takd / f"models/students_takd_s{seed}/kd.safetensors"
+        student, student_spec = load_model(path)
+        # As `cifd evaluate`: the student's own input size and normalisation, on the box the teacher saw.
+        preprocess = Preprocess.from_spec(student_spec, source=str(path))
         result = evaluate_classifier(student, images, labels, teacher_logits, preprocess=preprocess,
-                                     batch_size=1000)
+                                     batch_size=1000, views=clean)
         seconds = json.loads((args.takd / f"metrics_takd_s{seed}/distill/kd.json").read_text())["seconds"]
         runs[f"takd-s{seed}"] = {"val_top1": round(result.top1, 5), "teacher_agreement": round(result.agreement, 5),
                                  "kl_teacher_student": round(result.kl, 5), "distill_seconds": seconds}

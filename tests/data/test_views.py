@@ -330,3 +330,16 @@ def test_replay_rejects_bad_inputs() -> None:
 def test_an_empty_batch_replays_to_an_empty_batch(out_size: int) -> None:
     out = replay_views(images(b=0), whole(0, 12, 12), out_size=out_size)
     assert out.shape == (0, 3, out_size, out_size)
+
+
+def test_same_size_pad_crop_views_are_the_ones_earlier_versions_drew() -> None:
+    """Same-size sets keep their caches bit for bit: the CIFAR pad-and-crop views of 100 images
+    (seed 0) hash to what the sampler drew before images of any size were supported (measured
+    at commit 427d1c4); their replay is an exact copy (test_integer_pad_crop_equals_pad_and_slice)."""
+    import hashlib
+
+    views = sample_views(sizes=image_sizes([32, 32], 100), num_views=4, image_size=32, crop_pct=1.0,
+                         policy=ViewPolicyConfig(kind="pad_crop", pad=4, flip=True),
+                         generator=torch.Generator().manual_seed(0))
+    digest = hashlib.sha256(views.numpy().tobytes()).hexdigest()
+    assert digest == "1094fab5155f8a2e353a58f68f497e4bc9b0e035b81e45fde15390dbad0eb435"
