@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["INTERPOLATIONS", "axis_weights", "resample_boxes"]
+__all__ = ["INTERPOLATIONS", "RADIUS", "axis_weights", "resample_boxes"]
 
 INTERPOLATIONS = ("bilinear", "bicubic")
-_RADIUS = {"bilinear": 1.0, "bicubic": 2.0}
+RADIUS = {"bilinear": 1.0, "bicubic": 2.0}  # filter support in output pixels (× the shrink factor)
 _CUBIC_A = -0.5  # PIL's and torch's antialiased bicubic
 
 
@@ -45,7 +45,7 @@ def axis_weights(start: Tensor, length: Tensor, *, size: int, out: int, interpol
     """Resampling weights ``(B, out, size)`` along one axis for boxes ``[start, start + length)``
     (``(B,)`` each) of an axis of ``size`` pixels, in float64. Rows sum to 1, or are all zero
     when no tap falls inside the image."""
-    if interpolation not in _RADIUS:
+    if interpolation not in RADIUS:
         raise ValueError(f"interpolation = {interpolation!r}: expected one of {list(INTERPOLATIONS)}")
     start = start.to(torch.float64)
     scale = length.to(torch.float64) / out  # (B,) source pixels per output pixel

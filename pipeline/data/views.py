@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.data.resample import resample_boxes
+from pipeline.data.resample import RADIUS, resample_boxes
 from schemas.config import ViewPolicyConfig as ViewPolicy
 from schemas.layout import VIEW_FIELDS
 
@@ -152,13 +152,13 @@ def _is_exact_copy(params: Tensor, out_size: int) -> Tensor:
     return integral & (h == out_size) & (w == out_size)
 
 
-def _copy_crops(images: Tensor, params: Tensor, out_size: int) -> Tensor:
-    # images (B, C, H, W); params (B, 5) with integer boxes of size out_size.
+def _copy_crops(images: Tensor, params: Tensor, out_size: int, pad: int) -> Tensor:
+    # images (B, C, H, W); params (B, 5) with integer boxes of size out_size, reaching at most
+    # ``pad`` pixels past the image (any larger value gives the same pixels).
     batch, _, height, width = images.shape
+    params = params.to(images.device, non_blocking=True)
     top = params[:, 0].long()
     left = params[:, 1].long()
-    pad = int(max(0, (-top).max(), (-left).max(), (top + out_size - height).max(),
-                  (left + out_size - width).max()))
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
     steps = torch.arange(out_size, device=images.device)
     rows = top[:, None] + pad + steps  # (B, S)
@@ -184,17 +184,26 @@ def replay_views(images: Tensor, params: Tensor, *, out_size: int, interpolation
         raise ValueError(f"view params shape {tuple(params.shape)}: expected ({images.shape[0]}, 5)")
     if not images.is_floating_point():
         raise ValueError(f"images dtype {images.dtype}: expected a float tensor (scale uint8 first)")
-    params = params.to(device=images.device, dtype=torch.float32)
+    params = params.to(dtype=torch.float32)
     if images.shape[0] == 0:  # nothing to crop (and the padding reduction needs a row)
         return images.new_zeros(0, images.shape[1], out_size, out_size)
+    # Decided where the params are: host params (the batch sources keep them there) cost the
+    # device no synchronisation; device params cost one.
     exact = _is_exact_copy(params, out_size)
-    if bool(exact.all()):
-        return _copy_crops(images, params, out_size)
+    height, width = images.shape[2:]
+    top, left = params[:, 0], params[:, 1]
+    reach = torch.stack([-top, -left, top + out_size - height, left + out_size - width]).amax()
+    pad = max(0, int(reach))
+    all_exact, any_exact = bool(exact.all()), bool(exact.any())
+    if all_exact:
+        return _copy_crops(images, params, out_size, pad)
     resample = functools.partial(resample_boxes, out_size=out_size, interpolation=interpolation)
-    if not bool(exact.any()):
+    params = params.to(images.device, non_blocking=True)
+    if not any_exact:
         return resample(images, params)
+    exact = exact.to(images.device, non_blocking=True)
     out = images.new_empty(images.shape[0], images.shape[1], out_size, out_size)
-    out[exact] = _copy_crops(images[exact], params[exact], out_size)
+    out[exact] = _copy_crops(images[exact], params[exact], out_size, pad)
     out[~exact] = resample(images[~exact], params[~exact])
     return out
 
@@ -206,9 +215,35 @@ def normalize(images: Tensor, *, mean: tuple[float, ...], std: tuple[float, ...]
             f"images have {images.shape[1]} channels but preprocessing has {len(mean)} mean "
             "values; set teacher.in_chans / teacher.preprocess.mean to match the data"
         )
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    m, s = _constants(mean, std, images.device, images.dtype)
     return (images - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(1, C, 1, 1) mean and std on ``device``, made once (no host-to-device copy per batch)."""
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))
+
+
+def _window(image: Tensor, box: Tensor, *, out_size: int, interpolation: str) -> tuple[Tensor, Tensor]:
+    """The part of a uint8 image (C, H, W) that the filter of ``box`` (5,) can reach, and the
+    box in its coordinates: only those pixels are converted to float and resampled (a large
+    photo's small crop costs the crop, not the photo). Taps outside it have zero weight."""
+    out = box.clone()
+    bounds = []
+    for axis, (start, length) in enumerate(((box[0], box[2]), (box[1], box[3]))):
+        size = image.shape[1 + axis]
+        reach = RADIUS[interpolation] * max(float(length) / out_size, 1.0) + 1.0
+        lo = max(0, math.floor(float(start) - reach))
+        hi = min(size, math.ceil(float(start + length) + reach))
+        if lo >= hi:  # the box misses the image: keep it whole (the output is zero)
+            lo, hi = 0, size
+        bounds.append((lo, hi))
+        out[axis] = start - lo
+    (r0, r1), (c0, c1) = bounds
+    return image[:, r0:r1, c0:c1], out
 
 
 def render_views(
@@ -233,7 +268,10 @@ def render_views(
     else:
         if len(images_u8) != len(params):
             raise ValueError(f"{len(images_u8)} images but {len(params)} view params; expected one view per image")
-        images = torch.cat([replay_views(image[None].float().div_(255.0), params[i:i + 1], out_size=out_size,
-                                         interpolation=interpolation) for i, image in enumerate(images_u8)]) \
-            if len(images_u8) else torch.zeros(0, len(mean), out_size, out_size)
+        parts = []
+        for image, box in zip(images_u8, params.to(torch.float32), strict=True):
+            image, box = _window(image, box, out_size=out_size, interpolation=interpolation)
+            parts.append(replay_views(image[None].float().div_(255.0), box[None], out_size=out_size,
+                                      interpolation=interpolation))
+        images = torch.cat(parts) if parts else torch.zeros(0, len(mean), out_size, out_size)
     return normalize(images, mean=mean, std=std)

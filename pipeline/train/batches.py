@@ -63,26 +63,24 @@ class MemoryBatches:
 
     def __init__(self, images: Tensor | Sequence[Tensor], boxes: Tensor, *, preprocess: Preprocess,
                  batch_size: int, rank: int, world: int) -> None:
-        self.images, self.boxes, self.preprocess = images, boxes, preprocess
+        self.images, self.preprocess = images, preprocess
+        self.device = images.device if isinstance(images, Tensor) else boxes.device
+        self.host_boxes = boxes.cpu()  # views are looked up on the host: no device sync per batch
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.per_rank = len(images) // world if world > 1 else len(images)
         self.steps = steps_per_epoch(self.per_rank, batch_size, world)
 
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        device = self.boxes.device
-        mine = order[self.rank::self.world][:self.per_rank].to(device, non_blocking=True)
-        choice = choice.to(device, non_blocking=True)
-        batched = isinstance(self.images, Tensor)
-        host_rows = None if batched else order[self.rank::self.world][:self.per_rank].tolist()
+        mine = order.cpu()[self.rank::self.world][:self.per_rank]
+        choice = choice.cpu()
         for step in range(self.steps):
-            rows = mine[step * self.batch_size:(step + 1) * self.batch_size]
+            rows = mine[step * self.batch_size:(step + 1) * self.batch_size]  # host
             views = choice[rows]
-            boxes = self.boxes[rows, views]  # (B, 5)
-            if batched:
-                images = self.images[rows]
+            boxes = self.host_boxes[rows, views]  # (B, 5), host
+            if isinstance(self.images, Tensor):  # same size: one batch, rendered on its device
+                images: Tensor | list[Tensor] = self.images[rows.to(self.device, non_blocking=True)]
             else:
-                assert host_rows is not None
-                images = [self.images[r] for r in host_rows[step * self.batch_size:(step + 1) * self.batch_size]]
-                boxes = boxes.cpu()
+                images = [self.images[r] for r in rows.tolist()]
             x = render_inputs(images, boxes, preprocess=self.preprocess)
-            yield rows, views, x.to(device, non_blocking=True)
+            yield (rows.to(self.device, non_blocking=True), views.to(self.device, non_blocking=True),
+                   x.to(self.device, non_blocking=True))

@@ -115,7 +115,7 @@ class StreamBatches:
         self.mode = manifest.mode
         self.boxes, self.preprocess = boxes, preprocess
         self.same_size = manifest.image_shape is not None  # one uint8 batch, rendered on the device
-        self.host_boxes = None if self.same_size else boxes.cpu()
+        self.host_boxes = boxes.cpu()  # views are looked up on the host: no device sync per batch
         self.batch_size, self.workers, self.device = batch_size, workers, device
         self.rank, self.world, self.seed, self.shuffle_buffer = rank, world, seed, shuffle_buffer
         fewest = sum(sizes[:len(sizes) // world]) if world > 1 else self.num_rows
@@ -138,7 +138,7 @@ class StreamBatches:
                                   empty_check=False)
         pipeline = pipeline.map(functools.partial(_decode, labels=self.labels, mode=self.mode))
         if not self.same_size:
-            if choice is None or self.host_boxes is None:
+            if choice is None:
                 raise ValueError("images of many sizes are rendered in the loader: pass the epoch's view choice")
             chosen = self.host_boxes[torch.arange(self.num_rows), choice.cpu()]  # (N, 5)
             pipeline = pipeline.map(functools.partial(_render, boxes=chosen, preprocess=self.preprocess))
@@ -146,24 +146,26 @@ class StreamBatches:
                 .shuffle(self.shuffle_buffer, seed=seed)
                 .batched(self.batch_size, collation_fn=_collate, partial=True))
 
-    def _inputs(self, rows: Tensor, choice: Tensor, images: Tensor) -> Tensor:
-        """The student's inputs of a batch: same-size uint8 images rendered here, on the device;
-        images of many sizes arrive rendered by the loader."""
-        if not self.same_size:
-            return images
-        return render_inputs(images, self.boxes[rows, choice[rows]], preprocess=self.preprocess)
+    def _emit(self, rows: Tensor, choice: Tensor, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One batch on the device from host ``rows`` (B,), the epoch's host ``choice`` (N,) and
+        the loader's images: same-size uint8 images are rendered here, on the device, from host
+        view boxes (no device synchronisation); images of many sizes arrive rendered."""
+        views = choice[rows]
+        x = images if not self.same_size else render_inputs(images, self.host_boxes[rows, views],
+                                                             preprocess=self.preprocess)
+        return rows.to(self.device, non_blocking=True), views.to(self.device, non_blocking=True), x
 
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         cuda = self.device.type == "cuda"
+        choice = choice.cpu()
         loader = wds.WebLoader(self.dataset(epoch, choice), batch_size=None, shuffle=False, num_workers=self.workers,
                                pin_memory=cuda, persistent_workers=False)
-        choice = choice.to(self.device, non_blocking=True)
-        seen = torch.zeros(self.num_rows, dtype=torch.int32, device=self.device)
-        rows_buf = torch.zeros(0, dtype=torch.int64, device=self.device)
+        seen = torch.zeros(self.num_rows, dtype=torch.int32)  # host bookkeeping: no device sync
+        rows_buf = torch.zeros(0, dtype=torch.int64)
         images_buf: Tensor | None = None
         done = 0
         for rows, images in loader:
-            rows_buf = torch.cat([rows_buf, rows.to(self.device, non_blocking=cuda)])
+            rows_buf = torch.cat([rows_buf, rows])
             images = images.to(self.device, non_blocking=cuda)
             images_buf = images if images_buf is None else torch.cat([images_buf, images])
             while len(rows_buf) >= self.batch_size and done < self.steps:
@@ -171,14 +173,14 @@ class StreamBatches:
                 batch, images_buf = images_buf[:self.batch_size], images_buf[self.batch_size:]
                 seen[rows] += 1
                 done += 1
-                yield rows, choice[rows], self._inputs(rows, choice, batch)
+                yield self._emit(rows, choice, batch)
             if done == self.steps:
                 break
         if done < self.steps and len(rows_buf) > 0 and self.world == 1:  # the last, partial batch
             assert images_buf is not None
             seen[rows_buf] += 1
             done += 1
-            yield rows_buf, choice[rows_buf], self._inputs(rows_buf, choice, images_buf)
+            yield self._emit(rows_buf, choice, images_buf)
         if done != self.steps:
             raise CacheError(f"rank {self.rank} streamed {int(seen.sum())} rows in epoch {epoch + 1}, fewer than the "
                              f"{self.steps} batches of {self.batch_size} expected; the shards do not match "
