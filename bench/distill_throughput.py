@@ -152,39 +152,38 @@ class OnlineTeacher:
     """Online KD as a batch source: for every batch the wrapped source yields, run the frozen
     teacher (``teacher.classify(teacher.embed(x))``, eval, ``inference_mode``, the loop's
     bf16 autocast and channels-last on CUDA) on the batch's inputs ``x``, which the source
-    has already rendered (``render_inputs``) at the student's input, and write its logits
-    into the targets table the loop gathers from (``targets.teacher_logits[rows, views]``),
-    so the unchanged ``train_student`` trains on live teacher logits. The views are rendered
+    has already rendered (``render_inputs``) at the student's input, and put its logits in
+    the batch's targets in place of the cached ones, so the unchanged ``train_student``
+    trains on live teacher logits. The views are rendered
     once, by the source, for both networks; that is exact only when the student's input is
     the teacher's (``distill.preprocess`` null), which ``teacher_preprocess`` checks.
     ``check`` gets the largest |live - cached| logit difference (the cache holds this
     teacher on these views: ~0).
     """
 
-    def __init__(self, inner: Any, *, teacher: Any, targets: Any, cached: torch.Tensor, run: Any,
+    def __init__(self, inner: Any, *, teacher: Any, cached: torch.Tensor, run: Any,
                  state: RunState, teacher_preprocess: Any = None) -> None:
         if teacher_preprocess is not None and teacher_preprocess != run.preprocess:
             raise ValueError(f"online KD runs the teacher on the student's inputs, but the student's preprocess "
                              f"{run.preprocess} differs from the teacher's {teacher_preprocess}")
-        self.inner, self.teacher, self.targets, self.run, self.state = inner, teacher, targets, run, state
+        self.inner, self.teacher, self.run, self.state = inner, teacher, run, state
         self.cached = cached  # (N, V, C) the cached logits, as read: the check's reference
         self.steps = inner.steps
 
     def __call__(self, epoch: int, order: torch.Tensor, choice: torch.Tensor) -> Iterator[Any]:
         run = self.run
         use_amp = run.loop.amp and run.device.type == "cuda"
-        for rows, views, x in self.inner(epoch, order, choice):
+        for rows, views, x, batch in self.inner(epoch, order, choice):
             autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp
                         else contextlib.nullcontext())
             with torch.inference_mode(), autocast, torch.profiler.record_function("teacher_forward (online)"):
                 xt = x.contiguous(memory_format=torch.channels_last) if run.loop.channels_last else x
                 z = self.teacher.classify(self.teacher.embed(xt)).float()
-            self.targets.teacher_logits[rows, views] = z
             if self.state.check is not None:
                 key = "max_abs_logit_diff_online_teacher_vs_cache"
                 diff = float((z - self.cached[rows, views]).abs().max())
                 self.state.check[key] = max(self.state.check.get(key, 0.0), diff)
-            yield rows, views, x
+            yield rows, views, x, dataclasses.replace(batch, teacher_logits=z)
 
 
 @contextlib.contextmanager
@@ -258,10 +257,10 @@ def _train(v: Variant, state: RunState, *, warmup: int, limit: int | None) -> di
     batches = TimedBatches(inp.batches, warmup=warmup, state=state, limit=limit)
     source: Any = batches
     if v.teacher is not None:
-        source = OnlineTeacher(batches, teacher=v.teacher, targets=inp.targets, cached=v.cached_logits,
+        source = OnlineTeacher(batches, teacher=v.teacher, cached=v.cached_logits,
                                run=inp.run, state=state, teacher_preprocess=v.teacher_preprocess)
 
-    history = train_student(inp.student, run=inp.run, targets=inp.targets, batches=source, val=inp.val,
+    history = train_student(inp.student, run=inp.run, info=inp.info, batches=source, val=inp.val,
                             on_step=batches.on_step)
     steps = state.step_s
     return {
@@ -356,8 +355,8 @@ def flops_per_image(variants: dict[str, Variant]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     ref = variants["kd"].inputs
-    n = ref.targets.num_rows
-    rows, views, x = next(iter(ref.batches(0, torch.arange(n), torch.ones(n, dtype=torch.long))))  # rendered
+    n = ref.info.num_rows
+    rows, views, x, _ = next(iter(ref.batches(0, torch.arange(n), torch.ones(n, dtype=torch.long))))  # rendered
     b = len(rows)
     if ref.run.loop.channels_last:  # as train_student hands it to the student
         x = x.contiguous(memory_format=torch.channels_last)
@@ -373,13 +372,13 @@ def flops_per_image(variants: dict[str, Variant]) -> dict[str, Any]:
         inp = variants[method].inputs
         student = copy.deepcopy(inp.student).train()
         batch = gather_targets(inp.targets, rows, views)
-        rdm_weights = rdm_weight_tensor(inp.run.weights, inp.targets.num_rdms, x.device)
+        rdm_weights = rdm_weight_tensor(inp.run.weights, inp.info.num_rdms, x.device)
 
         def step(student: Any = student, batch: Any = batch, inp: Any = inp, method: str = method,
                  rdm_weights: torch.Tensor = rdm_weights) -> None:
             o = student(x, generator=torch.Generator(device=x.device).manual_seed(0))
             loss = method_loss(method, out=o, batch=batch, weights=inp.run.weights, rdm_weights=rdm_weights,
-                               emb_scale=inp.targets.emb_scale, generator=torch.Generator().manual_seed(0))
+                               emb_scale=inp.info.emb_scale, generator=torch.Generator().manual_seed(0))
             loss.backward()
 
         def fwd(student: Any = student) -> None:
@@ -588,7 +587,7 @@ def main() -> None:
                    "online_kd": "method kd, cached teacher logits replaced by teacher.classify(teacher.embed(x)) on "
                                 "the batch source's rendered views of every step (eval, inference_mode, channels_last as the "
                                 "student, bf16 autocast on CUDA as the student), computed by a batch source "
-                                "wrapper that writes them into the targets table the loop gathers from"},
+                                "wrapper that puts them in each batch's targets"},
     }
     with tempfile.TemporaryDirectory(prefix="cifd-bench-distill-") as tmp_name:
         tmp = Path(tmp_name)
@@ -636,9 +635,9 @@ def main() -> None:
         variants["online_kd"].cached_logits = variants["online_kd"].inputs.targets.teacher_logits.clone()
         setup["build_inputs_s (4 variants)"] = pc() - began
         setup["prepare"] = prep
-        setup["rows"] = variants["ce"].inputs.targets.num_rows
+        setup["rows"] = variants["ce"].inputs.info.num_rows
         setup["steps_per_epoch"] = variants["ce"].inputs.batches.steps
-        setup["num_rdms"] = variants["cifd"].inputs.targets.num_rdms
+        setup["num_rdms"] = variants["cifd"].inputs.info.num_rdms
         setup["teacher_embed_dim"] = int(variants["cifd"].inputs.targets.teacher_emb.shape[-1])
         result["setup"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in setup.items()}
 

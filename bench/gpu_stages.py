@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -233,7 +232,7 @@ def _train(inputs: Any, *, epochs: int, source: Any = None) -> dict[str, Any]:
     _reset_memory(device)
     _sync(device)
     began[0] = pc()
-    history = train_student(inputs.student, run=run, targets=inputs.targets, batches=batches, val=inputs.val,
+    history = train_student(inputs.student, run=run, info=inputs.info, batches=batches, val=inputs.val,
                             on_epoch=on_epoch, on_step=on_step)
     per_epoch = rows[0] / len(train_s)
     later = train_s[1:] or train_s  # epoch 1 includes cuDNN's algorithm search
@@ -306,16 +305,12 @@ def step_distill(args: argparse.Namespace) -> dict[str, Any]:
                     teacher = teacher.to(memory_format=torch.channels_last)
                 state = RunState(name=name, device=device, check={})
                 cached = inputs.targets.teacher_logits.clone()
-                source = OnlineTeacher(inputs.batches, teacher=teacher, targets=inputs.targets, cached=cached,
+                source = OnlineTeacher(inputs.batches, teacher=teacher, cached=cached,
                                        run=inputs.run, state=state,
                                        teacher_preprocess=Preprocess.from_spec(teacher_spec, source=paths.teacher))
             loop = inputs.run.loop
             print(f"{name} ({method}, amp {loop.amp}, channels_last {loop.channels_last}):", flush=True)
-            try:
-                out = _train(inputs, epochs=epochs, source=source)
-            finally:
-                if online:  # the cached logits back, for the variants after this one
-                    inputs.targets.teacher_logits.copy_(cached)
+            out = _train(inputs, epochs=epochs, source=source)
             out["build_inputs_s"] = built[method][2]
             if online:
                 out["checks"] = state.check

@@ -23,11 +23,12 @@ from tqdm import tqdm
 from pipeline.cache.rdm_store import open_rdm_cache
 from pipeline.cache.reader import CacheExpectation, check_alignment, open_cache
 from pipeline.cache.store import CacheError
+from pipeline.data.held import held_images
 from pipeline.data.preprocess import Preprocess, PreprocessError, resolve_preprocess
 from pipeline.data.shards import Manifest, load_manifest, load_split
 from pipeline.models import build_model, load_model, save_model, state_dict_sha256
 from pipeline.runtime import resolve_device
-from pipeline.train.batches import BatchSource, MemoryBatches, held_images
+from pipeline.train.batches import BatchSource, MemoryBatches
 from pipeline.train.checkpoint import config_fingerprint, resumable_seconds
 from pipeline.train.distill import (
     DistillRun,
@@ -39,7 +40,7 @@ from pipeline.train.distill import (
 from pipeline.train.objective import LossWeights
 from pipeline.train.stream import StreamBatches
 from pipeline.train.student import Student, uses_features, uses_rdms
-from pipeline.train.targets import Targets, load_targets
+from pipeline.train.targets import TargetInfo, Targets, load_targets, target_fields, target_info
 from schemas import layout as L
 from schemas import metrics as M
 from schemas.base import ConfigError
@@ -115,7 +116,8 @@ class DistillInputs:
 
     student: Student
     run: DistillRun
-    targets: Targets
+    info: TargetInfo
+    targets: Targets | None  # memory mode: every row's targets on the device; stream mode: None
     batches: BatchSource
     val: ValSet
     manifest: Manifest
@@ -127,7 +129,8 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
                  device: torch.device | None = None, teacher_model: str | None = None,
                  started: float | None = None) -> DistillInputs:
     """Open and check the cache (and RDM cache) against the teacher and shards, then build
-    the targets, the batch source (``cfg.data``), the val set and the initialised student.
+    the targets (memory mode) or their shape (stream mode: the loader reads them block by
+    block), the batch source (``cfg.data``), the val set and the initialised student.
 
     ``teacher_model``: the user's ``teacher.model`` param, the one entrypoint outside timm and
     ``pipeline.models`` the teacher file may name. ``started``: ``time.perf_counter()`` when the
@@ -148,29 +151,34 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
             raise ConfigError(f"distill.rdm_weights has {len(cfg.rdm_weights)} values but the RDM cache "
                               f"{paths.rdm_cache} holds {rdm.num_rdms} RDMs; give one weight per RDM, or null")
         rdm_info = {"rdm_cache": rdm.checkpoint_sha256}
-    targets = load_targets(cache, rdm, method=method, device=device)
-    labels = targets.labels.cpu().numpy()
     torch.manual_seed(cfg.seed)  # timm initialisers use the global generator: the same init on every rank
     train_split = cache.split("train")
     backbone = build_model(cfg.student, num_classes=train_split.num_classes,
                            in_chans=manifest.channels, model_kwargs=dict(cfg.student_kwargs))
     preprocess = student_preprocess(cfg, backbone, teacher=teacher_preprocess, in_chans=manifest.channels)
     batches: BatchSource
-    if cfg.data == "stream":  # labels are checked sample by sample as they stream
-        batches = StreamBatches(manifest, "train", labels=labels, boxes=targets.views, preprocess=preprocess,
-                                batch_size=cfg.batch_size, workers=cfg.loader_workers, device=device, rank=rank,
-                                world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+    targets: Targets | None = None
+    if cfg.data == "stream":  # targets are read block by block and labels checked as they stream
+        info = target_info(cache, rdm, method=method)
+        batches = StreamBatches(manifest, "train", teacher=cache.split("train"),
+                                rdm=rdm.split("train") if rdm is not None else None, fields=target_fields(method),
+                                preprocess=preprocess, batch_size=cfg.batch_size, workers=cfg.loader_workers,
+                                device=device, rank=rank, world=world, seed=cfg.seed,
+                                shuffle_buffer=cfg.shuffle_buffer)
     else:
+        targets = load_targets(cache, rdm, method=method, device=device)
+        info = targets.info
+        labels = targets.labels.cpu().numpy()
         block = load_split(manifest, "train")
         if not np.array_equal(block.labels, labels):
             row = int(np.flatnonzero(block.labels != labels)[0])
             raise CacheError(f"cache and shards disagree at row {row}: label {int(block.labels[row])} in the "
                              f"shards, {int(labels[row])} in the cache; rerun `cifd embed`")
-        batches = MemoryBatches(held_images(block, manifest, device), targets.views, preprocess=preprocess,
+        batches = MemoryBatches(held_images(block, manifest, device), targets, preprocess=preprocess,
                                 batch_size=cfg.batch_size, rank=rank, world=world)
     if batches.steps < 1:
         raise ConfigError(f"distill.batch_size = {cfg.batch_size} leaves no full batch per rank "
-                          f"({targets.num_rows} rows, {world} ranks, data: {cfg.data}); lower it")
+                          f"({info.num_rows} rows, {world} ranks, data: {cfg.data}); lower it")
     val_block = load_split(manifest, "val")
     val_cached = cache.split("val").read_all((L.LOGITS, L.VIEWS))
     val = ValSet(images=held_images(val_block, manifest, device),
@@ -187,7 +195,7 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
                       # The schedule and each rank's rows depend on the world size and steps per epoch.
                       fingerprint=config_fingerprint(cfg.to_dict(), method, {"cache": cache.fingerprint, **rdm_info,
                                                                              "world": world, "steps": batches.steps}))
-    return DistillInputs(student=student, run=run_, targets=targets, batches=batches, val=val, manifest=manifest,
+    return DistillInputs(student=student, run=run_, info=info, targets=targets, batches=batches, val=val, manifest=manifest,
                          teacher_spec=spec, cache_fingerprint=cache.fingerprint)
 
 
@@ -206,7 +214,7 @@ def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world:
                         agree=f"{log.val_agreement:.4f}")
         bar.refresh()
 
-    history = train_student(student, run=inputs.run, targets=inputs.targets, batches=inputs.batches,
+    history = train_student(student, run=inputs.run, info=inputs.info, batches=inputs.batches,
                             val=inputs.val, on_epoch=on_epoch)
     bar.close()
     if rank == 0:

@@ -11,11 +11,11 @@ import torch
 
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.preprocess import Preprocess
+from pipeline.data.held import held_images
 from pipeline.data.shards import load_manifest, load_split
 from pipeline.evaluate import evaluate_classifier, top1
 from pipeline.models import load_model, state_dict_sha256
 from pipeline.runtime import resolve_device
-from pipeline.train.batches import held_images
 from report.plots import plot_curves
 from schemas import layout as L
 from schemas import metrics as M

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from pipeline.data.preprocess import PreprocessError, resolve_preprocess
+from pipeline.data.held import held_images
 from pipeline.data.shards import load_manifest, load_split
 from pipeline.evaluate import predict_split, top1
 from pipeline.models import build_model, file_sha256, save_model
 from pipeline.runtime import resolve_device
-from pipeline.train.batches import held_images
 from pipeline.train.supervised import EpochLog, TrainSettings, train_classifier
 from schemas import metrics as M
 from schemas.base import ConfigError

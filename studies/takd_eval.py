@@ -22,7 +22,7 @@ from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest, load_split
 from pipeline.evaluate import evaluate_classifier
 from pipeline.models import load_model
-from pipeline.train.batches import held_images
+from pipeline.data.held import held_images
 from report.study import mean_std
 from schemas import layout as L
 

@@ -25,6 +25,7 @@ from pipeline.data.shards import load_manifest, load_split
 from pipeline.models import build_model, load_model, save_model
 from pipeline.train.batches import MemoryBatches
 from pipeline.train.stream import StreamBatches
+from pipeline.train.targets import load_targets, target_fields
 from schemas import layout as L
 from schemas.config import EmbedConfig, PrepareConfig
 
@@ -143,14 +144,18 @@ def test_both_loaders_hand_the_student_the_pixels_embed_fed_the_teacher(varsize)
     block = load_split(manifest, "train")
     choice = torch.randint(3, (n,), generator=torch.Generator().manual_seed(1))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(2))
-    stream = StreamBatches(manifest, "train", labels=cached[L.LABELS], boxes=boxes, preprocess=pre, batch_size=5,
-                           workers=2, device=torch.device("cpu"), rank=0, world=1, seed=0, shuffle_buffer=100)
-    memory = MemoryBatches([torch.from_numpy(im) for im in block.images], boxes, preprocess=pre, batch_size=5,
+    cache = open_cache(store)
+    stream = StreamBatches(manifest, "train", teacher=cache.split("train"), rdm=None, fields=target_fields("kd"),
+                           preprocess=pre, batch_size=5, workers=2, device=torch.device("cpu"), rank=0, world=1, seed=0,
+                           shuffle_buffer=100)
+    targets = load_targets(cache, None, method="kd", device=torch.device("cpu"))
+    memory = MemoryBatches([torch.from_numpy(im) for im in block.images], targets, preprocess=pre, batch_size=5,
                            rank=0, world=1)
     seen = {}
     for source in (stream, memory):
-        for rows, views, x in source(0, order, choice):
+        for rows, views, x, batch in source(0, order, choice):
             assert x.shape == (len(rows), 3, 16, 16) and x.dtype == torch.float32
+            assert torch.equal(batch.teacher_logits, targets.teacher_logits[rows, views])
             for r, v, xi in zip(rows.tolist(), views.tolist(), x, strict=True):
                 if (r, v) in seen:
                     assert torch.equal(seen[(r, v)], xi), (r, v)

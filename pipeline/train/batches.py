@@ -1,4 +1,4 @@
-"""Batch sources of stage three: what yields ``(rows, views, student inputs)`` each epoch.
+"""Batch sources of stage three: what yields ``(rows, views, student inputs, targets)`` each epoch.
 
 Two sources implement :class:`BatchSource`: :class:`MemoryBatches` (images held in memory,
 CIFAR-sized data) and ``pipeline.train.stream.StreamBatches`` (WebDataset shards). Both
@@ -19,15 +19,16 @@ import torch
 from torch import Tensor
 
 from pipeline.data.preprocess import Preprocess, render_inputs
-from pipeline.data.shards import Manifest, ShardBlock
+from pipeline.train.targets import Batch, Targets, gather_targets
 
-__all__ = ["BatchSource", "MemoryBatches", "held_images", "steps_per_epoch"]
+__all__ = ["BatchSource", "MemoryBatches", "steps_per_epoch"]
 
 
 class BatchSource(Protocol):
-    """``(epoch, permutation, view choice)`` → iterator of ``(rows, views, x)`` on the
+    """``(epoch, permutation, view choice)`` → iterator of ``(rows, views, x, batch)`` on the
     device; ``rows`` (B,) int64 global row indices, ``views`` (B,) the view index of each
-    row (``choice[rows]``), ``x`` (B, C, S, S) float32 the student's normalised inputs.
+    row (``choice[rows]``), ``x`` (B, C, S, S) float32 the student's normalised inputs,
+    ``batch`` the cached targets of those (row, view) pairs.
 
     ``steps`` is the number of batches every call yields: the same on every rank (DDP needs
     equal step counts, and the LR schedule is built from it).
@@ -35,7 +36,7 @@ class BatchSource(Protocol):
 
     steps: int
 
-    def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]: ...
+    def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Batch]]: ...
 
 
 def steps_per_epoch(rows_per_rank: int, batch_size: int, world: int) -> int:
@@ -43,34 +44,28 @@ def steps_per_epoch(rows_per_rank: int, batch_size: int, world: int) -> int:
     return rows_per_rank // batch_size if world > 1 else math.ceil(rows_per_rank / batch_size)
 
 
-def held_images(block: ShardBlock, manifest: Manifest, device: torch.device) -> Tensor | list[Tensor]:
-    """A split's images as memory mode holds them: one uint8 batch on ``device`` when every
-    image of the dataset has one size, else a list of host images (rendered one by one)."""
-    if manifest.image_shape is not None:
-        return torch.from_numpy(block.stacked()).to(device)
-    return [torch.from_numpy(image) for image in block.images]
-
-
 class MemoryBatches:
     """Batches from images held in memory: a device-resident uint8 batch (N, C, H, W) of
     same-size images (no host work in the loop), or N images (C, H_i, W_i) of any sizes
     (rendered one by one on the host, then moved).
 
-    ``boxes`` (N, V, 5): every row's cached view boxes, on the device. Rank ``r`` of
+    ``targets``: every row's cached targets and view boxes, on the device. Rank ``r`` of
     ``world`` takes ``order[r::world]`` cut to ``N // world`` rows, so every rank has the same
     number of full batches.
     """
 
-    def __init__(self, images: Tensor | Sequence[Tensor], boxes: Tensor, *, preprocess: Preprocess,
+    def __init__(self, images: Tensor | Sequence[Tensor], targets: Targets, *, preprocess: Preprocess,
                  batch_size: int, rank: int, world: int) -> None:
-        self.images, self.preprocess = images, preprocess
-        self.device = images.device if isinstance(images, Tensor) else boxes.device
-        self.host_boxes = boxes.cpu()  # views are looked up on the host: no device sync per batch
+        if len(images) != targets.num_rows:
+            raise ValueError(f"{len(images)} images but targets for {targets.num_rows} rows")
+        self.images, self.targets, self.preprocess = images, targets, preprocess
+        self.device = targets.views.device
+        self.host_boxes = targets.views.cpu()  # views are looked up on the host: no device sync per batch
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.per_rank = len(images) // world if world > 1 else len(images)
         self.steps = steps_per_epoch(self.per_rank, batch_size, world)
 
-    def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Batch]]:
         mine = order.cpu()[self.rank::self.world][:self.per_rank]
         choice = choice.cpu()
         for step in range(self.steps):
@@ -78,9 +73,9 @@ class MemoryBatches:
             views = choice[rows]
             boxes = self.host_boxes[rows, views]  # (B, 5), host
             if isinstance(self.images, Tensor):  # same size: one batch, rendered on its device
-                images: Tensor | list[Tensor] = self.images[rows.to(self.device, non_blocking=True)]
+                images: Tensor | list[Tensor] = self.images[rows.to(self.images.device, non_blocking=True)]
             else:
                 images = [self.images[r] for r in rows.tolist()]
             x = render_inputs(images, boxes, preprocess=self.preprocess)
-            yield (rows.to(self.device, non_blocking=True), views.to(self.device, non_blocking=True),
-                   x.to(self.device, non_blocking=True))
+            rows_d, views_d = rows.to(self.device, non_blocking=True), views.to(self.device, non_blocking=True)
+            yield rows_d, views_d, x.to(self.device, non_blocking=True), gather_targets(self.targets, rows_d, views_d)

@@ -35,7 +35,7 @@ from pipeline.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from pipeline.train.objective import LossWeights, method_loss, rdm_weight_tensor
 from pipeline.train.optim import clip_gradients, make_optimizer, make_scheduler
 from pipeline.train.student import Student, uses_rdms
-from pipeline.train.targets import Targets, gather_targets
+from pipeline.train.targets import TargetInfo
 from schemas.config import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def train_student(
     student: Student,
     *,
     run: DistillRun,
-    targets: Targets,
+    info: TargetInfo,
     batches: BatchSource,
     val: ValSet,
     on_epoch: Callable[[EpochLog], None] | None = None,
@@ -135,7 +135,7 @@ def train_student(
     edited checkpoint is a `ModelFileError`, never a silent fresh start."""
     started = run.started if run.started is not None else time.perf_counter()
     loop, device = run.loop, run.device
-    num_rows = targets.num_rows
+    num_rows = info.num_rows
     if batches.steps < 1:
         raise ValueError(f"the batch source yields no batch per epoch ({num_rows} rows, {run.world} rank(s)); "
                          "lower distill.batch_size")
@@ -149,7 +149,7 @@ def train_student(
     steps = batches.steps
     sched = make_scheduler(opt, loop.optim, total_steps=loop.epochs * steps)
     # λ_n only for the methods that learn from the RDMs (ce/kd ignore distill.rdm_weights).
-    rdm_weights = (rdm_weight_tensor(run.weights, targets.num_rdms, device) if uses_rdms(run.method)
+    rdm_weights = (rdm_weight_tensor(run.weights, info.num_rdms, device) if uses_rdms(run.method)
                    else torch.zeros(0, device=device))
     history: list[EpochLog] = []
     start_epoch = 0
@@ -173,19 +173,18 @@ def train_student(
     for epoch in range(start_epoch, loop.epochs):
         model.train()
         order = torch.randperm(num_rows, generator=generator)
-        choice = torch.randint(targets.num_views, (num_rows,), generator=generator)
+        choice = torch.randint(info.num_views, (num_rows,), generator=generator)
         noise.manual_seed(derived_seed(loop.seed, epoch, run.rank))
         total = torch.zeros((), device=device)
         count = torch.zeros((), device=device)
         done = 0
-        for rows, views, x in batches(epoch, order, choice):
+        for rows, _views, x, batch in batches(epoch, order, choice):
             if loop.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            batch = gather_targets(targets, rows, views)
             with autocast:
                 out = model(x, generator=noise)
             loss = method_loss(run.method, out=out, batch=batch, weights=run.weights, rdm_weights=rdm_weights,
-                               emb_scale=targets.emb_scale, generator=generator)
+                               emb_scale=info.emb_scale, generator=generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(model.parameters(), loop.optim)

@@ -77,6 +77,7 @@ def method_loss(
         else:
             if out.projected is None:
                 raise ValueError("method 'cifd' needs the student's embedding projected to the teacher's width")
+            assert batch.teacher_emb is not None  # target_fields reads embeddings for the feature methods
             x = batch.teacher_emb.float() / emb_scale
             xr = batch.rdm_emb.float() / emb_scale if batch.rdm_emb is not None else x.new_zeros(0, *x.shape)
             loss = cifd_loss(student_logits=logits, labels=batch.labels, teacher_logits=batch.teacher_logits,

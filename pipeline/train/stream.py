@@ -1,4 +1,4 @@
-"""Stream mode of stage three: images read from the WebDataset shards, never all in memory.
+"""Stream mode of stage three: images and targets read shard by shard, never a whole split.
 
 Each epoch:
 
@@ -6,18 +6,22 @@ Each epoch:
    rank), so ranks and workers get other shards every epoch;
 2. ``wds.WebDataset`` splits that list across DDP ranks (``wds.split_by_node``: disjoint
    whole shards per rank) and DataLoader workers (``wds.split_by_worker``);
-3. each worker decodes its samples (:func:`pipeline.data.shards.decode_image`), checks the
-   join (the label in the tar must be the cached label at that row), shuffles them in a
-   buffer and hands chunks of ``(rows, images)`` to the main process. Images of many sizes
-   are rendered in the worker, one by one (the row's chosen cached view box at the student's
-   input size), so a chunk is a float batch; same-size images travel as uint8 and are
-   rendered as one batch on the device;
+3. each worker decodes its samples (:func:`pipeline.data.shards.decode_image`) and joins
+   each to the cache by its row index: it reads the Zarr block of the tar it is streaming,
+   once per tar and array (teacher views, labels, logits, embeddings and RDM outputs as the
+   method needs: :func:`pipeline.train.targets.target_fields`; every block is checked on
+   read), checks the join (the label in the tar must be the cached label at that row),
+   takes the row's chosen view (``choice[row]``) and its targets, shuffles the samples in a
+   buffer and hands chunks to the main process. Images of many sizes are rendered in the
+   worker, one by one (the row's view box at the student's input size); same-size images
+   travel as uint8 and are rendered as one batch on the device, from host boxes;
 4. the main process moves the chunks to the device (pinned memory and non-blocking copies
    on CUDA) and re-cuts them into batches of exactly ``batch_size``, so the step count does
    not depend on how the workers' streams end.
 
-Worker order interleaves, so nothing assumes an order: every sample carries its global row
-index (its ``__key__``), and its view (``choice[row]``) and targets are looked up by it. The
+Memory is a few blocks per worker plus the shuffle buffer and the epoch's view choice
+(N int8): it does not grow with the split otherwise. Worker order interleaves, so nothing
+assumes an order: every sample carries its global row index (its ``__key__``). The
 ``choice`` tensor comes from the training loop's seeded generator, as in memory mode, so
 both modes train on the same (row, view) pairs, in a different order (``order`` is unused).
 
@@ -28,66 +32,117 @@ divided by the batch size. The rest of a rank's stream is dropped that epoch.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+import bisect
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch import Tensor
 
+from pipeline.cache.reader import ShardedSplit
 from pipeline.cache.store import CacheError
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import CorruptSampleError, Manifest, decode_image
 from pipeline.runtime import derived_seed
 from pipeline.train.batches import steps_per_epoch
+from pipeline.train.targets import Batch
+from schemas import layout as L
 from schemas.layout import IMAGE_EXTS, KEY_DIGITS, LABEL_EXT
 
 __all__ = ["StreamBatches"]
 
-
-def _decode(sample: dict, *, labels: np.ndarray, mode: str) -> tuple[int, np.ndarray]:
-    """One WebDataset sample → (global row, uint8 image (C, H, W)), after the join check."""
-    key = str(sample["__key__"])
-    shard = str(sample.get("__url__", "?")).rsplit("/", 1)[-1]
-    where = f"shard {shard} sample {key}"
-    if len(key) != KEY_DIGITS or not key.isdigit():
-        raise CorruptSampleError(f"{where}: key is not a {KEY_DIGITS}-digit row index; rerun `cifd prepare`")
-    row = int(key)
-    if row >= len(labels):
-        raise CacheError(f"cache and shards disagree at row {row} ({shard}): the cache has only {len(labels)} "
-                         "rows; rerun `cifd embed`")
-    exts = [e for e in IMAGE_EXTS if e in sample]
-    if len(exts) != 1 or LABEL_EXT not in sample:
-        raise CorruptSampleError(f"{where}: expected one image and a '.{LABEL_EXT}' member, got "
-                                 f"{sorted(k for k in sample if not k.startswith('__'))}")
-    label = int(sample[LABEL_EXT])
-    if label != labels[row]:
-        raise CacheError(f"cache and shards disagree at row {row} ({shard}): label {label} in the tar, "
-                         f"{int(labels[row])} in the cache; rerun `cifd embed`")
-    return row, decode_image(sample[exts[0]], mode=mode, where=where)
+# One streamed sample: row, image (uint8 (C, H, W), or rendered float (C, S, S)), view box
+# (5,), label, teacher logits (C,), teacher embedding (D,) | None, RDM logits (M, C) | None,
+# RDM embeddings (M, D) | None.
+Sample = tuple[int, np.ndarray | Tensor, np.ndarray, int, np.ndarray, np.ndarray | None, np.ndarray | None,
+               np.ndarray | None]
 
 
-def _render(item: tuple[int, np.ndarray], *, boxes: Tensor, preprocess: Preprocess) -> tuple[int, Tensor]:
-    """(row, uint8 image (C, H, W)) → (row, its chosen view at the model's input, (C, S, S))."""
-    row, image = item
-    return row, render_inputs([torch.from_numpy(image)], boxes[row:row + 1], preprocess=preprocess)[0]
+class _Join:
+    """A worker's join of streamed samples to the cache: holds the cache block of the tar it
+    is reading (one read per tar and array) and picks each row's chosen view."""
+
+    def __init__(self, teacher: ShardedSplit, rdm: ShardedSplit | None, fields: tuple[tuple[str, ...], tuple[str, ...]],
+                 choice: np.ndarray, mode: str, render: Preprocess | None) -> None:
+        self.teacher, self.rdm, (self.fields, self.rdm_fields) = teacher, rdm, fields
+        self.choice, self.mode, self.render = choice, mode, render
+        self.starts = [a for a, _ in teacher.shard_bounds]
+        self.start, self.stop = 0, 0
+        self.block: dict[str, np.ndarray] = {}
+        self.rdm_block: dict[str, np.ndarray] = {}  # its own dict: the RDM cache's "logits" is not the teacher's
+
+    def _load(self, row: int) -> None:
+        shard = bisect.bisect_right(self.starts, row) - 1
+        self.start, self.stop = self.teacher.shard_bounds[shard]
+        self.block = self.teacher.read(self.start, self.stop, self.fields)
+        if self.rdm is not None and self.rdm_fields:
+            self.rdm_block = self.rdm.read(self.start, self.stop, self.rdm_fields)
+
+    def __call__(self, sample: dict) -> Sample:
+        key = str(sample["__key__"])
+        shard = str(sample.get("__url__", "?")).rsplit("/", 1)[-1]
+        where = f"shard {shard} sample {key}"
+        if len(key) != KEY_DIGITS or not key.isdigit():
+            raise CorruptSampleError(f"{where}: key is not a {KEY_DIGITS}-digit row index; rerun `cifd prepare`")
+        row = int(key)
+        if row >= self.teacher.num_rows:
+            raise CacheError(f"cache and shards disagree at row {row} ({shard}): the cache has only "
+                             f"{self.teacher.num_rows} rows; rerun `cifd embed`")
+        exts = [e for e in IMAGE_EXTS if e in sample]
+        if len(exts) != 1 or LABEL_EXT not in sample:
+            raise CorruptSampleError(f"{where}: expected one image and a '.{LABEL_EXT}' member, got "
+                                     f"{sorted(k for k in sample if not k.startswith('__'))}")
+        if not self.start <= row < self.stop:
+            self._load(row)
+        i, v = row - self.start, int(self.choice[row])
+        label, cached = int(sample[LABEL_EXT]), int(self.block[L.LABELS][i])
+        if label != cached:
+            raise CacheError(f"cache and shards disagree at row {row} ({shard}): label {label} in the tar, "
+                             f"{cached} in the cache; rerun `cifd embed`")
+        image: np.ndarray | Tensor = decode_image(sample[exts[0]], mode=self.mode, where=where)
+        box = self.block[L.VIEWS][i, v]
+        if self.render is not None:  # images of many sizes: rendered here, one by one
+            image = render_inputs([torch.from_numpy(image)], torch.from_numpy(box)[None], preprocess=self.render)[0]
+        emb = self.block[L.EMBEDDINGS][i, v] if L.EMBEDDINGS in self.block else None
+        rdm_logits, rdm_emb = (self.rdm_block[name][i, v] if name in self.rdm_block else None
+                               for name in (L.RDM_LOGITS, L.RDM_X_HAT))
+        return row, image, box, label, self.block[L.LOGITS][i, v], emb, rdm_logits, rdm_emb
 
 
-def _collate(samples: list[tuple[int, np.ndarray | Tensor]]) -> tuple[Tensor, Tensor]:
-    rows = torch.tensor([s[0] for s in samples], dtype=torch.int64)  # (n,)
-    images = torch.stack([torch.as_tensor(s[1]) for s in samples])  # (n, C, H, W) uint8 or (n, C, S, S) float
-    return rows, images
+def _collate(samples: list[Sample]) -> list[Tensor | None]:
+    """Samples → one chunk: a list of batched tensors (None where the method reads nothing)."""
+    out: list[Tensor | None] = [torch.tensor([s[0] for s in samples], dtype=torch.int64)]
+    for k in range(1, len(samples[0])):
+        values = [s[k] for s in samples]
+        if values[0] is None:
+            out.append(None)
+        elif isinstance(values[0], Tensor):
+            out.append(torch.stack(values))  # type: ignore[arg-type]
+        else:
+            out.append(torch.from_numpy(np.stack(values)))  # type: ignore[arg-type]
+    return out
+
+
+def _cut(chunks: list[list[Tensor | None]], size: int) -> tuple[list[Tensor | None], list[list[Tensor | None]]]:
+    """The first ``size`` rows of the pending chunks, and what is left."""
+    joined = [None if parts[0] is None else torch.cat(parts)  # type: ignore[arg-type]
+              for parts in zip(*chunks, strict=True)]
+    head = [None if t is None else t[:size] for t in joined]
+    rest = [None if t is None else t[size:] for t in joined]
+    return head, ([rest] if rest[0] is not None and len(rest[0]) else [])
 
 
 class StreamBatches:
-    """A :class:`~pipeline.train.batches.BatchSource` streaming one split of the shards.
+    """A :class:`~pipeline.train.batches.BatchSource` streaming one split of the shards and
+    of the caches.
 
     Args:
-        manifest: the shard manifest (its split must have as many rows as ``labels``).
+        manifest: the shard manifest (its split must hold the cache's rows, same shards).
         split: ``"train"``.
-        labels: the cached labels of the split (N,), for the join check.
-        boxes: every row's cached view boxes (N, V, 5), on ``device``.
+        teacher: the teacher cache's split; ``rdm``: the RDM cache's split, or None.
+        fields: the (teacher, RDM) arrays the method learns from
+            (:func:`pipeline.train.targets.target_fields`).
         preprocess: the student's input (size, filter, normalisation).
         batch_size: rows per batch.
         workers: DataLoader worker processes (0: decode in this process).
@@ -98,32 +153,30 @@ class StreamBatches:
         shuffle_buffer: samples held per worker to shuffle across shard boundaries.
     """
 
-    def __init__(self, manifest: Manifest, split: str, *, labels: np.ndarray, boxes: Tensor, preprocess: Preprocess,
-                 batch_size: int, workers: int, device: torch.device, rank: int, world: int, seed: int,
-                 shuffle_buffer: int) -> None:
+    def __init__(self, manifest: Manifest, split: str, *, teacher: ShardedSplit, rdm: ShardedSplit | None,
+                 fields: tuple[tuple[str, ...], tuple[str, ...]], preprocess: Preprocess, batch_size: int,
+                 workers: int, device: torch.device, rank: int, world: int, seed: int, shuffle_buffer: int) -> None:
         entry = manifest.split(split)
-        if entry["num_samples"] != len(labels):
-            raise CacheError(f"the {split} shards hold {entry['num_samples']} rows but the cache holds {len(labels)}; "
-                             "the cache was made from other shards: rerun `cifd embed`")
+        if entry["num_samples"] != teacher.num_rows:
+            raise CacheError(f"the {split} shards hold {entry['num_samples']} rows but the cache holds "
+                             f"{teacher.num_rows}; the cache was made from other shards: rerun `cifd embed`")
         self.urls = [str(manifest.root / s["file"]) for s in entry["shards"]]
         sizes = sorted(s["stop"] - s["start"] for s in entry["shards"])
         if world > 1 and len(self.urls) < world:
             raise ValueError(f"stream mode gives each of the {world} ranks whole shards, but the {split} split has "
                              f"only {len(self.urls)}; use distill.data: memory, or prepare smaller shards")
-        self.num_rows = len(labels)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.mode = manifest.mode
-        self.boxes, self.preprocess = boxes, preprocess
+        self.num_rows = teacher.num_rows
+        self.teacher, self.rdm, self.fields = teacher, rdm, fields
+        self.mode, self.preprocess = manifest.mode, preprocess
         self.same_size = manifest.image_shape is not None  # one uint8 batch, rendered on the device
-        self.host_boxes = boxes.cpu()  # views are looked up on the host: no device sync per batch
         self.batch_size, self.workers, self.device = batch_size, workers, device
         self.rank, self.world, self.seed, self.shuffle_buffer = rank, world, seed, shuffle_buffer
         fewest = sum(sizes[:len(sizes) // world]) if world > 1 else self.num_rows
         self.steps = steps_per_epoch(fewest, batch_size, world)
 
-    def dataset(self, epoch: int, choice: Tensor | None = None) -> wds.WebDataset:
-        """This rank's sample pipeline for ``epoch`` (iterate it for ``(rows, images)`` chunks);
-        images of many sizes come rendered under the view ``choice`` (N,) of each row."""
+    def dataset(self, epoch: int, choice: Tensor) -> wds.WebDataset:
+        """This rank's sample pipeline for ``epoch`` under the view ``choice`` (N,) of each row
+        (iterate it for chunks, lists of batched tensors)."""
         seen = wds.utils.pytorch_worker_info()[:2]
         if seen != (self.rank, self.world):
             raise RuntimeError(f"webdataset sees rank {seen[0]} of {seen[1]} but training runs as rank {self.rank} "
@@ -136,51 +189,55 @@ class StreamBatches:
         pipeline = wds.WebDataset([self.urls[i] for i in perm], shardshuffle=False, seed=seed,
                                   nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                                   empty_check=False)
-        pipeline = pipeline.map(functools.partial(_decode, labels=self.labels, mode=self.mode))
-        if not self.same_size:
-            if choice is None:
-                raise ValueError("images of many sizes are rendered in the loader: pass the epoch's view choice")
-            chosen = self.host_boxes[torch.arange(self.num_rows), choice.cpu()]  # (N, 5)
-            pipeline = pipeline.map(functools.partial(_render, boxes=chosen, preprocess=self.preprocess))
-        return (pipeline
+        join = _Join(self.teacher, self.rdm, self.fields, choice.cpu().to(torch.int8).numpy(), self.mode,
+                     None if self.same_size else self.preprocess)
+        return (pipeline.map(join)
                 .shuffle(self.shuffle_buffer, seed=seed)
                 .batched(self.batch_size, collation_fn=_collate, partial=True))
 
-    def _emit(self, rows: Tensor, choice: Tensor, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One batch on the device from host ``rows`` (B,), the epoch's host ``choice`` (N,) and
-        the loader's images: same-size uint8 images are rendered here, on the device, from host
-        view boxes (no device synchronisation); images of many sizes arrive rendered."""
-        views = choice[rows]
-        x = images if not self.same_size else render_inputs(images, self.host_boxes[rows, views],
-                                                             preprocess=self.preprocess)
-        return rows.to(self.device, non_blocking=True), views.to(self.device, non_blocking=True), x
+    def _yield(self, parts: Sequence[Tensor | None], choice: Tensor,
+               seen: Tensor) -> tuple[Tensor, Tensor, Tensor, Batch]:
+        """One batch on the device from a host chunk: same-size uint8 images are rendered here,
+        on the device, from host view boxes (no device synchronisation); images of many sizes
+        arrive rendered."""
+        rows, images, boxes, labels, logits, emb, rdm_logits, rdm_emb = parts
+        assert rows is not None and images is not None and boxes is not None and labels is not None
+        assert logits is not None
+        seen[rows] += 1
 
-    def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        def dev(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(self.device, non_blocking=True)
+
+        images = images.to(self.device, non_blocking=True)
+        x = images if not self.same_size else render_inputs(images, boxes, preprocess=self.preprocess)
+        rdm_logits, rdm_emb = dev(rdm_logits), dev(rdm_emb)
+        batch = Batch(labels=dev(labels), teacher_logits=dev(logits).float(), teacher_emb=dev(emb),  # type: ignore[arg-type, union-attr]
+                      rdm_logits=None if rdm_logits is None else rdm_logits.transpose(0, 1),  # (M, B, C)
+                      rdm_emb=None if rdm_emb is None else rdm_emb.transpose(0, 1))  # (M, B, D)
+        return dev(rows), dev(choice[rows]), x, batch  # type: ignore[return-value]
+
+    def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Batch]]:
         cuda = self.device.type == "cuda"
         choice = choice.cpu()
         loader = wds.WebLoader(self.dataset(epoch, choice), batch_size=None, shuffle=False, num_workers=self.workers,
                                pin_memory=cuda, persistent_workers=False)
         seen = torch.zeros(self.num_rows, dtype=torch.int32)  # host bookkeeping: no device sync
-        rows_buf = torch.zeros(0, dtype=torch.int64)
-        images_buf: Tensor | None = None
-        done = 0
-        for rows, images in loader:
-            rows_buf = torch.cat([rows_buf, rows])
-            images = images.to(self.device, non_blocking=cuda)
-            images_buf = images if images_buf is None else torch.cat([images_buf, images])
-            while len(rows_buf) >= self.batch_size and done < self.steps:
-                rows, rows_buf = rows_buf[:self.batch_size], rows_buf[self.batch_size:]
-                batch, images_buf = images_buf[:self.batch_size], images_buf[self.batch_size:]
-                seen[rows] += 1
+        pending: list[list[Tensor | None]] = []
+        count = done = 0
+        for chunk in loader:
+            pending.append(chunk)
+            count += len(chunk[0])
+            while count >= self.batch_size and done < self.steps:
+                parts, pending = _cut(pending, self.batch_size)
+                count -= self.batch_size
                 done += 1
-                yield self._emit(rows, choice, batch)
+                yield self._yield(parts, choice, seen)
             if done == self.steps:
                 break
-        if done < self.steps and len(rows_buf) > 0 and self.world == 1:  # the last, partial batch
-            assert images_buf is not None
-            seen[rows_buf] += 1
+        if done < self.steps and count > 0 and self.world == 1:  # the last, partial batch
+            parts, pending = _cut(pending, count)
             done += 1
-            yield self._emit(rows_buf, choice, images_buf)
+            yield self._yield(parts, choice, seen)
         if done != self.steps:
             raise CacheError(f"rank {self.rank} streamed {int(seen.sum())} rows in epoch {epoch + 1}, fewer than the "
                              f"{self.steps} batches of {self.batch_size} expected; the shards do not match "

@@ -1,5 +1,10 @@
-"""Stage three's targets: the cached teacher (and RDM) outputs of every (row, view), and
-their gather for a batch of (row, view) pairs."""
+"""Stage three's targets: the cached teacher (and RDM) outputs of a (row, view) pair.
+
+Memory mode holds every row's targets on the device (:class:`Targets`, gathered per batch
+by :func:`gather_targets`); stream mode never holds a whole split: its loader workers read
+the cache block of each tar they stream (:func:`target_fields` says which arrays) and
+hand over each batch's :class:`Batch`. Both report the split's shape in a
+:class:`TargetInfo`."""
 
 from __future__ import annotations
 
@@ -14,7 +19,38 @@ from pipeline.cache.reader import TeacherCache
 from pipeline.train.student import uses_features, uses_rdms
 from schemas import layout as L
 
-__all__ = ["Batch", "Targets", "gather_targets", "load_targets"]
+__all__ = ["Batch", "TargetInfo", "Targets", "gather_targets", "load_targets", "target_fields", "target_info"]
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the loop needs to know of the targets, whatever holds them."""
+
+    num_rows: int
+    num_views: int
+    num_rdms: int
+    emb_scale: float  # embeddings are compared divided by this (the teacher embedding RMS)
+
+
+def target_fields(method: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The teacher-cache and RDM-cache arrays ``method`` learns from (views and labels are
+    always read: the boxes to render and the join check)."""
+    teacher = (L.VIEWS, L.LABELS, L.LOGITS) + ((L.EMBEDDINGS,) if uses_features(method) else ())
+    rdm = ((L.RDM_LOGITS,) + ((L.RDM_X_HAT,) if uses_features(method) else ())) if uses_rdms(method) else ()
+    return teacher, rdm
+
+
+def target_info(cache: TeacherCache, rdm: RdmCache | None, *, method: str) -> TargetInfo:
+    """The train split's shape and embedding scale, without reading its rows (the scale is
+    the RDMs' when ``method`` learns from them, else one streaming RMS pass)."""
+    split = cache.split("train")
+    if uses_rdms(method):
+        if rdm is None:
+            raise ValueError(f"method {method!r} learns from the RDM cache, but none was given")
+        return TargetInfo(num_rows=split.num_rows, num_views=split.num_views, num_rdms=rdm.num_rdms,
+                          emb_scale=rdm.embedding_scale)
+    scale = (split.rms(L.EMBEDDINGS) or 1.0) if uses_features(method) else 1.0
+    return TargetInfo(num_rows=split.num_rows, num_views=split.num_views, num_rdms=0, emb_scale=scale)
 
 
 @dataclass(frozen=True)
@@ -24,7 +60,7 @@ class Targets:
     views: Tensor  # (N, V, 5) float32
     labels: Tensor  # (N,) int64
     teacher_logits: Tensor  # (N, V, C) float32
-    teacher_emb: Tensor  # (N, V, D) float16
+    teacher_emb: Tensor | None  # (N, V, D) float16, for the methods with feature losses
     rdm_logits: Tensor | None  # (N, V, M, C) float32
     rdm_emb: Tensor | None  # (N, V, M, D) float16
     emb_scale: float  # embeddings are compared divided by this (the teacher embedding RMS)
@@ -41,6 +77,11 @@ class Targets:
     def num_rdms(self) -> int:
         return 0 if self.rdm_logits is None else self.rdm_logits.shape[2]
 
+    @property
+    def info(self) -> TargetInfo:
+        return TargetInfo(num_rows=self.num_rows, num_views=self.num_views, num_rdms=self.num_rdms,
+                          emb_scale=self.emb_scale)
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -48,7 +89,7 @@ class Batch:
 
     labels: Tensor  # (B,)
     teacher_logits: Tensor  # (B, C)
-    teacher_emb: Tensor  # (B, D)
+    teacher_emb: Tensor | None  # (B, D)
     rdm_logits: Tensor | None  # (M, B, C)
     rdm_emb: Tensor | None  # (M, B, D)
 
@@ -57,32 +98,26 @@ def gather_targets(targets: Targets, rows: Tensor, views: Tensor) -> Batch:
     """Targets of (row, view) pairs; ``rows``/``views`` (B,) on the targets' device."""
     rdm_logits = targets.rdm_logits[rows, views].transpose(0, 1) if targets.rdm_logits is not None else None
     rdm_emb = targets.rdm_emb[rows, views].transpose(0, 1) if targets.rdm_emb is not None else None
+    teacher_emb = targets.teacher_emb[rows, views] if targets.teacher_emb is not None else None
     return Batch(labels=targets.labels[rows], teacher_logits=targets.teacher_logits[rows, views],
-                 teacher_emb=targets.teacher_emb[rows, views], rdm_logits=rdm_logits, rdm_emb=rdm_emb)
+                 teacher_emb=teacher_emb, rdm_logits=rdm_logits, rdm_emb=rdm_emb)
 
 
 def load_targets(cache: TeacherCache, rdm: RdmCache | None, *, method: str, device: torch.device) -> Targets:
-    """The train split's targets for ``method``, read shard by shard and moved to ``device``.
+    """Memory mode: the train split's targets for ``method``, read shard by shard and moved
+    to ``device`` (for CIFAR-sized data; stream mode reads blocks in its loader instead)."""
+    info = target_info(cache, rdm, method=method)
+    teacher_fields, rdm_fields = target_fields(method)
+    train = cache.split("train").read_all(teacher_fields)
+    block = rdm.split("train").read_all(rdm_fields) if rdm is not None and rdm_fields else {}
 
-    The embedding scale is the one the RDMs were trained with when ``method`` uses the RDM
-    cache (``rdm`` is then required), else the RMS of the cached train embeddings.
-    """
-    split = cache.split("train")
-    train = split.read_all((L.VIEWS, L.LABELS, L.LOGITS, L.EMBEDDINGS))
-    rdm_logits = rdm_emb = None
-    if uses_rdms(method):
-        if rdm is None:
-            raise ValueError(f"method {method!r} learns from the RDM cache, but none was given")
-        fields = (L.RDM_LOGITS, L.RDM_X_HAT) if uses_features(method) else (L.RDM_LOGITS,)
-        block = rdm.split("train").read_all(fields)
-        rdm_logits = torch.from_numpy(block[L.RDM_LOGITS]).to(device)
-        rdm_emb = torch.from_numpy(block[L.RDM_X_HAT]).to(device) if uses_features(method) else None
-        scale = rdm.embedding_scale
-    else:
-        scale = split.rms(L.EMBEDDINGS) or 1.0
-    return Targets(
-        views=torch.from_numpy(train[L.VIEWS]).to(device), labels=torch.from_numpy(train[L.LABELS]).to(device),
-        teacher_logits=torch.from_numpy(train[L.LOGITS].astype(np.float32)).to(device),
-        teacher_emb=torch.from_numpy(train[L.EMBEDDINGS]).to(device), rdm_logits=rdm_logits, rdm_emb=rdm_emb,
-        emb_scale=scale,
-    )
+    def held(values: np.ndarray | None, dtype: type | None = None) -> Tensor | None:
+        if values is None:
+            return None
+        return torch.from_numpy(values.astype(dtype) if dtype is not None else values).to(device)
+
+    views, labels, logits = held(train[L.VIEWS]), held(train[L.LABELS]), held(train[L.LOGITS], np.float32)
+    assert views is not None and labels is not None and logits is not None
+    return Targets(views=views, labels=labels, teacher_logits=logits, teacher_emb=held(train.get(L.EMBEDDINGS)),
+                   rdm_logits=held(block.get(L.RDM_LOGITS)), rdm_emb=held(block.get(L.RDM_X_HAT)),
+                   emb_scale=info.emb_scale)

@@ -14,6 +14,8 @@ from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import CorruptSampleError, load_manifest, load_split
 from pipeline.train.batches import MemoryBatches
 from pipeline.train.stream import StreamBatches
+from pipeline.train.targets import Targets, target_fields
+from schemas import layout as L
 from schemas.config import PrepareConfig
 
 CLASSES = 10
@@ -57,10 +59,30 @@ def _classes_per_batch(source, labels: np.ndarray, epochs: int = 3) -> float:
     for epoch in range(epochs):
         choice = torch.zeros(len(labels), dtype=torch.int64)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
-        for rows, _, _ in source(epoch, order, choice):
+        for rows, *_ in source(epoch, order, choice):
             if len(rows) == 16:
                 seen.append(len(set(labels[rows.numpy()].tolist())))
     return float(np.mean(seen))
+
+
+class _LabelsOnly:
+    """Stands in for a teacher cache's split (``ShardedSplit``'s reading interface): the
+    shards' own labels, whole-image views and zero logits; enough for the row order."""
+
+    def __init__(self, manifest, labels: np.ndarray, size: int) -> None:
+        self.shard_bounds = [(s["start"], s["stop"]) for s in manifest.split("train")["shards"]]
+        self.num_rows, self.labels, self.size = len(labels), labels, size
+
+    def read(self, start: int, stop: int, fields) -> dict[str, np.ndarray]:
+        n = stop - start
+        views = np.tile(np.asarray([0, 0, self.size, self.size, 0], np.float32), (n, 1, 1))  # (n, 1, 5)
+        return {L.VIEWS: views, L.LABELS: self.labels[start:stop], L.LOGITS: np.zeros((n, 1, 10), np.float32)}
+
+    def targets(self) -> Targets:
+        whole = self.read(0, self.num_rows, ())
+        return Targets(views=torch.from_numpy(whole[L.VIEWS]), labels=torch.from_numpy(whole[L.LABELS]),
+                       teacher_logits=torch.from_numpy(whole[L.LOGITS]), teacher_emb=None, rdm_logits=None,
+                       rdm_emb=None, emb_scale=1.0)
 
 
 def test_stream_batches_mix_classes_as_memory_batches_do(sorted_source: Path, tmp_path: Path) -> None:
@@ -73,12 +95,12 @@ def test_stream_batches_mix_classes_as_memory_batches_do(sorted_source: Path, tm
         manifest = _prepare(sorted_source, tmp_path / str(shuffle), shuffle=shuffle)
         split = load_split(manifest, "train")
         size = split.stacked().shape[-1]
-        boxes = torch.tensor([0.0, 0.0, size, size, 0.0]).repeat(len(split.labels), 1, 1)  # (N, 1, 5) whole images
+        cached = _LabelsOnly(manifest, split.labels, size)
         pre = Preprocess(image_size=size, crop_pct=1.0, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
-        stream = StreamBatches(manifest, "train", labels=split.labels, boxes=boxes, preprocess=pre, batch_size=16,
-                               workers=0, device=cpu, rank=0, world=1, seed=0, shuffle_buffer=32)
-        memory = MemoryBatches(torch.from_numpy(split.stacked()), boxes, preprocess=pre, batch_size=16, rank=0,
-                               world=1)
+        stream = StreamBatches(manifest, "train", teacher=cached, rdm=None, fields=target_fields("ce"), preprocess=pre,
+                               batch_size=16, workers=0, device=cpu, rank=0, world=1, seed=0, shuffle_buffer=32)
+        memory = MemoryBatches(torch.from_numpy(split.stacked()), cached.targets(), preprocess=pre, batch_size=16,
+                               rank=0, world=1)
         result[shuffle] = (_classes_per_batch(stream, split.labels), _classes_per_batch(memory, split.labels))
     stream_sorted, memory_sorted = result[False]
     stream_mixed, memory_mixed = result[True]

@@ -25,7 +25,7 @@ from pipeline.train.distill import EpochLog, TrainingDiverged, train_student
 from pipeline.train.objective import method_loss, rdm_weight_tensor
 from pipeline.train.stream import StreamBatches
 from pipeline.train.student import uses_rdms
-from pipeline.train.targets import gather_targets
+from pipeline.train.targets import load_targets, target_fields, gather_targets
 from schemas import layout as L
 from schemas.config import DistillConfig, load_stage
 
@@ -42,7 +42,7 @@ def _inputs(project, where: Path, method: str, *, optim: dict | None = None, **d
 
 
 def _train(inputs, **kwargs) -> list[EpochLog]:
-    return train_student(inputs.student, run=inputs.run, targets=inputs.targets, batches=inputs.batches,
+    return train_student(inputs.student, run=inputs.run, info=inputs.info, batches=inputs.batches,
                          val=inputs.val, **kwargs)
 
 
@@ -61,11 +61,22 @@ def _boxes_and_preprocess(embedded_cache) -> tuple[torch.Tensor, Preprocess]:
     return boxes, Preprocess.from_spec(cache.provenance, source="cache")
 
 
-def _stream(manifest, embedded_cache, labels, **kwargs) -> StreamBatches:
-    boxes, pre = _boxes_and_preprocess(embedded_cache)
+def _stream(manifest, embedded_cache, teacher=None, method: str = "kd", **kwargs) -> StreamBatches:
+    """A stream source over the session cache (``teacher``: another split object to read)."""
+    from pipeline.cache.reader import open_cache
+
+    _, pre = _boxes_and_preprocess(embedded_cache)
     settings = {"batch_size": 4, "workers": 0, "device": CPU, "rank": 0, "world": 1, "seed": 0, "shuffle_buffer": 1000,
                 **kwargs}
-    return StreamBatches(manifest, "train", labels=labels, boxes=boxes, preprocess=pre, **settings)
+    split = teacher if teacher is not None else open_cache(embedded_cache[0]).split("train")
+    return StreamBatches(manifest, "train", teacher=split, rdm=None, fields=target_fields(method), preprocess=pre,
+                         **settings)
+
+
+def _memory_targets(embedded_cache):
+    from pipeline.cache.reader import open_cache
+
+    return load_targets(open_cache(embedded_cache[0]), None, method="kd", device=CPU)
 
 
 def _epoch_pairs(source, choice: torch.Tensor, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -106,18 +117,21 @@ WEIGHTS = {"temperature": 3.0, "kd_alpha": 0.6, "ce_weight": 0.8, "kl_weight": 1
 
 
 def _first_batch(inputs):
-    targets, run = inputs.targets, inputs.run
-    choice = torch.randint(targets.num_views, (targets.num_rows,), generator=torch.Generator().manual_seed(0))
-    rows, views, x = _epoch_pairs(inputs.batches, choice)[0]
+    info, run = inputs.info, inputs.run
+    choice = torch.randint(info.num_views, (info.num_rows,), generator=torch.Generator().manual_seed(0))
+    rows, views, x, batch = _epoch_pairs(inputs.batches, choice)[0]
+    if inputs.targets is not None:  # memory mode: the source's batch is the gather of the held targets
+        expected = gather_targets(inputs.targets, rows, views)
+        assert torch.equal(batch.teacher_logits, expected.teacher_logits)
     if run.loop.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return rows, x, gather_targets(targets, rows, views)
+    return rows, x, batch
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "dgkd", "cifd"])
 def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
     inputs = _inputs(project, tmp_path, method, **WEIGHTS, **({"rdm_weights": [0.7, 0.2]} if uses_rdms(method) else {}))
-    student, targets, run = inputs.student, inputs.targets, inputs.run
+    student, targets, run = inputs.student, inputs.info, inputs.run
     rows, x, batch = _first_batch(inputs)
     student.train()
     out = student(x, generator=torch.Generator().manual_seed(1))
@@ -157,20 +171,22 @@ def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
         assert param.grad is not None, f"{method}: no gradient reaches {name}"
         assert torch.isfinite(param.grad).all(), name
     assert any(float(p.grad.abs().sum()) > 0 for p in student.backbone.parameters())
-    cached = [t for t in vars(targets).values() if isinstance(t, torch.Tensor)]
+    cached = [t for t in vars(inputs.targets).values() if isinstance(t, torch.Tensor)]
     cached += [t for t in vars(batch).values() if isinstance(t, torch.Tensor)]
     assert all(not t.requires_grad and t.grad is None for t in cached)  # gradients reach only the student
     if method in ("dgkd", "cifd"):
         assert batch.rdm_logits is not None and batch.rdm_logits.shape[:2] == (2, len(rows))  # 2 RDMs
     else:
-        assert targets.rdm_logits is None
+        assert inputs.targets.rdm_logits is None and batch.rdm_logits is None
     if method == "cifd":
         assert student.ibm is not None and out.bits is not None and bool((out.bits > 0).all())
-        assert out.projected is not None and out.projected.shape == (len(rows), targets.teacher_emb.shape[-1])
+        assert batch.teacher_emb is not None
+        assert out.projected is not None and out.projected.shape == (len(rows), batch.teacher_emb.shape[-1])
         student.eval()  # the IBM is removed at inference: the student is its bare backbone
         with torch.no_grad():
             assert torch.equal(student(x).logits, student.backbone(x))
     else:
+        assert batch.teacher_emb is None  # only the feature losses read the cached embeddings
         assert student.ibm is None and out.bits is None
         assert (out.projected is None) == (student.proj is None)
 
@@ -185,7 +201,7 @@ def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
 def test_kd_alpha_and_rdm_weights_reach_the_loss_from_params(project, tmp_path: Path, method: str, distill: dict,
                                                             weights: dict) -> None:
     inputs = _inputs(project, tmp_path, method, kd_dropout=0.0, **distill)
-    run, targets = inputs.run, inputs.targets
+    run, targets = inputs.run, inputs.info
     if "kd_alpha" in distill:
         assert run.weights.kd_alpha == distill["kd_alpha"]
     if "rdm_weights" in distill:
@@ -253,14 +269,14 @@ def test_ckd_weight_adds_the_comparative_term_inside_the_loop(project, tmp_path:
 
     # The loop generator's draws, in order: the epoch's permutation and view choice, then on
     # the first step the KD-dropout mask over [teacher, 2 RDMs], then the comparative pairs.
-    targets = inputs.targets
+    targets = inputs.info
     g = torch.Generator().manual_seed(0)  # distill.seed
     order = torch.randperm(targets.num_rows, generator=g)
     choice = torch.randint(targets.num_views, (targets.num_rows,), generator=g)
     assert torch.equal(info.rows, order[: len(info.rows)])
     torch.rand(1 + targets.num_rdms, generator=g)  # the KD-dropout mask
     cycle = torch.randperm(len(info.rows), generator=g)
-    teacher_logits = targets.teacher_logits[info.rows, choice[info.rows]]
+    teacher_logits = inputs.targets.teacher_logits[info.rows, choice[info.rows]]
     term = float(ref.comparative(logits, teacher_logits, cycle))
     assert term > 1e-3
     assert float(info.loss) - float(base_info.loss) == pytest.approx(w * term, rel=1e-4, abs=1e-4)
@@ -312,7 +328,7 @@ def test_resume_is_bit_exact_and_foreign_checkpoints_are_ignored(project, tmp_pa
 def test_stream_join_with_two_workers(manifest, embedded_cache) -> None:
     labels = _cached_labels(embedded_cache)
     n = len(labels)
-    source = _stream(manifest, embedded_cache, labels, batch_size=5, workers=2)
+    source = _stream(manifest, embedded_cache, batch_size=5, workers=2)
     choice = torch.randint(3, (n,), generator=torch.Generator().manual_seed(0))
     batches = _epoch_pairs(source, choice)
     assert len(batches) == source.steps == math.ceil(n / 5)
@@ -333,16 +349,19 @@ def test_memory_and_stream_sources_yield_the_same_pairs(manifest, embedded_cache
     images = torch.from_numpy(block.stacked())
     boxes, pre = _boxes_and_preprocess(embedded_cache)
     choice = torch.randint(3, (len(labels),), generator=torch.Generator().manual_seed(3))
-    memory = MemoryBatches(images, boxes, preprocess=pre, batch_size=8, rank=0, world=1)
-    stream = _stream(manifest, embedded_cache, labels, batch_size=8)
+    targets = _memory_targets(embedded_cache)
+    memory = MemoryBatches(images, targets, preprocess=pre, batch_size=8, rank=0, world=1)
+    stream = _stream(manifest, embedded_cache, batch_size=8)
     # Images of many sizes (the same pixels, held as a list): rendered one by one, same inputs.
-    listed = MemoryBatches([torch.from_numpy(im) for im in block.images], boxes, preprocess=pre, batch_size=8, rank=0,
+    listed = MemoryBatches([torch.from_numpy(im) for im in block.images], targets, preprocess=pre, batch_size=8, rank=0,
                            world=1)
     assert memory.steps == stream.steps == listed.steps
 
     def pairs(source) -> set[tuple[int, int]]:
         out = set()
-        for rows, views, x in _epoch_pairs(source, choice):
+        for rows, views, x, batch in _epoch_pairs(source, choice):
+            assert torch.equal(batch.teacher_logits, targets.teacher_logits[rows, views])  # the join is exact
+            assert torch.equal(batch.labels, targets.labels[rows])
             torch.testing.assert_close(x, render_inputs(images[rows], boxes[rows, views], preprocess=pre),
                                        atol=1e-6, rtol=0)
             out |= set(zip(rows.tolist(), views.tolist(), strict=True))
@@ -358,7 +377,7 @@ def test_stream_ranks_get_disjoint_shards_and_equal_steps(manifest, embedded_cac
     per_rank = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        source = _stream(manifest, embedded_cache, labels, rank=rank, world=2)
+        source = _stream(manifest, embedded_cache, rank=rank, world=2)
         assert source.steps == (4 + 4 + 3) // 4  # the 3 smallest of 7 shards: the fewest rows a rank can get
         epoch0 = _epoch_pairs(source, choice)
         assert len(epoch0) == source.steps and all(len(b[0]) == 4 for b in epoch0)
@@ -370,17 +389,34 @@ def test_stream_ranks_get_disjoint_shards_and_equal_steps(manifest, embedded_cac
     assert not per_rank[0] & per_rank[1]
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="webdataset sees rank 0 of 2 but training runs as rank 1"):
-        next(_stream(manifest, embedded_cache, labels, rank=1, world=2)(0, torch.arange(len(labels)), choice))
+        next(_stream(manifest, embedded_cache, rank=1, world=2)(0, torch.arange(len(labels)), choice))
+
+
+class _AlteredSplit:
+    """The session cache's train split, with one cached label changed or fewer rows."""
+
+    def __init__(self, embedded_cache, *, label_row: int | None = None, num_rows: int | None = None) -> None:
+        from pipeline.cache.reader import open_cache
+
+        self.inner = open_cache(embedded_cache[0]).split("train")
+        self.label_row = label_row
+        self.shard_bounds = self.inner.shard_bounds
+        self.num_rows = num_rows if num_rows is not None else self.inner.num_rows
+
+    def read(self, start: int, stop: int, fields):
+        block = self.inner.read(start, stop, fields)
+        if self.label_row is not None and start <= self.label_row < stop:
+            block[L.LABELS] = block[L.LABELS].copy()
+            block[L.LABELS][self.label_row - start] = (block[L.LABELS][self.label_row - start] + 1) % 3
+        return block
 
 
 def test_stream_join_check_names_row_and_shard(manifest, embedded_cache) -> None:
-    labels = _cached_labels(embedded_cache).copy()
-    labels[5] = (labels[5] + 1) % 3
-    source = _stream(manifest, embedded_cache, labels)
+    source = _stream(manifest, embedded_cache, teacher=_AlteredSplit(embedded_cache, label_row=5))
     with pytest.raises(CacheError, match=r"cache and shards disagree at row 5 \(train-000001\.tar\).*cifd embed"):
-        _epoch_pairs(source, torch.zeros(len(labels), dtype=torch.int64))
+        _epoch_pairs(source, torch.zeros(source.num_rows, dtype=torch.int64))
     with pytest.raises(CacheError, match="27 rows but the cache holds 26"):
-        _stream(manifest, embedded_cache, labels[:-1])
+        _stream(manifest, embedded_cache, teacher=_AlteredSplit(embedded_cache, num_rows=26))
 
 
 class _Recording:
@@ -391,9 +427,9 @@ class _Recording:
         self.pairs: dict[int, set[tuple[int, int]]] = {}
 
     def __call__(self, epoch, order, choice):
-        for rows, views, images in self.inner(epoch, order, choice):
+        for rows, views, x, batch in self.inner(epoch, order, choice):
             self.pairs.setdefault(epoch, set()).update(zip(rows.tolist(), views.tolist(), strict=True))
-            yield rows, views, images
+            yield rows, views, x, batch
 
 
 @pytest.mark.parametrize("mode", ["memory", "stream"])
@@ -407,8 +443,8 @@ def test_a_student_with_its_own_input_size_and_normalisation(project, tmp_path: 
     teacher = Preprocess.from_spec(inputs.teacher_spec, source="teacher")
     assert inputs.run.preprocess == Preprocess(image_size=20, crop_pct=teacher.crop_pct,
                                                interpolation=teacher.interpolation, mean=(0.4,) * 3, std=(0.3,) * 3)
-    choice = torch.zeros(inputs.targets.num_rows, dtype=torch.int64)  # the clean views
-    rows, views, x = _epoch_pairs(inputs.batches, choice)[0]
+    choice = torch.zeros(inputs.info.num_rows, dtype=torch.int64)  # the clean views
+    rows, views, x, _ = _epoch_pairs(inputs.batches, choice)[0]
     assert x.shape[1:] == (3, 20, 20)
     images = torch.from_numpy(load_split(inputs.manifest, "train").stacked())[rows]
     # The clean box of a 12 px image at 20 px: torch's resize of the whole image, then normalised.
@@ -622,3 +658,20 @@ def test_grad_clip_bounds_the_update(project, tmp_path: Path) -> None:
     moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in before
                 if before[k].is_floating_point() and "running" not in k)
     assert moved < 1e-2
+
+
+def test_stream_mode_reads_the_same_targets_as_memory_mode_block_by_block(project, tmp_path: Path) -> None:
+    """cifd (teacher logits and embeddings, RDM logits and reconstructions): every (row, view)
+    the stream joins in its workers carries the targets memory mode holds for it."""
+    memory = _inputs(project, tmp_path / "memory", "cifd")
+    stream = _inputs(project, tmp_path / "stream", "cifd", data="stream", loader_workers=2)
+    assert stream.targets is None and stream.info == memory.info
+    choice = torch.randint(memory.info.num_views, (memory.info.num_rows,), generator=torch.Generator().manual_seed(4))
+    held = memory.targets
+    rows_seen = []
+    for rows, views, _, batch in _epoch_pairs(stream.batches, choice):
+        expected = gather_targets(held, rows, views)
+        for name in ("labels", "teacher_logits", "teacher_emb", "rdm_logits", "rdm_emb"):
+            assert torch.equal(getattr(batch, name), getattr(expected, name)), name
+        rows_seen += rows.tolist()
+    assert sorted(rows_seen) == list(range(memory.info.num_rows))

@@ -34,7 +34,7 @@ def _inputs(project, where: Path, method: str = "ce", **distill):
 
 
 def _train(inputs) -> None:
-    train_student(inputs.student, run=inputs.run, targets=inputs.targets, batches=inputs.batches, val=inputs.val)
+    train_student(inputs.student, run=inputs.run, info=inputs.info, batches=inputs.batches, val=inputs.val)
 
 
 class _Payload:
