@@ -259,6 +259,12 @@ class RdmConfig(StrictConfig):
     embeddings are first divided by their train RMS, so R means the same for any teacher
     (see README, "Choosing R"): per-dim distortion ≈ 1 / (2 ln2 · R) where the embedding
     carries that much signal. Larger R → more bits, less distortion, a stronger assistant.
+
+    ``data: stream`` reads the teacher cache a few Zarr shards at a time each epoch (blocks
+    in a seeded random order, the (row, view) pairs of ``shuffle_blocks`` blocks shuffled
+    together; memory does not grow with the cache); ``memory`` holds every pair on the
+    device (small caches, fastest on a GPU). Blocks mix classes when ``prepare.shuffle``
+    was on (the default).
     """
 
     rate_weights: tuple[float, ...] = (16.0, 4.0, 1.0)
@@ -275,11 +281,14 @@ class RdmConfig(StrictConfig):
     kl_weight: float = 1.0
     temperature: float = 2.0
     distortion: Literal["mse", "smooth_l1"] = "mse"
+    data: Literal["memory", "stream"] = "stream"
+    shuffle_blocks: int = 2
     device: str = "auto"
     threads: int = 1
     seed: int = 0
 
     def check(self, section: str) -> None:
+        require(self.shuffle_blocks >= 1, section, "shuffle_blocks", self.shuffle_blocks, "expected >= 1")
         require(len(self.rate_weights) >= 1 and all(r > 0 for r in self.rate_weights), section,
                 "rate_weights", self.rate_weights, "expected one or more values > 0 (one RDM each)")
         require(self.hidden > 0, section, "hidden", self.hidden, "expected > 0")

@@ -1,6 +1,10 @@
 """``cifd rdm`` (stage two): train the RDMs on the teacher cache alone, then cache their
 outputs for every (row, view) in ``rdm.zarr``. No images, no teacher backbone.
 
+Training and validation read the teacher cache a few Zarr shards at a time (``stream``,
+:class:`pipeline.train.rdm.CachePairs`), or hold it all on the device (``memory``); the
+outputs are written one shard at a time, so memory does not grow with the cache.
+
 The RDM store's writer lock is held from the start (a second ``cifd rdm`` is refused at
 once); the model file (safetensors + JSON) and the store are swapped in together at the end.
 """
@@ -16,7 +20,6 @@ from tqdm import tqdm
 from pipeline.cache.rdm_store import RdmWriter, rdm_writer
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.shards import load_manifest
-from pipeline.evaluate import top1
 from pipeline.models import load_model, state_dict_sha256
 from pipeline.train.student import uses_rdms
 from pipeline.rd import RDMBank
@@ -24,8 +27,8 @@ from pipeline.runtime import resolve_device
 from pipeline.train.rdm import (
     RdmEpochLog,
     RdmTrainSettings,
-    embedding_set,
     evaluate_bank,
+    pair_source,
     train_bank,
 )
 from report.plots import plot_rate_accuracy
@@ -58,8 +61,10 @@ def _train_and_publish(paths: Paths, cfg: RdmConfig, writer: RdmWriter, allow_en
     began = time.perf_counter()
     train_split, val_split = cache.split("train"), cache.split("val")
     n, v, d, c = train_split.num_rows, train_split.num_views, train_split.embed_dim, train_split.num_classes
-    train_set = embedding_set(train_split, views=slice(None), device=device)  # every view of every train image
-    val_set = embedding_set(val_split, views=slice(0, 1), device=device)  # the clean view
+    train_set = pair_source(train_split, views=slice(None), device=device, data=cfg.data,  # every view of every image
+                            hold_blocks=cfg.shuffle_blocks)
+    val_set = pair_source(val_split, views=slice(0, 1), device=device, data=cfg.data,  # the clean view
+                          hold_blocks=cfg.shuffle_blocks)
     scale = max(train_split.rms(L.EMBEDDINGS), 1e-12) if cfg.scale_embeddings else 1.0
     settings = RdmTrainSettings(
         rate_weights=cfg.rate_weights, ce_weight=cfg.ce_weight, kl_weight=cfg.kl_weight,
@@ -97,7 +102,7 @@ def _train_and_publish(paths: Paths, cfg: RdmConfig, writer: RdmWriter, allow_en
                  M.RDM_AGREEMENT: round(result.teacher_agreement[i], 5)}
         metrics[f"rdm_{i}"] = entry
         rows.append(entry)
-    teacher_val = top1(val_set.logits, val_set.labels)
+    teacher_val = result.teacher_top1
     metrics["teacher_val_top1"] = round(teacher_val, 5)
     write_json(Path(paths.metrics) / M.RDM, metrics)
     write_csv(Path(paths.plots) / M.RDM_CURVE, sorted(rows, key=lambda e: e[M.RDM_RATE_BITS]))
