@@ -9,7 +9,7 @@ inside, the trainer). Every top-1 and agreement figure of the tool comes from
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import Manifest, read_shard
 
-__all__ = ["Scores", "agreement", "agreement_hits", "evaluate_classifier", "predict", "predict_split", "sizes_of", "top1", "top1_hits"]
+__all__ = ["Scores", "agreement", "agreement_hits", "evaluate_classifier", "predict", "predict_models", "predict_split", "scores", "sizes_of", "top1", "top1_hits"]
 
 
 def top1_hits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -82,20 +82,44 @@ def predict(model: nn.Module, images: Tensor | Sequence[Tensor], *, preprocess: 
     return torch.cat(out)
 
 
+def predict_models(models: Mapping[str, tuple[nn.Module, Preprocess]], manifest: Manifest, split: str, *,
+                   batch_size: int, views: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Logits (N, C) of every named ``(model, preprocess)`` and the labels (N,) of a whole
+    split, reading each shard once for all of them (memory holds one shard's images and the
+    logits, whatever the split's size). ``views`` (N, 5): the boxes to render (the cache's
+    clean views); None: each model's own clean views."""
+    device = next(next(iter(models.values()))[0].parameters()).device
+    logits: dict[str, list[Tensor]] = {name: [] for name in models}
+    labels = []
+    for shard in manifest.split(split)["shards"]:
+        a, b = shard["start"], shard["stop"]
+        block = read_shard(manifest.root / shard["file"], mode=manifest.mode, start=a, stop=b)
+        images: Tensor | list[Tensor] = [torch.from_numpy(image) for image in block.images]
+        if manifest.image_shape is not None:  # same size: one batch, rendered on the models' device
+            images = torch.from_numpy(block.stacked()).to(device)
+        for name, (model, preprocess) in models.items():
+            logits[name].append(predict(model, images, preprocess=preprocess, batch_size=batch_size,
+                                        views=views[a:b] if views is not None else None))
+        labels.append(torch.from_numpy(block.labels))
+    return {name: torch.cat(parts) for name, parts in logits.items()}, torch.cat(labels).to(device)
+
+
 def predict_split(model: nn.Module, manifest: Manifest, split: str, *, preprocess: Preprocess,
                   batch_size: int) -> tuple[Tensor, Tensor]:
     """Logits (N, C) on the clean views of ``preprocess`` and labels (N,) of a whole split,
     read one shard at a time (memory does not grow with the split's images)."""
-    device = next(model.parameters()).device
-    logits, labels = [], []
-    for shard in manifest.split(split)["shards"]:
-        block = read_shard(manifest.root / shard["file"], mode=manifest.mode, start=shard["start"], stop=shard["stop"])
-        images: Tensor | list[Tensor] = [torch.from_numpy(image) for image in block.images]
-        if manifest.image_shape is not None:  # same size: one batch, rendered on the model's device
-            images = torch.from_numpy(block.stacked()).to(device)
-        logits.append(predict(model, images, preprocess=preprocess, batch_size=batch_size))
-        labels.append(torch.from_numpy(block.labels))
-    return torch.cat(logits), torch.cat(labels).to(device)
+    logits, labels = predict_models({"model": (model, preprocess)}, manifest, split, batch_size=batch_size)
+    return logits["model"], labels
+
+
+def scores(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> Scores:
+    """Top-1, top-1 agreement with the teacher and KL(teacher ‖ model) at τ = 1 of ``logits``."""
+    if teacher_logits is None:
+        return Scores(top1=top1(logits, labels), agreement=math.nan, kl=math.nan)
+    t = teacher_logits.float()
+    n = max(len(logits), 1)
+    kl = float(F.kl_div(logits.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")) / n
+    return Scores(top1=top1(logits, labels), agreement=agreement(logits, t), kl=kl)
 
 
 def evaluate_classifier(model: nn.Module, images: Tensor | Sequence[Tensor], labels: Tensor,
@@ -108,9 +132,4 @@ def evaluate_classifier(model: nn.Module, images: Tensor | Sequence[Tensor], lab
     """
     logits = predict(model, images, preprocess=preprocess, batch_size=batch_size, views=views,
                      channels_last=channels_last)
-    if teacher_logits is None:
-        return Scores(top1=top1(logits, labels), agreement=math.nan, kl=math.nan)
-    t = teacher_logits.float()
-    n = max(len(images), 1)
-    kl = float(F.kl_div(logits.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")) / n
-    return Scores(top1=top1(logits, labels), agreement=agreement(logits, t), kl=kl)
+    return scores(logits, labels, teacher_logits)

@@ -1,4 +1,5 @@
-"""``cifd evaluate``: the method table. Each student against the teacher on the val split."""
+"""``cifd evaluate``: the method table. Each student against the teacher on the val split,
+read shard by shard once for all students."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import torch
 
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.preprocess import Preprocess
-from pipeline.data.held import held_images
-from pipeline.data.shards import load_manifest, load_split
-from pipeline.evaluate import evaluate_classifier, top1
+from pipeline.data.shards import load_manifest
+from pipeline.evaluate import predict_models, scores, top1
 from pipeline.models import load_model, state_dict_sha256
 from pipeline.runtime import resolve_device
 from report.plots import plot_curves
@@ -35,16 +35,10 @@ def run(params: Path) -> None:
     manifest = load_manifest(paths.shards)
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
-    val = load_split(manifest, "val")
-    images = held_images(val, manifest, device)
-    labels = torch.from_numpy(val.labels).to(device)
     cached = cache.split("val").read_all((L.LOGITS, L.VIEWS))
     teacher_logits = torch.from_numpy(cached[L.LOGITS][:, 0].astype(np.float32)).to(device)
     clean = torch.from_numpy(cached[L.VIEWS][:, 0])  # (n, 5) the clean view the teacher saw
-    table: dict[str, dict[str, float]] = {}
-    teacher_top1 = top1(teacher_logits, labels)
-    table["teacher"] = {M.EVAL_TOP1: round(teacher_top1, 5), M.EVAL_AGREEMENT: 1.0, M.EVAL_KL: 0.0}
-    curves = {}
+    students = {}
     for method in cfg.methods:
         path = Path(paths.students) / f"{method}.safetensors"
         if not path.is_file():
@@ -53,9 +47,16 @@ def run(params: Path) -> None:
         if student_spec.get("teacher_cache_fingerprint") != cache.fingerprint:
             raise ConfigError(f"student {path} was distilled from another teacher cache; rerun `dvc repro`")
         # The student's own input size and normalisation, on the box the teacher saw.
-        preprocess = Preprocess.from_spec(student_spec, source=str(path))
-        result = evaluate_classifier(student.to(device), images, labels, teacher_logits, preprocess=preprocess,
-                                     batch_size=cfg.batch_size, views=clean)
+        students[method] = (student.to(device), Preprocess.from_spec(student_spec, source=str(path)))
+    # One pass over the val shards for every student: memory holds a shard, not the split.
+    logits, labels = predict_models(students, manifest, "val", batch_size=cfg.batch_size, views=clean) \
+        if students else ({}, torch.from_numpy(cache.split("val").read_all((L.LABELS,))[L.LABELS]).to(device))
+    table: dict[str, dict[str, float]] = {}
+    teacher_top1 = top1(teacher_logits, labels)
+    table["teacher"] = {M.EVAL_TOP1: round(teacher_top1, 5), M.EVAL_AGREEMENT: 1.0, M.EVAL_KL: 0.0}
+    curves = {}
+    for method in cfg.methods:
+        result = scores(logits[method], labels, teacher_logits)
         table[method] = {M.EVAL_TOP1: round(result.top1, 5), M.EVAL_AGREEMENT: round(result.agreement, 5),
                          M.EVAL_KL: round(result.kl, 5)}
         timing = Path(paths.metrics) / M.DISTILL_DIR / f"{method}.json"

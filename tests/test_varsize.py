@@ -268,3 +268,22 @@ def test_a_timm_teachers_cache_records_timms_eval_preprocessing(varsize, tmp_pat
               store_path=tmp_path / "cache.zarr")
     info = cache_info(tmp_path / "cache.zarr")
     assert info["preprocess"] == timm_pre and info["preprocess_origin"] == spec["preprocess_origin"]
+
+
+def test_evaluation_reads_each_val_shard_once_for_every_student(varsize) -> None:
+    """`cifd evaluate`'s pass: every model's logits on the cache's clean boxes, shard by shard,
+    equal the same models on the whole split held in memory."""
+    from pipeline.evaluate import predict, predict_models
+
+    manifest, teacher_path, store = varsize
+    teacher, spec = load_model(teacher_path)
+    small = Preprocess(image_size=12, crop_pct=1.0, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
+    models = {"teacher": (teacher.eval(), Preprocess.from_spec(spec, source="teacher")), "small": (teacher, small)}
+    clean = torch.from_numpy(open_cache(store).split("val").read_all((L.VIEWS,))[L.VIEWS][:, 0])
+    logits, labels = predict_models(models, manifest, "val", batch_size=4, views=clean)
+    block = load_split(manifest, "val")
+    images = [torch.from_numpy(im) for im in block.images]
+    assert torch.equal(labels, torch.from_numpy(block.labels))
+    for name, (model, pre) in models.items():
+        torch.testing.assert_close(logits[name], predict(model, images, preprocess=pre, batch_size=64, views=clean),
+                                   atol=1e-5, rtol=1e-5)
