@@ -66,9 +66,11 @@ def main() -> None:
 def prepare(params: Path) -> None:
     """Source (digits, ImageFolder dir/tar, or WebDataset) → byte-stable WebDataset shards.
 
-    Writes paths.shards/{train,val}-NNNNNN.tar and manifest.json (row ranges, classes,
-    a content hash per sample). Corrupt images fail, or are skipped and counted when
-    prepare.on_corrupt is 'skip'.
+    Images of any size and mode: bytes pass through as they are (prepare.max_side shrinks
+    only larger images), decoded to prepare.mode (RGB or L). Writes
+    paths.shards/{train,val}-NNNNNN.tar and manifest.json (row ranges, classes, colour mode,
+    each image's size and content hash). Corrupt images fail, or are skipped and counted
+    when prepare.on_corrupt is 'skip'.
     """
     from stages import prepare as stage
 
