@@ -111,9 +111,10 @@ def resolve_preprocess(given: Mapping[str, Any], model: nn.Module, *, in_chans: 
                 values[key], origin[key] = source[key], name
                 break
         else:
-            raise PreprocessError(
-                f"params '{section}.{key}' is not given and the model has no timm pretrained config to take it "
-                f"from; set {section}.{key}")
+            why = ("the model has no timm pretrained config to take it from" if timm_cfg is None else
+                   "the model's timm pretrained config has a non-square input size" if key == "image_size" else
+                   "the model's timm pretrained config does not give it")
+            raise PreprocessError(f"params '{section}.{key}' is not given and {why}; set {section}.{key}")
     for key in ("mean", "std"):
         if len(values[key]) != in_chans:
             raise PreprocessError(
@@ -124,5 +125,6 @@ def resolve_preprocess(given: Mapping[str, Any], model: nn.Module, *, in_chans: 
                          interpolation=str(values["interpolation"]), mean=tuple(float(v) for v in values["mean"]),
                          std=tuple(float(v) for v in values["std"]))
     except ValueError as exc:
-        raise PreprocessError(f"{section}: {exc} (from the {origin})") from exc
+        bad = next((k for k in ("interpolation", "crop_pct") if k in str(exc)), "image_size")
+        raise PreprocessError(f"{section}.{bad}: {exc} (from the {origin[bad]}); set {section}.{bad}") from exc
     return pre, origin

@@ -91,10 +91,19 @@ def decode_image(data: bytes, *, mode: str, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            array = np.array(img.convert(mode), dtype=np.uint8)  # writable: torch.from_numpy takes it as is
+            array = np.array(_eight_bit(img).convert(mode), dtype=np.uint8)  # writable: torch.from_numpy takes it
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CorruptSampleError(f"{where}: cannot decode image ({exc})") from exc
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images scaled to 8 bits (PIL's convert would clip them to 255)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.rint(values * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+    return img
 
 
 def channels_of(mode: str) -> int:
@@ -102,24 +111,27 @@ def channels_of(mode: str) -> int:
     return len(Image.new(mode, (1, 1)).getbands())
 
 
-def _reencode(data: bytes, ext: str, *, max_side: int) -> tuple[bytes, tuple[int, int]]:
-    """The image shrunk so that its longer side is ``max_side`` (bicubic, antialiased, as
-    PIL resizes), re-encoded in its format (JPEG quality 95, lossless otherwise); its new
-    (height, width)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        width, height = img.size
-        scale = max_side / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        small = img.resize(size, Image.Resampling.BICUBIC)
-        buffer = io.BytesIO()
-        if ext in ("jpg", "jpeg"):
-            small = small if small.mode in ("RGB", "L", "CMYK") else small.convert("RGB")
-            small.save(buffer, format="JPEG", quality=95)
-        elif ext == "webp":
-            small.save(buffer, format="WEBP", lossless=True)
-        else:
-            small.save(buffer, format="PNG" if ext == "png" else "BMP")
+def _reencode(data: bytes, ext: str, *, max_side: int, mode: str, where: str) -> tuple[bytes, tuple[int, int]]:
+    """The image, decoded to ``mode`` as every reader decodes it, shrunk so that its longer
+    side is ``max_side`` (bicubic, antialiased), re-encoded in its format (JPEG quality 95,
+    lossless otherwise); its new (height, width)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = _eight_bit(img).convert(mode)  # palette / bilevel images would otherwise shrink NEAREST
+            width, height = img.size
+            scale = max_side / max(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = img.resize(size, Image.Resampling.BICUBIC)
+            buffer = io.BytesIO()
+            if ext in ("jpg", "jpeg"):
+                small.save(buffer, format="JPEG", quality=95)
+            elif ext == "webp":
+                small.save(buffer, format="WEBP", lossless=True)
+            else:
+                small.save(buffer, format="PNG" if ext == "png" else "BMP")
+    except (OSError, ValueError) as exc:
+        raise CorruptSampleError(f"{where}: cannot shrink and re-encode the image for prepare.max_side ({exc})") from exc
     return buffer.getvalue(), (size[1], size[0])
 
 
@@ -156,7 +168,13 @@ def validate_samples(
             continue
         size = (int(array.shape[1]), int(array.shape[2]))
         if max_side is not None and max(size) > max_side:
-            data, new = _reencode(sample.image, sample.ext, max_side=max_side)
+            try:
+                data, new = _reencode(sample.image, sample.ext, max_side=max_side, mode=mode, where=where)
+            except CorruptSampleError as exc:
+                if on_corrupt == "error":
+                    raise CorruptSampleError(f"{exc}. Fix or remove the file, or set prepare.on_corrupt: skip") from exc
+                skipped.append({"origin": sample.origin, "error": str(exc)})
+                continue
             reencoded.append({"row": len(kept), "origin": sample.origin, "from": list(size), "to": list(new)})
             sample, size = RawSample(label=sample.label, image=data, ext=sample.ext, origin=sample.origin), new
         kept.append(sample)

@@ -3,7 +3,9 @@
 A view is a box in source-pixel coordinates plus a horizontal flip:
 ``(top, left, height, width, flip)`` (``schemas.layout.VIEW_FIELDS``), drawn per image on
 that image's own size (:func:`sample_views`). Boxes may reach outside the image (the CIFAR
-pad-and-crop); outside pixels are zero, as with ``RandomCrop(padding=...)``. The same
+pad-and-crop): an output pixel whose filter reaches no image pixel is zero, as with
+``RandomCrop(padding=...)`` (exactly so for the integer pad-crop boxes, which are copies),
+while one whose filter still reaches the image takes the image's edge, as a resize does. The same
 :func:`render_views` turns (image, view) into a model input for teacher fine-tuning,
 ``embed`` (stage one), ``cache verify`` and the student (stage three), so the student sees
 exactly the pixels the teacher saw, at its own input size if it differs. Integer boxes of
@@ -274,4 +276,6 @@ def render_views(
             parts.append(replay_views(image[None].float().div_(255.0), box[None], out_size=out_size,
                                       interpolation=interpolation))
         images = torch.cat(parts) if parts else torch.zeros(0, len(mean), out_size, out_size)
-    return normalize(images, mean=mean, std=std)
+    # A bicubic filter overshoots near sharp edges; image loaders clip to the pixel range
+    # (PIL, torchvision on uint8), and so does the replay: the eval view is theirs.
+    return normalize(images.clamp_(0.0, 1.0), mean=mean, std=std)

@@ -15,7 +15,6 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
 from pipeline.data.preprocess import Preprocess, render_inputs

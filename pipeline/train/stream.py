@@ -20,7 +20,7 @@ Each epoch:
    not depend on how the workers' streams end.
 
 Memory is a few blocks per worker plus the shuffle buffer and the epoch's view choice
-(N int8): it does not grow with the split otherwise. Worker order interleaves, so nothing
+(N int16): it does not grow with the split otherwise. Worker order interleaves, so nothing
 assumes an order: every sample carries its global row index (its ``__key__``). The
 ``choice`` tensor comes from the training loop's seeded generator, as in memory mode, so
 both modes train on the same (row, view) pairs, in a different order (``order`` is unused).
@@ -189,7 +189,7 @@ class StreamBatches:
         pipeline = wds.WebDataset([self.urls[i] for i in perm], shardshuffle=False, seed=seed,
                                   nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                                   empty_check=False)
-        join = _Join(self.teacher, self.rdm, self.fields, choice.cpu().to(torch.int8).numpy(), self.mode,
+        join = _Join(self.teacher, self.rdm, self.fields, choice.cpu().to(torch.int16).numpy(), self.mode,
                      None if self.same_size else self.preprocess)
         return (pipeline.map(join)
                 .shuffle(self.shuffle_buffer, seed=seed)

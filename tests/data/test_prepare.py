@@ -389,3 +389,33 @@ def test_project_params_file_loads() -> None:
     root = Path(__file__).resolve().parents[2]
     for stage, cls in STAGES.items():
         load_stage(root / "params.yaml", stage, cls)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
+    from pipeline.data.shards import decode_image
+
+    ramp = np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(4, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")  # a 16-bit grey PNG (PIL mode I;16)
+    grey = decode_image(buffer.getvalue(), mode="L", where="ramp")
+    assert grey.shape == (1, 4, 256) and grey[0, 0].tolist() == list(range(256))
+    assert decode_image(buffer.getvalue(), mode="RGB", where="ramp")[:, 0, 128].tolist() == [128] * 3
+
+
+def test_max_side_shrinks_palette_and_cmyk_images_as_the_decoded_image() -> None:
+    """A palette image shrinks antialiased (PIL alone would use NEAREST for mode P), and a CMYK
+    JPEG stored under a .png name is re-encoded instead of failing prepare."""
+    from pipeline.data.shards import decode_image, validate_samples
+    from pipeline.data.sources import RawSample
+
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255
+    pal, cmyk = io.BytesIO(), io.BytesIO()
+    Image.fromarray(stripes).convert("P").save(pal, format="PNG")
+    Image.fromarray(stripes).convert("CMYK").save(cmyk, format="JPEG")
+    samples = [RawSample(label=0, image=pal.getvalue(), ext="png", origin="pal"),
+               RawSample(label=0, image=cmyk.getvalue(), ext="png", origin="cmyk")]
+    checked = validate_samples(samples, on_corrupt="error", max_corrupt_fraction=0.0, split="train", mode="RGB",
+                               max_side=8)
+    assert checked.sizes == [(8, 8), (8, 8)] and [r["origin"] for r in checked.reencoded] == ["pal", "cmyk"]
+    assert abs(decode_image(checked.samples[0].image, mode="RGB", where="pal").mean() - 127.5) < 8  # averaged
