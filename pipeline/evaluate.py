@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.data.held import held_images
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import Manifest, read_shard
 
@@ -94,9 +95,7 @@ def predict_models(models: Mapping[str, tuple[nn.Module, Preprocess]], manifest:
     for shard in manifest.split(split)["shards"]:
         a, b = shard["start"], shard["stop"]
         block = read_shard(manifest.root / shard["file"], mode=manifest.mode, start=a, stop=b)
-        images: Tensor | list[Tensor] = [torch.from_numpy(image) for image in block.images]
-        if manifest.image_shape is not None:  # same size: one batch, rendered on the models' device
-            images = torch.from_numpy(block.stacked()).to(device)
+        images = held_images(block, manifest, device)  # same size: one batch, rendered on the models' device
         for name, (model, preprocess) in models.items():
             logits[name].append(predict(model, images, preprocess=preprocess, batch_size=batch_size,
                                         views=views[a:b] if views is not None else None))
