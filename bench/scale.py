@@ -191,8 +191,10 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_size(rows: int, *, work: Path, threads: int, modes: list[str]) -> dict[str, Any]:
-    """Every stage at ``rows`` train rows; distill and rdm in each of ``modes``."""
+def run_size(rows: int, *, work: Path, threads: int, modes: list[str],
+             methods: tuple[str, ...] = ("kd", "cifd")) -> dict[str, Any]:
+    """Every stage at ``rows`` train rows; rdm and distill (each of ``methods``) in each of
+    ``modes``."""
     import yaml
 
     cifd = [str(Path(sys.executable).parent / "cifd")]  # the installed CLI, as a user runs it
@@ -224,7 +226,7 @@ def run_size(rows: int, *, work: Path, threads: int, modes: list[str]) -> dict[s
         stages[key].update(stage_seconds=seconds, rows_per_s=round(rows * VIEWS / seconds, 1))
         print(f"  {rows} {key}: {stages[key]}", flush=True)
         result["bytes_on_disk"][f"rdm_cache_{data}"] = du(work / f"rdm-{data}.zarr")
-        for method in ("kd", "cifd"):
+        for method in methods:
             key = f"distill_{method}_{data}"
             stages[key] = run_stage([*cifd, "distill", "--method", method, "--params", str(files[data])],
                                     cwd=env_cwd, log=work / f"{key}.log")
@@ -262,7 +264,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
-    parser.add_argument("--smoke", action="store_true", help="20k rows only, stream and memory (the CI size)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the CI smoke test: 20k rows, stream mode, rdm and distill kd (no claims)")
     args = parser.parse_args()
     if args.smoke:
         args.rows = [20000]
@@ -276,10 +279,12 @@ def main() -> None:
                               "sizes": []}
     small = min(args.rows)
     for rows in sorted(args.rows):
-        modes = ["stream", "memory"] if rows == small else ["stream"]
+        modes = ["stream", "memory"] if rows == small and not args.smoke else ["stream"]
+        methods = ("kd",) if args.smoke else ("kd", "cifd")
         with tempfile.TemporaryDirectory(prefix=f"cifd-scale-{rows}-", dir=args.work) as tmp:
             print(f"N = {rows}: {modes}", flush=True)
-            result["sizes"].append(run_size(rows, work=Path(tmp), threads=args.threads, modes=modes))
+            result["sizes"].append(run_size(rows, work=Path(tmp), threads=args.threads, modes=modes,
+                                            methods=methods))
         result["claims"] = claims(result["sizes"])
         write_result(args.out, result)  # after every size: a killed 1M run keeps the 20k figures
     print(json.dumps(result["claims"], indent=1))
