@@ -161,10 +161,10 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     if cfg.data == "stream":  # targets are read block by block and labels checked as they stream
         info = target_info(cache, rdm, method=method)
         batches = StreamBatches(manifest, "train", teacher=cache.split("train"),
-                                rdm=rdm.split("train") if rdm is not None else None, fields=target_fields(method),
-                                preprocess=preprocess, batch_size=cfg.batch_size, workers=cfg.loader_workers,
-                                device=device, rank=rank, world=world, seed=cfg.seed,
-                                shuffle_buffer=cfg.shuffle_buffer)
+                                rdm=rdm.split("train") if rdm is not None else None,
+                                fields=target_fields(method, cache.logits_format), preprocess=preprocess,
+                                batch_size=cfg.batch_size, workers=cfg.loader_workers, device=device,
+                                rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     else:
         targets = load_targets(cache, rdm, method=method, device=device)
         info = targets.info
