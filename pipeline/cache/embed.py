@@ -52,6 +52,7 @@ from pipeline.data.shards import Manifest, read_shard
 from pipeline.data.views import sample_views
 from pipeline.models import (
     ImageClassifier,
+    linear_head,
     load_model,
     logits_from_embedding_check,
     state_dict_sha256,
@@ -100,36 +101,16 @@ def teacher_outputs(
     return emb, lg
 
 
-# How far classify(e) may be from the head's e @ W.T + b (float32 rounding only).
-HEAD_ATOL = 1e-4
-
-
-@torch.inference_mode()
 def teacher_head(model: ImageClassifier, x: torch.Tensor, *, check: tuple[bool, float],
                  source: str) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher's classifier head as float32 arrays (weight (C, D), bias (C,)) for
-    ``embed.logits: from_head``; refused (a :class:`CacheError` naming the fix) unless
-    ``classify(embed(x))`` reproduces the teacher's logits (``check``) and the head is one
-    linear map that ``classify`` applies as is (compared on the embeddings of ``x``)."""
-    fix = "set embed.logits: stored (the logits are then kept in the cache)"
+    """The teacher's classifier head (weight (C, D), bias (C,), float32) for ``embed.logits:
+    from_head``: refused unless classify(embed(x)) reproduces the teacher's logits (``check``)
+    and the head is one linear map (:func:`pipeline.models.linear_head`)."""
     if not check[0]:
         raise CacheError(f"embed.logits = 'from_head' but classifier(embedding) does not reproduce the teacher's "
-                         f"logits for {source} (max abs err {check[1]:.3g}); {fix}")
-    head = model.get_classifier()
-    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
-    if not isinstance(head, torch.nn.Linear) or not isinstance(weight, torch.Tensor) or weight.ndim != 2 \
-            or tuple(weight.shape) != (model.num_classes, model.embed_dim):
-        raise CacheError(f"embed.logits = 'from_head' needs the teacher's classifier to be one "
-                         f"Linear({model.embed_dim}, {model.num_classes}); {source} has "
-                         f"{type(head).__name__ if head is not None else 'no get_classifier()'}: {fix}")
-    w = weight.detach().float().cpu()
-    b = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else torch.zeros(model.num_classes)
-    e = model.embed(x).float()
-    err = float((model.classify(e).float().cpu() - torch.nn.functional.linear(e.cpu(), w, b)).abs().max())
-    if err > HEAD_ATOL:
-        raise CacheError(f"embed.logits = 'from_head': classify(embedding) differs from embedding @ weight.T + bias "
-                         f"by {err:.3g} for {source} (the head does more than one linear map); {fix}")
-    return w.numpy(), b.numpy()
+                         f"logits for {source} (max abs err {check[1]:.3g}); set embed.logits: stored")
+    weight, bias = linear_head(model, x, source=source)
+    return weight.numpy(), bias.numpy()
 
 
 @functools.lru_cache(maxsize=2)
@@ -336,7 +317,8 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
     x = render_inputs(sample, preprocess.clean_views(torch.from_numpy(probe.sizes[:16])), preprocess=preprocess)
     check = logits_from_embedding_check(model, x)
     head = teacher_head(model, x, check=check, source=str(teacher_path)) if settings.logits == "from_head" else None
-    logits_format = LogitsFormat(settings.logits, settings.logits_dtype, settings.logits_topk, model.num_classes,
+    stored_dtype = settings.logits_dtype if settings.logits == "stored" else "none"
+    logits_format = LogitsFormat(settings.logits, stored_dtype, settings.logits_topk, model.num_classes,
                                  *((None, None) if head is None else (torch.from_numpy(head[0]), torch.from_numpy(head[1]))))
 
     provenance = build_provenance(model=model, spec=spec, sha256=sha, manifest=manifest,

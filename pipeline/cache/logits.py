@@ -75,7 +75,7 @@ class LogitsFormat:
     """One cache's logits choice (see the module docstring)."""
 
     kind: str  # "stored" | "from_head"
-    dtype: str  # float32 | float16 | bfloat16 (stored values)
+    dtype: str  # float32 | float16 | bfloat16 (stored values); "none" for from_head
     topk: int | None
     num_classes: int
     head_weight: Tensor | None = None  # (C, D) float32, from_head only
@@ -196,6 +196,11 @@ class LogitsFormat:
         arrays = {L.TOPK_VALUES: packed[..., :k], L.TOPK_INDEX: packed[..., k:2 * k].long(),
                   L.TOPK_TAIL: packed[..., 2 * k]}
         return self.dense(arrays), arrays[L.TOPK_INDEX]
+
+    def dense_on(self, arrays: Mapping[str, np.ndarray], device: torch.device) -> Tensor:
+        """:meth:`dense` of read (host) arrays, computed on ``device``."""
+        fmt = self.to(device)
+        return fmt.dense({f: torch.from_numpy(np.ascontiguousarray(arrays[f])).to(device) for f in self.fields})
 
     def kept(self, arrays: Mapping[str, Tensor]) -> Tensor | None:
         """(..., k) int64 class ids the KD term runs over (top-k caches), else None."""

@@ -49,7 +49,9 @@ def build_provenance(
             "image_shape": list(manifest.image_shape) if manifest.image_shape is not None else None,
             "num_samples": {s: manifest.split(s)["num_samples"] for s in L.SPLITS},
         },
-        "dtypes": {L.EMBEDDINGS: "float16", L.LOGITS: settings.logits_dtype, L.VIEWS: "float32"},
+        # from_head stores no logits: their dtype is not an input (changing it rebuilds nothing)
+        "dtypes": {L.EMBEDDINGS: "float16", L.VIEWS: "float32",
+                   L.LOGITS: settings.logits_dtype if settings.logits == "stored" else "none"},
         # stored | from_head (the head's arrays in the cache, their sha256 here), top-k or all classes
         "logits": {"kind": settings.logits, "topk": settings.logits_topk, "head_sha256": head_sha256},
         # CPU and GPU kernels differ in the last bits: a resume never mixes the two.

@@ -22,7 +22,7 @@ from pipeline.cache.logits import LogitsFormat, bf16_bits, bytes_per_view, from_
 from pipeline.cache.reader import open_cache
 from pipeline.cache.store import CacheCorruptError, CacheError
 from pipeline.losses import dgkd_loss, hinton_kd, kd_kl
-from pipeline.models import load_model
+from pipeline.models import ModelError, load_model
 from pipeline.train.objective import LossWeights, method_loss
 from pipeline.train.rdm import embedding_set
 from pipeline.train.student import StudentOutput
@@ -177,7 +177,7 @@ def test_from_head_is_refused_when_the_classifier_does_not_reproduce_the_logits(
     with pytest.raises(CacheError, match="embed.logits: stored"):
         teacher_head(model.eval(), x, check=(False, 0.3), source="t")
     model.backbone.linear = torch.nn.Sequential(model.backbone.linear)  # not one Linear any more
-    with pytest.raises(CacheError, match="one Linear"):
+    with pytest.raises(ModelError, match="one Linear"):
         teacher_head(model.eval(), x, check=(True, 0.0), source="t")
 
 
