@@ -217,8 +217,9 @@ def step_embed(args: argparse.Namespace) -> dict[str, Any]:
     result["stage_from_head"] = {
         "wall_s": round(wall_c, 2), "views_per_s": round(compact.teacher_forwards / wall_c, 1),
         "peak_gpu_mib": _peak_mib(device),
-        "bytes_per_sample_view_on_disk": {"stored_" + cfg.logits_dtype: sizes["teacher.zarr"]["bytes_per_sample_view_stored"],
-                                          "from_head": sizes["teacher_from_head.zarr"]["bytes_per_sample_view_stored"]},
+        "bytes_per_sample_view_on_disk": {
+            f"stored_{cfg.logits_dtype}": sizes["teacher.zarr"]["bytes_per_sample_view_stored"],
+            "from_head": sizes["teacher_from_head.zarr"]["bytes_per_sample_view_stored"]},
         "bytes_per_sample_view_by_choice": sizes["teacher.zarr"]["bytes_per_sample_view_by_choice"],
     }
     print(f"embed stage, from_head: {wall_c:.1f}s; bytes/sample/view on disk "

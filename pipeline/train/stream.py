@@ -54,9 +54,10 @@ from schemas.layout import IMAGE_EXTS, KEY_DIGITS, LABEL_EXT
 __all__ = ["StreamBatches"]
 
 # One streamed sample: row, image (uint8 (C, H, W), or rendered float (C, S, S)), view box
-# (5,), label, teacher logits (C,), teacher embedding (D,) | None, RDM logits (M, C) | None,
-# RDM embeddings (M, D) | None.
-Sample = tuple[int, np.ndarray | Tensor, np.ndarray, int, np.ndarray, np.ndarray | None, np.ndarray | None,
+# (5,), label, teacher logits (C,) or their packed arrays (top-k) | None (from_head: made from
+# the embedding), teacher embedding (D,) | None, RDM logits (M, C) | None, RDM embeddings
+# (M, D) | None.
+Sample = tuple[int, np.ndarray | Tensor, np.ndarray, int, np.ndarray | None, np.ndarray | None, np.ndarray | None,
                np.ndarray | None]
 
 
@@ -111,8 +112,12 @@ class _Join:
         emb = self.block[L.EMBEDDINGS][i, v] if L.EMBEDDINGS in self.block else None
         rdm_logits, rdm_emb = (self.rdm_block[name][i, v] if name in self.rdm_block else None
                                for name in (L.RDM_LOGITS, L.RDM_X_HAT))
-        logits = (self.block[L.LOGITS][i, v] if self.logits is None
-                  else self.logits.pack({f: self.block[f][i, v] for f in self.logits.fields}))
+        if self.logits is None:
+            logits = self.block[L.LOGITS][i, v]
+        elif self.logits.kind == "from_head":  # the embedding travels once, in its own slot
+            logits = None
+        else:
+            logits = self.logits.pack({f: self.block[f][i, v] for f in self.logits.fields})
         return row, image, box, label, logits, emb, rdm_logits, rdm_emb
 
 
@@ -211,7 +216,6 @@ class StreamBatches:
         arrive rendered."""
         rows, images, boxes, labels, logits, emb, rdm_logits, rdm_emb = parts
         assert rows is not None and images is not None and boxes is not None and labels is not None
-        assert logits is not None
         seen[rows] += 1
 
         def dev(t: Tensor | None) -> Tensor | None:
@@ -220,9 +224,11 @@ class StreamBatches:
         images = images.to(self.device, non_blocking=True)
         x = images if not self.same_size else render_inputs(images, boxes, preprocess=self.preprocess)
         rdm_logits, rdm_emb = dev(rdm_logits), dev(rdm_emb)
-        teacher_logits, kept = dev(logits).float(), None  # type: ignore[union-attr]
-        if self.logits is not None:
-            teacher_logits, kept = self.logits.unpack(dev(logits))  # type: ignore[arg-type]
+        if self.logits is None:
+            teacher_logits, kept = dev(logits).float(), None  # type: ignore[union-attr]
+        else:  # packed (from_head: the embedding slot), made into logits here, on the device
+            packed = dev(emb if self.logits.kind == "from_head" else logits)
+            teacher_logits, kept = self.logits.unpack(packed)  # type: ignore[arg-type]
         batch = Batch(labels=dev(labels), teacher_logits=teacher_logits, teacher_emb=dev(emb),  # type: ignore[arg-type]
                       rdm_logits=None if rdm_logits is None else rdm_logits.transpose(0, 1),  # (M, B, C)
                       rdm_emb=None if rdm_emb is None else rdm_emb.transpose(0, 1),  # (M, B, D)

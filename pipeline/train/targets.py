@@ -131,7 +131,9 @@ def load_targets(cache: TeacherCache, rdm: RdmCache | None, *, method: str, devi
     views, labels = held(train[L.VIEWS]), held(train[L.LABELS])
     logits = held(packed, None if fmt.packed else np.float32)
     assert views is not None and labels is not None and logits is not None
-    emb = held(train.get(L.EMBEDDINGS)) if uses_features(method) else None
+    emb = None
+    if uses_features(method):  # from_head: the packed logits are the embeddings, held once
+        emb = logits if fmt.kind == "from_head" else held(train.get(L.EMBEDDINGS))
     return Targets(views=views, labels=labels, teacher_logits=logits, teacher_emb=emb,
                    rdm_logits=held(block.get(L.RDM_LOGITS)), rdm_emb=held(block.get(L.RDM_X_HAT)),
                    emb_scale=info.emb_scale, logits=fmt.to(device) if fmt.packed else None)
