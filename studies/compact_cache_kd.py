@@ -99,8 +99,14 @@ def main() -> None:
         result["stage_seconds"]["prepare"] = cifd("prepare", first)
     if not (args.work / "teacher.safetensors").is_file():
         result["stage_seconds"]["teacher"] = cifd("teacher", first)
+    def metrics_file(choice: str, seed: int) -> Path:
+        return args.work / f"metrics-{choice}-s{seed}" / "distill" / "kd.json"
+
     for choice in args.choices:
-        result["stage_seconds"][f"embed {choice}"] = cifd("embed", args.work / f"params-{choice}-s{args.seeds[0]}.yaml")
+        # A rerun keeps the students already trained (their metrics files), and their cache.
+        if not all(metrics_file(choice, s).is_file() for s in args.seeds):
+            result["stage_seconds"][f"embed {choice}"] = cifd(
+                "embed", args.work / f"params-{choice}-s{args.seeds[0]}.yaml")
         info = subprocess.run([sys.executable, "-m", "stages.cli", "cache", "info", "--json",
                                str(args.work / f"cache-{choice}.zarr")], cwd=ROOT, check=True, capture_output=True,
                               text=True)
@@ -110,16 +116,16 @@ def main() -> None:
         save()
         for seed in args.seeds:
             params = args.work / f"params-{choice}-s{seed}.yaml"
-            seconds = cifd("distill", params, "--method", "kd")
-            metrics = json.loads((args.work / f"metrics-{choice}-s{seed}" / "distill" / "kd.json").read_text())
-            result["runs"][f"{choice}/s{seed}"] = {**metrics, "wall_s": seconds}
+            if not metrics_file(choice, seed).is_file():
+                cifd("distill", params, "--method", "kd")
+            result["runs"][f"{choice}/s{seed}"] = json.loads(metrics_file(choice, seed).read_text())
             save()
         tops = [result["runs"][f"{choice}/s{s}"]["val_top1"] for s in args.seeds]
-        agree = [result["runs"][f"{choice}/s{s}"]["val_agreement"] for s in args.seeds]
+        agree = [result["runs"][f"{choice}/s{s}"]["teacher_agreement"] for s in args.seeds]
         result["summary"][choice] = {
             "val_top1_mean": round(statistics.mean(tops), 5),
             "val_top1_std": round(statistics.stdev(tops), 5) if len(tops) > 1 else None,
-            "val_agreement_mean": round(statistics.mean(agree), 5),
+            "teacher_agreement_mean": round(statistics.mean(agree), 5),
         }
         save()
     base = result["summary"].get("stored_float32")
