@@ -8,21 +8,25 @@ Three steps, each its own process and JSON file, sharing a work folder (``--work
 ``embed``: the pretrained ResNet-56 saved with a ``preprocess`` spec (``save_teacher``);
     (a) bare forward (``embed`` + ``classify``, ``inference_mode``, fp32) on clean views held
     on the device, and (b) ``run_embed`` (synchronous, on the device, V views ``pad_crop``):
-    images/s, views/s, the stage over the bare forward per teacher forward, peak GPU memory.
+    images/s, views/s, the stage over the bare forward per teacher forward, peak GPU memory;
+    (c) ``run_embed`` again with ``embed.logits: from_head`` (no logits stored: the head is in
+    the cache), wall seconds and, for both caches, bytes per sample per view on disk.
 ``distill``: the ``rdm`` stage (``stages.rdm.run``, ``--rdm-epochs``), then a ResNet-8 student
     through ``stages.distill.build_inputs`` + ``train_student`` (``distill.data: memory``, bf16
     autocast, channels-last): KD and CIFD for ``--epochs`` epochs each (train seconds per
     epoch from the ``on_step`` hook, epoch seconds with the val pass from ``on_epoch``,
     images/s, ``torch.cuda.max_memory_allocated``, val top-1), and in the same run one epoch
     of (c) online KD (the teacher run on every batch's views, as ``distill_throughput.py``
-    does it) and (d) KD in fp32 without channels-last; ratios cached/online and
-    bf16+channels-last/fp32.
+    does it), (d) KD in fp32 without channels-last and (e) KD from the from_head cache (the
+    teacher logits made on the device from the held embeddings through the head, every
+    batch); ratios cached/online, bf16+channels-last/fp32 and from_head/stored.
 
     python3 bench/gpu_stages.py prepare --work /tmp/cifd-gpu --out $OUT/prepare.json
     python3 bench/gpu_stages.py embed   --work /tmp/cifd-gpu --out $OUT/embed.json
     python3 bench/gpu_stages.py distill --work /tmp/cifd-gpu --out $OUT/distill.json
 
-``--device cpu`` with small ``--train``/``--val``/``--epochs`` is the CPU smoke test.
+``--device cpu`` with small ``--train``/``--val``/``--epochs`` is the CPU smoke test
+(``bash bench/gpu_check.sh --smoke``, run by ``tests/test_gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -197,6 +201,29 @@ def step_embed(args: argparse.Namespace) -> dict[str, Any]:
         result["ratios"]["stage_steady_over_bare"] = round(steady_rows * cfg.views / steady / bare_rate, 4)
     print(f"embed stage: {rows} rows x V={cfg.views} in {wall:.1f}s ({rows / wall:.0f} images/s, "
           f"{report.teacher_forwards / wall:.0f} views/s); ratios {result['ratios']}", flush=True)
+
+    # (c) the same stage writing a compact cache: logits: from_head (issue 12, item 3)
+    from pipeline.cache.inspect import cache_info
+
+    shutil.rmtree(args.work / "teacher_from_head.zarr", ignore_errors=True)
+    E._load_teacher.cache_clear()
+    _reset_memory(device)
+    began = pc()
+    compact = E.run_embed(settings=dataclasses.replace(cfg, logits="from_head"), manifest=manifest,
+                          teacher_path=teacher_path, store_path=args.work / "teacher_from_head.zarr")
+    wall_c = pc() - began
+    sizes = {name: cache_info(args.work / name)["splits"]["train"]
+             for name in ("teacher.zarr", "teacher_from_head.zarr")}
+    result["stage_from_head"] = {
+        "wall_s": round(wall_c, 2), "views_per_s": round(compact.teacher_forwards / wall_c, 1),
+        "peak_gpu_mib": _peak_mib(device),
+        "bytes_per_sample_view_on_disk": {
+            f"stored_{cfg.logits_dtype}": sizes["teacher.zarr"]["bytes_per_sample_view_stored"],
+            "from_head": sizes["teacher_from_head.zarr"]["bytes_per_sample_view_stored"]},
+        "bytes_per_sample_view_by_choice": sizes["teacher.zarr"]["bytes_per_sample_view_by_choice"],
+    }
+    print(f"embed stage, from_head: {wall_c:.1f}s; bytes/sample/view on disk "
+          f"{result['stage_from_head']['bytes_per_sample_view_on_disk']}", flush=True)
     return result
 
 
@@ -277,19 +304,22 @@ def step_distill(args: argparse.Namespace) -> dict[str, Any]:
         write_result(args.out, copy.deepcopy(result))
 
     built: dict[str, Any] = {}  # method -> (inputs, initial student state): decoding 60k JPEGs is slow
+    from_head = dataclasses.replace(paths, cache=str(args.work / "teacher_from_head.zarr"))
 
-    def inputs_for(method: str) -> Any:
-        if method not in built:
+    def inputs_for(method: str, cache_paths: Any = paths) -> Any:
+        key = f"{method}@{cache_paths.cache}"
+        if key not in built:
             began = pc()
-            inputs = build_inputs(paths, cfgs["distill"], method, device=device)
-            built[method] = (inputs, copy.deepcopy(inputs.student.state_dict()), round(pc() - began, 2))
-        inputs, init, _ = built[method]
+            inputs = build_inputs(cache_paths, cfgs["distill"], method, device=device)
+            built[key] = (inputs, copy.deepcopy(inputs.student.state_dict()), round(pc() - began, 2))
+        inputs, init, _ = built[key]
         inputs.student.load_state_dict(init)
         return inputs
 
-    def run_variant(name: str, method: str, *, epochs: int, fp32: bool = False, online: bool = False) -> None:
+    def run_variant(name: str, method: str, *, epochs: int, fp32: bool = False, online: bool = False,
+                    cache_paths: Any = paths) -> None:
         try:
-            inputs = inputs_for(method)
+            inputs = inputs_for(method, cache_paths)
             source = None
             if fp32:  # the same inputs, without bf16 autocast and channels-last
                 inputs = copy.copy(inputs)
@@ -311,7 +341,7 @@ def step_distill(args: argparse.Namespace) -> dict[str, Any]:
             loop = inputs.run.loop
             print(f"{name} ({method}, amp {loop.amp}, channels_last {loop.channels_last}):", flush=True)
             out = _train(inputs, epochs=epochs, source=source)
-            out["build_inputs_s"] = built[method][2]
+            out["build_inputs_s"] = built[f"{method}@{cache_paths.cache}"][2]
             if online:
                 out["checks"] = state.check
             variants[name] = out
@@ -324,7 +354,10 @@ def step_distill(args: argparse.Namespace) -> dict[str, Any]:
     run_variant("kd", "kd", epochs=args.epochs)
     run_variant("online_kd", "kd", epochs=1, online=True)
     run_variant("kd_fp32", "kd", epochs=1, fp32=True)
-    built.pop("kd")  # free the device before CIFD's inputs
+    built.clear()  # free the device before the next inputs
+    if Path(from_head.cache).is_dir():  # the embed step wrote it
+        run_variant("kd_from_head", "kd", epochs=args.epochs, cache_paths=from_head)
+        built.clear()
     run_variant("cifd", "cifd", epochs=args.epochs)
 
     def rate(name: str, first: bool = False) -> float | None:
@@ -338,8 +371,9 @@ def step_distill(args: argparse.Namespace) -> dict[str, Any]:
                       ("bf16_channels_last_over_fp32 kd (first epochs)", "kd", "kd_fp32")):
         ra, rb = rate(a, first=True), rate(b, first=True)
         ratios[key] = round(ra / rb, 4) if ra and rb else None
-    ra, rb = rate("cifd"), rate("kd")
-    ratios["cifd_over_kd"] = round(ra / rb, 4) if ra and rb else None
+    for key, a, b in (("cifd_over_kd", "cifd", "kd"), ("kd_from_head_over_kd", "kd_from_head", "kd")):
+        ra, rb = rate(a), rate(b)
+        ratios[key] = round(ra / rb, 4) if ra and rb else None
     result["ratios"] = ratios
     print(f"ratios: {ratios}", flush=True)
     return result

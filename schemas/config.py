@@ -225,12 +225,22 @@ class EmbedConfig(StrictConfig):
     ``scheduler``: ``local`` starts a dask LocalCluster of ``workers`` processes;
     ``synchronous`` runs in this process (debugging); anything else is the address of an
     existing dask scheduler (``tcp://host:8786``).
+
+    ``logits``: ``stored`` writes the teacher's logits; ``from_head`` writes none and stores
+    the teacher's linear classifier head (weight, bias) in the cache instead: readers
+    recompute the logits from the cached (float16) embeddings, on their device (allowed only
+    when classifier(embedding) reproduces the teacher's logits, checked at embed).
+    ``logits_dtype``: how stored logits are kept (bfloat16 as its 16 bits, see
+    ``schemas.layout``). ``logits_topk``: keep only the k largest logits of each view, their
+    class ids and the tail mass (for large C; the student's KL runs over the kept classes).
     """
 
     views: int = 4
     policy: ViewPolicyConfig = ViewPolicyConfig()
     batch_size: int = 256
-    logits_dtype: Literal["float16", "float32"] = "float32"
+    logits: Literal["stored", "from_head"] = "stored"
+    logits_dtype: Literal["float16", "bfloat16", "float32"] = "float32"
+    logits_topk: int | None = None
     chunk_rows: int = 64
     scheduler: str = "local"
     workers: int = 1
@@ -241,6 +251,10 @@ class EmbedConfig(StrictConfig):
     def check(self, section: str) -> None:
         require(self.views >= 1, section, "views", self.views, "expected >= 1 (view 0 is the clean view)")
         require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
+        require(self.logits_topk is None or self.logits_topk >= 1, section, "logits_topk", self.logits_topk,
+                "expected null (all classes) or an int >= 1")
+        require(self.logits_topk is None or self.logits == "stored", section, "logits_topk", self.logits_topk,
+                "top-k keeps part of stored logits; with logits: from_head no logits are stored: set one of them")
         require(self.chunk_rows > 0, section, "chunk_rows", self.chunk_rows, "expected > 0")
         require(self.workers >= 1, section, "workers", self.workers, "expected >= 1")
         require(self.threads_per_worker >= 1, section, "threads_per_worker", self.threads_per_worker,

@@ -27,17 +27,43 @@ def sample_key(index: int) -> str:
 
 # Teacher cache (Zarr v3, one group per split) ------------------------------------------
 # 2: NaN / -1 fill values, a crc32c checksum per chunk, per-shard content sha256, no paths.
-CACHE_SCHEMA_VERSION = 2
+# 3: compact logits (embed.logits: from_head stores the classifier head and no logits;
+#    embed.logits_topk stores top-k values, indices and the tail mass; bfloat16 logits as bits).
+CACHE_SCHEMA_VERSION = 3
 CACHE_KIND = "cifd-teacher-cache"
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")  # source-pixel box + horizontal flip
 EMBEDDINGS = "embeddings"  # (N, V, D) float16
-LOGITS = "logits"  # (N, V, C) float16 | float32
+LOGITS = "logits"  # (N, V, C) float16 | float32 | bfloat16 bits (int16), when embed.logits = stored
+TOPK_VALUES = "logits_topk_values"  # (N, V, k) the k largest logits, descending (same dtypes as LOGITS)
+TOPK_INDEX = "logits_topk_index"  # (N, V, k) int16 (C <= 32767) | int32: their class ids
+TOPK_TAIL = "logits_tail_mass"  # (N, V) float32: 1 - sum of softmax(z) (tau = 1) over the kept classes
+HEAD_WEIGHT = "head_weight"  # root array (C, D) float32: the teacher's classifier weight (from_head)
+HEAD_BIAS = "head_bias"  # root array (C,) float32: its bias (zeros when the head has none)
+# bfloat16 has no numpy/zarr dtype: stored as its 16 bits in an int16 array (the fill -1 is
+# 0xFFFF, a bfloat16 NaN, so a missing chunk still reads as NaN once decoded).
+BF16_STORAGE = "int16"
 VIEWS = "views"  # (N, V, len(VIEW_FIELDS)) float32
 LABELS = "labels"  # (N,) int64
 INDEX = "index"  # (N,) int64, the global row index (the WebDataset key as an integer)
 DONE = "done"  # (num_shards,) uint8, 1 once a shard's rows are fully written
 SHARD_SHA256 = "shard_sha256"  # (num_shards, 32) uint8, sha256 of a shard's row values (shard_digest)
-ROW_ARRAYS = (EMBEDDINGS, LOGITS, VIEWS, LABELS, INDEX)
+ROW_ARRAYS = (EMBEDDINGS, LOGITS, VIEWS, LABELS, INDEX)  # embed.logits = stored, no top-k
+LOGITS_CHOICES = ("stored", "from_head")
+
+
+def logits_arrays(logits: str, topk: int | None) -> tuple[str, ...]:
+    """The row arrays that hold a cache's logits: the dense array, the top-k triple, or none
+    (``from_head``: recomputed from the embeddings through the stored head)."""
+    if logits == "from_head":
+        return ()
+    return (TOPK_VALUES, TOPK_INDEX, TOPK_TAIL) if topk is not None else (LOGITS,)
+
+
+def teacher_row_arrays(logits: str, topk: int | None) -> tuple[str, ...]:
+    """Every row array of a teacher cache written with ``embed.logits`` / ``embed.logits_topk``."""
+    return (EMBEDDINGS, *logits_arrays(logits, topk), VIEWS, LABELS, INDEX)
+
+
 # Chunk compression of every cache array (Blosc): zstd level 3 with byte shuffle, then a
 # crc32c checksum of the compressed chunk, so a flipped byte fails the read.
 COMPRESSOR = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}

@@ -160,12 +160,16 @@ def cache() -> None:
 @cache.command("info")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
-def cache_info_cmd(path: Path, as_json: bool) -> None:
-    """Print teacher, N, V, D, C, dtypes, bytes per sample per view, compression ratio."""
+@click.option("--topk", type=click.IntRange(min=1), default=None,
+              help="k of the top-k line of the bytes per choice (default: the cache's k, else 5).")
+def cache_info_cmd(path: Path, as_json: bool, topk: int | None) -> None:
+    """Print teacher, N, V, D, C, dtypes, the logits choice, bytes per sample per view (for
+    each logits choice: stored float32 / float16 / bfloat16, top-k, from_head; and on disk
+    for this cache), compression ratio."""
     from pipeline.cache.inspect import cache_info
 
     def show() -> None:
-        info = cache_info(path)
+        info = cache_info(path, topk=topk)
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return
@@ -178,11 +182,18 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
         click.echo("preprocess " + ", ".join(f"{k}={pre[k]}" + (f" ({origin[k]})" if k in origin else "") for k in pre))
         click.echo(f"views      {info['views']['num_views']} per image, policy {info['views']['policy']}")
         click.echo(f"dtypes     {info['dtypes']}")
+        lg = info["logits"]
+        click.echo(f"logits     {lg['kind']}" + (f", top-{lg['topk']}" if lg["topk"] else "")
+                   + (f", dtype {lg['dtype']}" if lg["kind"] == "stored" else f", head {lg['head_bytes']} bytes"))
         click.echo(f"classifier(embedding) reproduces logits: {info['classifier_check']}")
         for name, s in info["splits"].items():
             click.echo(f"{name:<10} N={s['N']} V={s['V']} D={s['D']} C={s['C']} shards={s['shards']} "
                        f"bytes/sample/view raw={s['bytes_per_sample_view_raw']} "
                        f"stored={s['bytes_per_sample_view_stored']}")
+            choices = ", ".join(f"{k} {v}" for k, v in s["bytes_per_sample_view_by_choice"].items())
+            click.echo(f"{'':<10} bytes/sample/view by logits choice (uncompressed): {choices}")
+            arrays = ", ".join(f"{k} {v}" for k, v in s["stored_bytes_per_sample_view_by_array"].items())
+            click.echo(f"{'':<10} on disk per array: {arrays}")
         click.echo(f"compression ratio {info['compression_ratio']}")
 
     _run(show)

@@ -161,10 +161,10 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     if cfg.data == "stream":  # targets are read block by block and labels checked as they stream
         info = target_info(cache, rdm, method=method)
         batches = StreamBatches(manifest, "train", teacher=cache.split("train"),
-                                rdm=rdm.split("train") if rdm is not None else None, fields=target_fields(method),
-                                preprocess=preprocess, batch_size=cfg.batch_size, workers=cfg.loader_workers,
-                                device=device, rank=rank, world=world, seed=cfg.seed,
-                                shuffle_buffer=cfg.shuffle_buffer)
+                                rdm=rdm.split("train") if rdm is not None else None,
+                                fields=target_fields(method, cache.logits_format), preprocess=preprocess,
+                                batch_size=cfg.batch_size, workers=cfg.loader_workers, device=device,
+                                rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     else:
         targets = load_targets(cache, rdm, method=method, device=device)
         info = targets.info
@@ -180,11 +180,12 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
         raise ConfigError(f"distill.batch_size = {cfg.batch_size} leaves no full batch per rank "
                           f"({info.num_rows} rows, {world} ranks, data: {cfg.data}); lower it")
     val_block = load_split(manifest, "val")
-    val_cached = cache.split("val").read_all((L.LOGITS, L.VIEWS))
+    fmt = cache.logits_format  # a compact cache's logits are made on the device
+    val_cached = cache.split("val").read_all((*fmt.fields, L.VIEWS))
     val = ValSet(images=held_images(val_block, manifest, device),
                  views=torch.from_numpy(val_cached[L.VIEWS][:, 0]),  # (n, 5) the clean view the teacher saw
                  labels=torch.from_numpy(val_block.labels).to(device),
-                 teacher_logits=torch.from_numpy(val_cached[L.LOGITS][:, 0].astype(np.float32)).to(device))
+                 teacher_logits=fmt.dense_on({f: val_cached[f][:, 0] for f in fmt.fields}, device))
     student = Student(backbone, teacher_dim=train_split.embed_dim if uses_features(method) else None,
                       ibm=cfg.ibm and method == "cifd", ibm_init_scale=cfg.ibm_init_scale).to(device)
     if cfg.channels_last:

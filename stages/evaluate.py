@@ -7,7 +7,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.cache.reader import CacheExpectation, open_cache
@@ -35,8 +34,9 @@ def run(params: Path) -> None:
     manifest = load_manifest(paths.shards)
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
-    cached = cache.split("val").read_all((L.LOGITS, L.VIEWS))
-    teacher_logits = torch.from_numpy(cached[L.LOGITS][:, 0].astype(np.float32)).to(device)
+    fmt = cache.logits_format  # a compact cache's logits are made on the device
+    cached = cache.split("val").read_all((*fmt.fields, L.VIEWS))
+    teacher_logits = fmt.dense_on({f: cached[f][:, 0] for f in fmt.fields}, device)
     clean = torch.from_numpy(cached[L.VIEWS][:, 0])  # (n, 5) the clean view the teacher saw
     students = {}
     for method in cfg.methods:

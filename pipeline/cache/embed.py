@@ -30,6 +30,7 @@ import torch
 import zarr
 
 from pipeline.cache.lock import writer_lock
+from pipeline.cache.logits import LogitsFormat
 from pipeline.cache.provenance import build_provenance
 from pipeline.cache.reader import format_rows
 from pipeline.cache.store import (
@@ -39,6 +40,7 @@ from pipeline.cache.store import (
     claim,
     create_store,
     existing_store,
+    head_digest,
     finalize,
     remove_leftovers,
     sibling,
@@ -50,6 +52,7 @@ from pipeline.data.shards import Manifest, read_shard
 from pipeline.data.views import sample_views
 from pipeline.models import (
     ImageClassifier,
+    linear_head,
     load_model,
     logits_from_embedding_check,
     state_dict_sha256,
@@ -98,6 +101,18 @@ def teacher_outputs(
     return emb, lg
 
 
+def teacher_head(model: ImageClassifier, x: torch.Tensor, *, check: tuple[bool, float],
+                 source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's classifier head (weight (C, D), bias (C,), float32) for ``embed.logits:
+    from_head``: refused unless classify(embed(x)) reproduces the teacher's logits (``check``)
+    and the head is one linear map (:func:`pipeline.models.linear_head`)."""
+    if not check[0]:
+        raise CacheError(f"embed.logits = 'from_head' but classifier(embedding) does not reproduce the teacher's "
+                         f"logits for {source} (max abs err {check[1]:.3g}); set embed.logits: stored")
+    weight, bias = linear_head(model, x, source=source)
+    return weight.numpy(), bias.numpy()
+
+
 @functools.lru_cache(maxsize=2)
 def _load_teacher(path: str, sha256: str, device: str,
                   allow_entrypoint: str | None) -> tuple[ImageClassifier, dict[str, Any]]:
@@ -123,7 +138,7 @@ class ShardTask:
     allow_entrypoint: str | None  # the teacher entrypoint the user's params name (None: timm / pipeline.models)
     preprocess: Preprocess
     batch_size: int
-    logits_dtype: str
+    logits: LogitsFormat  # how the logits are stored
     device: str
     threads: int
     fingerprint: str  # of the store this task writes into
@@ -138,11 +153,21 @@ class ShardResult:
     seconds: float
 
 
-def checked_rows(emb: np.ndarray, logits: np.ndarray, *, logits_dtype: str, where: str,
+def _stored(values: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
+    """``values`` cast to ``dtype`` as float (bfloat16 through torch) and that dtype's largest value."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(values).to(torch.bfloat16).float().numpy(), float(torch.finfo(torch.bfloat16).max)
+    with np.errstate(over="ignore"):
+        return values.astype(dtype), float(np.finfo(dtype).max)
+
+
+def checked_rows(emb: np.ndarray, logits: np.ndarray, *, fmt: LogitsFormat, where: str,
                  start: int) -> dict[str, np.ndarray]:
-    """The stored embeddings (float16) and logits of one shard, from the teacher's float32
-    (n, V, ·) outputs; a NaN / inf output or a value beyond the stored dtype's range is a
-    :class:`TeacherOutputError` naming ``where``, the row and the view."""
+    """The stored embeddings (float16) and logits arrays of one shard (``fmt.encode``:
+    none for from_head), from the teacher's float32 (n, V, ·) outputs; a NaN / inf output or
+    a value beyond the stored dtype's range is a :class:`TeacherOutputError` naming
+    ``where``, the row and the view."""
+    logits_dtype = fmt.dtype if fmt.kind == "stored" else "float32"
     out = {}
     for name, values, dtype in ((L.EMBEDDINGS, emb, "float16"), (L.LOGITS, logits, logits_dtype)):
         bad = ~np.isfinite(values)
@@ -152,8 +177,7 @@ def checked_rows(emb: np.ndarray, logits: np.ndarray, *, logits_dtype: str, wher
                 f"{where}: the teacher's {name} are NaN or inf at row {start + r} view {v} (rows "
                 f"{format_rows(np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1)) + start)}); nothing of this "
                 "shard is written. Check the teacher's weights (`cifd teacher`) and this shard's images")
-        with np.errstate(over="ignore"):
-            stored = values.astype(dtype)
+        stored, largest = _stored(values, dtype)
         over = ~np.isfinite(stored)
         if over.any():
             r, v, k = (int(i) for i in np.argwhere(over)[0])
@@ -161,9 +185,10 @@ def checked_rows(emb: np.ndarray, logits: np.ndarray, *, logits_dtype: str, wher
                    "before the head)" if name == L.EMBEDDINGS else "set embed.logits_dtype: float32")
             raise TeacherOutputError(
                 f"{where}: the teacher's {name} value {float(values[r, v, k]):.4g} at row {start + r} view {v} "
-                f"overflows {dtype} (largest {float(np.finfo(dtype).max):g}); nothing of this shard is written: {fix}")
-        out[name] = stored
-    return out
+                f"overflows {dtype} (largest {largest:g}); nothing of this shard is written: {fix}")
+        if name == L.EMBEDDINGS:
+            out[name] = stored
+    return {**out, **fmt.encode(logits)}
 
 
 def embed_shard(task: ShardTask) -> ShardResult:
@@ -181,8 +206,7 @@ def embed_shard(task: ShardTask) -> ShardResult:
     emb, logits = teacher_outputs(model, images, views, preprocess=task.preprocess, batch_size=task.batch_size)
     where = f"embed {task.split} shard {Path(task.shard_file).name} (rows {task.start}:{task.stop})"
     rows = {
-        **checked_rows(emb.cpu().numpy(), logits.cpu().numpy(), logits_dtype=task.logits_dtype, where=where,
-                       start=task.start),
+        **checked_rows(emb.cpu().numpy(), logits.cpu().numpy(), fmt=task.logits, where=where, start=task.start),
         L.VIEWS: task.views.astype(np.float32),
         L.LABELS: block.labels,
         L.INDEX: block.index,
@@ -292,9 +316,14 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
     sample = [torch.from_numpy(image) for image in probe.images[:16]]
     x = render_inputs(sample, preprocess.clean_views(torch.from_numpy(probe.sizes[:16])), preprocess=preprocess)
     check = logits_from_embedding_check(model, x)
+    head = teacher_head(model, x, check=check, source=str(teacher_path)) if settings.logits == "from_head" else None
+    stored_dtype = settings.logits_dtype if settings.logits == "stored" else "none"
+    logits_format = LogitsFormat(settings.logits, stored_dtype, settings.logits_topk, model.num_classes,
+                                 *((None, None) if head is None else (torch.from_numpy(head[0]), torch.from_numpy(head[1]))))
 
     provenance = build_provenance(model=model, spec=spec, sha256=sha, manifest=manifest,
-                                  settings=settings, check=check, device_type=device.type)
+                                  settings=settings, check=check, device_type=device.type,
+                                  head_sha256=None if head is None else head_digest(*head))
     root, changes = existing_store(store_path, provenance)
     report = EmbedReport(classifier_reproduces_logits=check[0], rebuilt_because=tuple(changes))
     if root is None:
@@ -304,7 +333,7 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
         spec_ = StoreSpec(
             num_views=settings.views, embed_dim=model.embed_dim, num_classes=model.num_classes,
             shard_rows=int(manifest.data["samples_per_shard"]), chunk_rows=settings.chunk_rows,
-            logits_dtype=settings.logits_dtype,
+            logits_dtype=settings.logits_dtype, logits=settings.logits, logits_topk=settings.logits_topk, head=head,
             splits=tuple(SplitSpec(name=s, num_rows=manifest.split(s)["num_samples"],
                                    shard_bounds=tuple((e["start"], e["stop"]) for e in manifest.split(s)["shards"]))
                          for s in splits),
@@ -336,7 +365,7 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
                 start=a, stop=b, mode=manifest.mode, same_size=same_size, hashes=hashes[a:b],
                 views=views[a:b], teacher=str(teacher_path.resolve()), teacher_sha256=sha, allow_entrypoint=allow_entrypoint,
                 preprocess=preprocess,
-                batch_size=settings.batch_size, logits_dtype=settings.logits_dtype, device=str(device),
+                batch_size=settings.batch_size, logits=logits_format, device=str(device),
                 threads=settings.threads_per_worker, fingerprint=store_fingerprint, token=token,
             ))
     total = sum(t.stop - t.start for t in tasks)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.embed import teacher_outputs
+from pipeline.cache.logits import bytes_per_view
 from pipeline.cache.reader import CacheExpectation, CacheSplit, open_cache
 from pipeline.cache.store import CacheCorruptError
 from pipeline.data.preprocess import Preprocess
@@ -26,16 +27,24 @@ def _stored_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
 
 
-def cache_info(path: str | Path) -> dict[str, Any]:
-    """Teacher, N, V, D, C, dtypes, bytes per sample per view and compression ratio."""
+# The k of the top-k line of ``cache info`` for a cache that keeps all classes.
+INFO_TOPK = 5
+
+
+def cache_info(path: str | Path, *, topk: int | None = None) -> dict[str, Any]:
+    """Teacher, N, V, D, C, dtypes, the logits choice, bytes per sample per view (uncompressed
+    for every logits choice, from D, C, V and k; on disk for this cache, per array) and the
+    compression ratio. ``topk``: k of the top-k line (default: the cache's, else 5)."""
     cache = open_cache(path)
     prov = cache.provenance
+    fmt = cache.logits_format
+    k = topk or fmt.topk or INFO_TOPK
     splits = {}
     raw_total, stored_total = 0, 0
     for name in cache.splits:
         split = cache.split(name)
         raw = sum(
-            math.prod(split.group[a].shape) * split.group[a].dtype.itemsize for a in L.ROW_ARRAYS
+            math.prod(split.group[a].shape) * split.group[a].dtype.itemsize for a in split.row_arrays
         )
         stored = _stored_bytes(cache.path / name)
         raw_total += raw
@@ -46,6 +55,10 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "shards": len(split.shard_bounds),
             "bytes_per_sample_view_raw": round(raw / pairs, 1),
             "bytes_per_sample_view_stored": round(stored / pairs, 1),
+            "stored_bytes_per_sample_view_by_array": {
+                a: round(_stored_bytes(cache.path / name / a) / pairs, 2) for a in split.row_arrays},
+            "bytes_per_sample_view_by_choice": bytes_per_view(
+                embed_dim=split.embed_dim, num_classes=split.num_classes, num_views=max(split.num_views, 1), topk=k),
         }
     return {
         "path": str(cache.path),
@@ -54,6 +67,9 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         "dataset_manifest_sha256": prov["dataset"]["manifest_sha256"],
         "classes": prov["dataset"]["classes"],
         "dtypes": prov["dtypes"],
+        "logits": {"kind": fmt.kind, "dtype": fmt.dtype, "topk": fmt.topk,
+                   "head_bytes": (_stored_bytes(cache.path / L.HEAD_WEIGHT) + _stored_bytes(cache.path / L.HEAD_BIAS)
+                                  if fmt.kind == "from_head" else 0)},
         "views": prov["views"],
         "preprocess": prov["preprocess"],
         "preprocess_origin": prov.get("preprocess_origin", {}),
@@ -136,7 +152,11 @@ def _compare_split(
         emb, logits = teacher_outputs(model, images, params, preprocess=preprocess, batch_size=256)
         emb, logits = emb[:, 0].cpu(), logits[:, 0].cpu()
         c_emb = torch.from_numpy(cached[L.EMBEDDINGS][r, v].astype(np.float32))
-        c_log = torch.from_numpy(cached[L.LOGITS][r, v].astype(np.float32))
+        fmt = part.logits_format  # the cache's logits as readers get them (from_head: head(float16 embedding))
+        held = {f: torch.from_numpy(cached[f][r, v]) for f in fmt.fields}
+        c_log, kept = fmt.dense(held), fmt.kept(held)
+        if kept is not None:  # top-k: compare the kept classes only (the rest are a share of the tail mass)
+            c_log, logits = c_log.gather(1, kept), logits.gather(1, kept)
         emb_scale = max(emb_scale, float(c_emb.abs().max()))
         log_scale = max(log_scale, float(c_log.abs().max()))
         emb_err = _worst(emb_err, float((emb - c_emb).abs().max()))

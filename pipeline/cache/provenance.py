@@ -16,7 +16,7 @@ __all__ = ["build_provenance"]
 
 def build_provenance(
     *, model: ImageClassifier, spec: dict[str, Any], sha256: str, manifest: Manifest,
-    settings: EmbedConfig, check: tuple[bool, float], device_type: str,
+    settings: EmbedConfig, check: tuple[bool, float], device_type: str, head_sha256: str | None = None,
 ) -> dict[str, Any]:
     return {
         "teacher": {
@@ -49,7 +49,11 @@ def build_provenance(
             "image_shape": list(manifest.image_shape) if manifest.image_shape is not None else None,
             "num_samples": {s: manifest.split(s)["num_samples"] for s in L.SPLITS},
         },
-        "dtypes": {L.EMBEDDINGS: "float16", L.LOGITS: settings.logits_dtype, L.VIEWS: "float32"},
+        # from_head stores no logits: their dtype is not an input (changing it rebuilds nothing)
+        "dtypes": {L.EMBEDDINGS: "float16", L.VIEWS: "float32",
+                   L.LOGITS: settings.logits_dtype if settings.logits == "stored" else "none"},
+        # stored | from_head (the head's arrays in the cache, their sha256 here), top-k or all classes
+        "logits": {"kind": settings.logits, "topk": settings.logits_topk, "head_sha256": head_sha256},
         # CPU and GPU kernels differ in the last bits: a resume never mixes the two.
         "compute": {"device_type": device_type},
         "classifier_check": {"reproduces_logits": check[0], "max_abs_err": round(check[1], 6)},

@@ -10,6 +10,7 @@ Checked on every read: each chunk's crc32c (by Zarr), and that no value is the f
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,10 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
+from torch import Tensor
 from zarr.codecs import Crc32cCodec
 
-from pipeline.cache.store import CacheCorruptError, CacheError, fill_value, fingerprint, shard_digest
+from pipeline.cache.logits import LogitsFormat, bf16_bits
+from pipeline.cache.store import (
+    CacheCorruptError,
+    CacheError,
+    fill_value,
+    fingerprint,
+    head_digest,
+    logits_choice,
+    shard_digest,
+)
 from pipeline.data.shards import Manifest
 from schemas import layout as L
 
@@ -142,8 +154,16 @@ class ShardedSplit:
                 rows = self._unreadable_rows(name, start, stop)
                 raise CacheCorruptError(f"{self._where(name)}: rows {format_rows(rows)} cannot be read "
                                         f"({type(exc).__name__}: {exc}). {self.fix}") from exc
-            out[name] = self._checked(name, np.asarray(values), start)
+            out[name] = self._checked(name, self._decode(name, np.asarray(values)), start)
         return out
+
+    def _decode(self, name: str, values: np.ndarray) -> np.ndarray:
+        """A read array as callers get it (a subclass decodes what it stores encoded)."""
+        return values
+
+    def _encode(self, name: str, values: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`_decode`: the values as stored (what the checksum covers)."""
+        return values
 
     def blocks(self, fields: Sequence[str]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         """``(start, stop, arrays)`` for each Zarr shard of the split, in row order."""
@@ -180,7 +200,8 @@ class ShardedSplit:
         if recorded == bytes(32):
             raise CacheCorruptError(f"{self.label} split {self.name} shard {shard} (rows {a}:{b}) has no recorded "
                                     f"checksum although it is marked written. {self.fix}")
-        if shard_digest(rows, self.row_arrays) != recorded:
+        stored = {name: self._encode(name, rows[name]) for name in self.row_arrays}
+        if shard_digest(stored, self.row_arrays) != recorded:
             raise CacheCorruptError(f"{self.label} split {self.name} shard {shard} (rows {a}:{b}): its values differ "
                                     f"from those written (content sha256 mismatch). {self.fix}")
 
@@ -193,19 +214,58 @@ class ShardedSplit:
 
 
 class CacheSplit(ShardedSplit):
-    """One split of the teacher cache: N rows of V views, D-dim embeddings, C classes."""
+    """One split of the teacher cache: N rows of V views, D-dim embeddings, C classes.
 
-    def __init__(self, group: zarr.Group, name: str, *, path: Path) -> None:
-        super().__init__(group, name, label=f"teacher cache {path}", fix=TEACHER_FIX, row_arrays=L.ROW_ARRAYS)
+    ``L.LOGITS`` can always be read, whatever the cache keeps (``pipeline.cache.logits``):
+    stored logits as stored (bfloat16 decoded to float32), float32 logits recomputed on the
+    host from the embeddings (from_head) or rebuilt dense from the top-k arrays. Readers on a
+    device read :attr:`logits_format`'s fields instead and call its ``dense`` there."""
+
+    def __init__(self, group: zarr.Group, name: str, *, path: Path, logits: LogitsFormat) -> None:
+        super().__init__(group, name, label=f"teacher cache {path}", fix=TEACHER_FIX,
+                         row_arrays=L.teacher_row_arrays(logits.kind, logits.topk))
+        self.logits_format = logits
         emb = group[L.EMBEDDINGS]
         self.num_rows, self.num_views, self.embed_dim = emb.shape  # type: ignore[misc]
-        self.num_classes = group[L.LOGITS].shape[2]  # type: ignore[index]
+        self.num_classes = logits.num_classes
 
-    def read(self, start: int, stop: int, fields: Sequence[str] = L.ROW_ARRAYS) -> dict[str, np.ndarray]:
-        return super().read(start, stop, fields)
+    def _decode(self, name: str, values: np.ndarray) -> np.ndarray:
+        return self.logits_format.decode_values(name, values)
 
-    def read_all(self, fields: Sequence[str] = L.ROW_ARRAYS) -> dict[str, np.ndarray]:
-        return super().read_all(fields)
+    def _encode(self, name: str, values: np.ndarray) -> np.ndarray:
+        if self.logits_format.dtype == "bfloat16" and name in (L.LOGITS, L.TOPK_VALUES):
+            return bf16_bits(values)
+        return values
+
+    def read(self, start: int, stop: int, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        fields = self.row_arrays if fields is None else tuple(fields)
+        fmt = self.logits_format
+        virtual = L.LOGITS in fields and L.LOGITS not in fmt.stored_arrays
+        wanted = [f for f in fields if not (virtual and f == L.LOGITS)]
+        needed = wanted + [f for f in fmt.fields if virtual and f not in wanted]
+        out = super().read(start, stop, needed)
+        if virtual:
+            out[L.LOGITS] = fmt.dense({f: torch.from_numpy(out[f]) for f in fmt.fields}).numpy()
+            for f in set(needed) - set(fields):
+                del out[f]
+        return out
+
+    def read_all(self, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return super().read_all(self.row_arrays if fields is None else fields)
+
+
+def _head(root: zarr.Group, provenance: dict[str, Any], path: Path) -> tuple[Tensor, Tensor]:
+    """The from_head cache's head arrays, checked (crc32c, finite, the sha256 the provenance records)."""
+    try:
+        weight = np.asarray(root[L.HEAD_WEIGHT][...], dtype=np.float32)  # type: ignore[index]
+        bias = np.asarray(root[L.HEAD_BIAS][...], dtype=np.float32)  # type: ignore[index]
+    except _DECODE_ERRORS as exc:
+        raise CacheCorruptError(f"teacher cache {path}: the classifier head cannot be read "
+                                f"({type(exc).__name__}: {exc}). {TEACHER_FIX}") from exc
+    if head_digest(weight, bias) != logits_choice(provenance)["head_sha256"]:
+        raise CacheCorruptError(f"teacher cache {path}: the stored classifier head differs from the one its provenance "
+                                f"records (sha256 mismatch). {TEACHER_FIX}")
+    return torch.from_numpy(weight), torch.from_numpy(bias)
 
 
 class TeacherCache:
@@ -228,10 +288,22 @@ class TeacherCache:
     def splits(self) -> list[str]:
         return [name for name in L.SPLITS if name in self.root]
 
+    @functools.cached_property
+    def logits_format(self) -> LogitsFormat:
+        """How this cache keeps its logits (the head read and checked once, from_head)."""
+        prov = self.provenance
+        choice = logits_choice(prov)
+        head = _head(self.root, prov, self.path) if choice["kind"] == "from_head" else (None, None)
+        return LogitsFormat(choice["kind"], choice["dtype"], choice["topk"], prov["teacher"]["num_classes"], *head)
+
+    @property
+    def row_arrays(self) -> tuple[str, ...]:
+        return L.teacher_row_arrays(self.logits_format.kind, self.logits_format.topk)
+
     def split(self, name: str) -> CacheSplit:
         if name not in self.root:
             raise CacheError(f"teacher cache {self.path} has no split '{name}'; it has {self.splits}")
-        return CacheSplit(self.root[name], name, path=self.path)  # type: ignore[arg-type]
+        return CacheSplit(self.root[name], name, path=self.path, logits=self.logits_format)  # type: ignore[arg-type]
 
 
 def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> TeacherCache:
@@ -281,7 +353,8 @@ def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> Teac
         for what, found, expected, fix in checks:
             if expected is not None and found != expected:
                 raise _mismatch(path, what, found, expected, fix)
-    check_layout(root, cache.splits, L.ROW_ARRAYS, label=f"teacher cache {path}", fix=TEACHER_FIX)
+    check_layout(root, cache.splits, cache.row_arrays, label=f"teacher cache {path}", fix=TEACHER_FIX)
+    _ = cache.logits_format  # a from_head cache's head: read and checked here, before any compute
     for name in cache.splits:
         done = np.asarray(root[name][L.DONE][:])
         if not done.all():

@@ -4,7 +4,9 @@ the write of one shard.
 Layout (``schemas.layout``): root attributes carry the schema version, provenance and a
 fingerprint of everything that determines the content; one group per split holds
 ``embeddings (N, V, D) f16``, ``logits (N, V, C)``, ``views (N, V, 5) f32``,
-``labels (N,)``, ``index (N,)``, ``done (num_shards,)`` and ``shard_sha256 (num_shards, 32)``.
+``labels (N,)``, ``index (N,)``, ``done (num_shards,)`` and ``shard_sha256 (num_shards, 32)``;
+the logits arrays depend on the logits choice (``pipeline.cache.logits``): ``from_head``
+stores none and keeps the head in two root arrays, ``head_weight`` and ``head_bias``.
 A Zarr shard spans exactly the rows of one WebDataset tar, so one worker owns each shard file.
 
 Integrity: every chunk ends with a crc32c of its bytes (a flipped byte fails the read); a
@@ -25,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from pipeline.cache.logits import LogitsFormat
 from schemas import layout as L
 
 
@@ -86,6 +90,28 @@ class StoreSpec:
     chunk_rows: int
     logits_dtype: str
     splits: tuple[SplitSpec, ...]
+    logits: str = "stored"  # embed.logits
+    logits_topk: int | None = None
+    head: tuple[np.ndarray, np.ndarray] | None = None  # (weight (C, D), bias (C,)) float32, from_head
+
+
+def logits_choice(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The provenance's ``logits`` entry (kind, topk, head_sha256) and the logits dtype; a
+    provenance without them (hand-made in tests) means stored dense float32 logits."""
+    choice = dict(provenance.get("logits") or {"kind": "stored", "topk": None, "head_sha256": None})
+    return {**choice, "dtype": provenance.get("dtypes", {}).get(L.LOGITS, "float32")}
+
+
+def row_arrays_of(provenance: Mapping[str, Any]) -> tuple[str, ...]:
+    """The row arrays of a teacher cache with this provenance (its logits choice)."""
+    choice = logits_choice(provenance)
+    return L.teacher_row_arrays(choice["kind"], choice["topk"])
+
+
+def head_digest(weight: np.ndarray, bias: np.ndarray) -> str:
+    """sha256 (hex) of the head arrays as stored (float32): recorded in the provenance."""
+    return shard_digest({L.HEAD_WEIGHT: np.asarray(weight, np.float32), L.HEAD_BIAS: np.asarray(bias, np.float32)},
+                        (L.HEAD_WEIGHT, L.HEAD_BIAS)).hex()
 
 
 def chunk_codecs() -> list[Any]:
@@ -136,13 +162,21 @@ def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any]) -> 
         )
     root = zarr.open_group(path, mode="w-", zarr_format=3)
     v, d, c = spec.num_views, spec.embed_dim, spec.num_classes
+    head = spec.head
+    fmt = LogitsFormat(spec.logits, spec.logits_dtype, spec.logits_topk, c,
+                       *((None, None) if head is None else (torch.from_numpy(head[0]), torch.from_numpy(head[1]))))
     arrays = {
         L.EMBEDDINGS: ((v, d), "float16"),
-        L.LOGITS: ((v, c), spec.logits_dtype),
+        **{name: ((v, *tail), dtype) for name, (tail, dtype) in fmt.array_specs().items()},
         L.VIEWS: ((v, len(L.VIEW_FIELDS)), "float32"),
         L.LABELS: ((), "int64"),
         L.INDEX: ((), "int64"),
     }
+    if head is not None:
+        for name, values in ((L.HEAD_WEIGHT, head[0]), (L.HEAD_BIAS, head[1])):
+            array = root.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape,
+                                      compressors=chunk_codecs(), fill_value=L.FLOAT_FILL)
+            array[...] = np.asarray(values, dtype=np.float32)
     for split in spec.splits:
         group = root.create_group(split.name)
         for name, (tail, dtype) in arrays.items():
@@ -249,14 +283,15 @@ def write_rows(root: zarr.Group, split: str, start: int, stop: int, rows: Mappin
     """
     where = f"teacher cache {getattr(root.store, 'root', root.store)} split {split} rows {start}:{stop}"
     check_writer(root, fingerprint_=fingerprint_, token=token, where=where)
+    names = row_arrays_of(dict(root.attrs)[L.ATTR_PROVENANCE])
     group = root[split]
-    values = {name: np.asarray(rows[name], dtype=group[name].dtype) for name in L.ROW_ARRAYS}  # type: ignore[union-attr]
+    values = {name: np.asarray(rows[name], dtype=group[name].dtype) for name in names}  # type: ignore[union-attr]
     bounds = [tuple(b) for b in group.attrs["shard_bounds"]]  # type: ignore[union-attr]
     shard = bounds.index((start, stop))
     try:
-        for name in L.ROW_ARRAYS:
+        for name in names:
             group[name][start:stop] = values[name]  # type: ignore[index]
-        group[L.SHARD_SHA256][shard] = np.frombuffer(shard_digest(values, L.ROW_ARRAYS), dtype=np.uint8)  # type: ignore[index]
+        group[L.SHARD_SHA256][shard] = np.frombuffer(shard_digest(values, names), dtype=np.uint8)  # type: ignore[index]
         group[L.DONE][shard] = 1  # type: ignore[index]
     except OSError as exc:
         raise CacheError(f"cannot write {where} ({exc}); free space or fix permissions, then rerun") from exc

@@ -67,7 +67,8 @@ def resample_boxes(images: Tensor, boxes: Tensor, *, out_size: int, interpolatio
     cols = axis_weights(b[:, 1], b[:, 3], size=width, out=out_size, interpolation=interpolation)  # (B, S, W)
     cols = torch.where((b[:, 4] > 0.5)[:, None, None], cols.flip(1), cols)
     rows, cols = rows.to(images.dtype), cols.to(images.dtype)
-    if batch == 1:  # one (often large) image: cut it to the pixels any tap reaches first
+    if batch == 1 and images.device.type == "cpu":  # one (often large) image: cut it to the pixels any tap
+        # reaches first (on the host only: finding them on a device would synchronise it)
         r = rows[0].any(0).nonzero()
         c = cols[0].any(0).nonzero()
         if len(r) == 0 or len(c) == 0:

@@ -189,8 +189,8 @@ def replay_views(images: Tensor, params: Tensor, *, out_size: int, interpolation
     params = params.to(dtype=torch.float32)
     if images.shape[0] == 0:  # nothing to crop (and the padding reduction needs a row)
         return images.new_zeros(0, images.shape[1], out_size, out_size)
-    # Decided where the params are: host params (the batch sources keep them there) cost the
-    # device no synchronisation; device params cost one.
+    # Decided where the params are: host params (every batch source and embed keep them
+    # there) cost the device no synchronisation; device params cost one here.
     exact = _is_exact_copy(params, out_size)
     height, width = images.shape[2:]
     top, left = params[:, 0], params[:, 1]
@@ -200,13 +200,16 @@ def replay_views(images: Tensor, params: Tensor, *, out_size: int, interpolation
     if all_exact:
         return _copy_crops(images, params, out_size, pad)
     resample = functools.partial(resample_boxes, out_size=out_size, interpolation=interpolation)
-    params = params.to(images.device, non_blocking=True)
     if not any_exact:
-        return resample(images, params)
-    exact = exact.to(images.device, non_blocking=True)
+        return resample(images, params.to(images.device, non_blocking=True))
+    # Rows split by integer indices found where the params are: a boolean mask on the device
+    # would make the device count its True entries (a synchronisation) at every batch.
+    copy_rows, other_rows = exact.nonzero().squeeze(1), (~exact).nonzero().squeeze(1)
+    copy_d = copy_rows.to(images.device, non_blocking=True)
+    other_d = other_rows.to(images.device, non_blocking=True)
     out = images.new_empty(images.shape[0], images.shape[1], out_size, out_size)
-    out[exact] = _copy_crops(images[exact], params[exact], out_size, pad)
-    out[~exact] = resample(images[~exact], params[~exact])
+    out[copy_d] = _copy_crops(images[copy_d], params[copy_rows], out_size, pad)
+    out[other_d] = resample(images[other_d], params[other_rows].to(images.device, non_blocking=True))
     return out
 
 

@@ -26,31 +26,42 @@ class KDLoss(NamedTuple):
     kd: Tensor
 
 
-def kd_kl(*, student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def kd_kl(*, student_logits: Tensor, teacher_logits: Tensor, temperature: float, kept: Tensor | None = None) -> Tensor:
     """``τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))``, batch mean, float32 scalar.
 
-    Zero when student and teacher logits agree; the teacher side is detached.
+    Zero when student and teacher logits agree; the teacher side is detached. ``kept``
+    (B, k) int64 class ids (a top-k cache): the KL of the two distributions renormalised
+    over each row's kept classes, ``softmax(z_T[kept]/τ) ‖ softmax(z_S[kept]/τ)`` (only the
+    kept teacher logits matter; with every class kept it is the full KL).
     """
     _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     _check_temperature(temperature)
+    if kept is not None:
+        if kept.ndim != 2 or kept.shape[0] != student_logits.shape[0]:
+            raise ValueError(f"kept must be (B, k) class ids with B = {student_logits.shape[0]}, "
+                             f"got shape {tuple(kept.shape)}")
+        student_logits, teacher_logits = student_logits.gather(1, kept), teacher_logits.gather(1, kept)
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     return temperature**2 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
 def hinton_kd(
-    *, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, alpha: float
+    *, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float, alpha: float,
+    teacher_kept: Tensor | None = None,
 ) -> KDLoss:
     """Hinton et al. 2015: ``(1-α)·CE(z_s, y) + α·τ²·KL(T‖S)``.
 
-    ``labels`` are class ids (B,) or soft labels (B, C) (e.g. mixup).
+    ``labels`` are class ids (B,) or soft labels (B, C) (e.g. mixup). ``teacher_kept``: the
+    KL over a top-k cache's kept classes (:func:`kd_kl`'s ``kept``).
     """
     _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     _check_labels(labels, *student_logits.shape)
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1] (weight of the KD term), got {alpha!r}")
     ce = _ce(student_logits, labels)
-    kd = kd_kl(student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature)
+    kd = kd_kl(student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature,
+               kept=teacher_kept)
     return KDLoss(total=(1.0 - alpha) * ce + alpha * kd, ce=ce, kd=kd)
 
 

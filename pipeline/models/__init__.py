@@ -5,7 +5,7 @@ a user's own module must expose, and `pipeline.models.factory` for building, sav
 loading models, and `pipeline.models.files` for the safetensors + JSON file format.
 """
 
-from pipeline.models.classifier import ImageClassifier
+from pipeline.models.classifier import ImageClassifier, linear_head
 from pipeline.models.errors import (
     EntrypointRefusedError,
     ModelError,
@@ -34,6 +34,7 @@ __all__ = [
     "MODEL_FILE_FORMAT",
     "EntrypointRefusedError",
     "ImageClassifier",
+    "linear_head",
     "ModelError",
     "ModelFileError",
     "ModelInterfaceError",

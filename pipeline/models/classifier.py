@@ -145,6 +145,30 @@ class ImageClassifier(nn.Module):
         return f"kind={kind}, embed_dim={self.embed_dim}, num_classes={self.num_classes}"
 
 
+# How far classify(e) may be from the head's e @ W.T + b (float32 rounding only).
+HEAD_ATOL = 1e-4
+
+
+@torch.inference_mode()
+def linear_head(model: ImageClassifier, x: torch.Tensor, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's classifier as one linear map: float32 CPU weight (C, D) and bias (C,)
+    (zeros when it has none). A :class:`ModelInterfaceError` unless ``get_classifier()`` is an
+    ``nn.Linear(D, C)`` that ``classify`` applies as is (compared on the embeddings of ``x``)."""
+    fix = "keep the logits in the cache instead (embed.logits: stored)"
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear) or tuple(head.weight.shape) != (model.num_classes, model.embed_dim):
+        raise ModelInterfaceError(f"{source}: the classifier is {type(head).__name__ if head is not None else 'not named'}"
+                                  f", not one Linear({model.embed_dim}, {model.num_classes}); {fix}")
+    weight = head.weight.detach().float().cpu()
+    bias = head.bias.detach().float().cpu() if head.bias is not None else torch.zeros(model.num_classes)
+    e = model.embed(x).float()
+    err = float((model.classify(e).float().cpu() - torch.nn.functional.linear(e.cpu(), weight, bias)).abs().max())
+    if err > HEAD_ATOL:
+        raise ModelInterfaceError(f"{source}: classify(embedding) differs from embedding @ weight.T + bias by "
+                                  f"{err:.3g} (the head does more than one linear map); {fix}")
+    return weight, bias
+
+
 def weights_module(module: nn.Module) -> nn.Module:
     """The module whose state dict is saved/loaded/hashed: an ImageClassifier's backbone."""
     return module.backbone if isinstance(module, ImageClassifier) else module

@@ -14,6 +14,7 @@ from pipeline.losses import (
     dgkd_loss,
     hinton_kd,
     kd_dropout_mask,
+    kd_kl,
 )
 from pipeline.train.student import StudentOutput
 from pipeline.train.targets import Batch
@@ -63,7 +64,7 @@ def method_loss(
         loss = F.cross_entropy(logits, batch.labels)
     elif method == "kd":
         loss = hinton_kd(student_logits=logits, teacher_logits=batch.teacher_logits, labels=batch.labels,
-                         temperature=w.temperature, alpha=w.kd_alpha).total
+                         temperature=w.temperature, alpha=w.kd_alpha, teacher_kept=batch.teacher_kept).total
     elif method in ("dgkd", "cifd"):
         m = 0 if batch.rdm_logits is None else batch.rdm_logits.shape[0]
         if rdm_weights.shape[0] != m:
@@ -86,6 +87,11 @@ def method_loss(
                              ce_weight=w.ce_weight, kl_weight=w.kl_weight, temperature=w.temperature,
                              feature_weight=w.feature_weight, rate_weight=w.rate_weight,
                              distortion=w.distortion, keep=keep).total
+        if batch.teacher_kept is not None:  # a top-k cache: the teacher's KL over its kept classes instead
+            full = kd_kl(student_logits=logits, teacher_logits=batch.teacher_logits, temperature=w.temperature)
+            kept = kd_kl(student_logits=logits, teacher_logits=batch.teacher_logits, temperature=w.temperature,
+                         kept=batch.teacher_kept)
+            loss = loss + w.kl_weight * keep[0].float() * (kept - full)
     else:
         raise ValueError(f"unknown method {method!r}; expected ce, kd, dgkd or cifd")
     if w.ckd_weight > 0:

@@ -36,7 +36,12 @@ from pipeline.rd import RDMBank, rdm_loss
 from pipeline.runtime import derived_seed
 from schemas import layout as L
 
-PAIR_FIELDS = (L.EMBEDDINGS, L.LOGITS, L.LABELS)
+PAIR_FIELDS = (L.EMBEDDINGS, L.LOGITS, L.LABELS)  # what a pair holds (logits from the arrays of pair_fields)
+
+
+def pair_fields(split: CacheSplit) -> tuple[str, ...]:
+    """The arrays read for the pairs: embeddings, labels and those holding the logits."""
+    return (L.EMBEDDINGS, L.LABELS, *(f for f in split.logits_format.fields if f != L.EMBEDDINGS))
 
 
 class PairBatch(NamedTuple):
@@ -97,13 +102,15 @@ def load_pairs(split: CacheSplit, blocks: Sequence[tuple[int, int]], *, views: s
     emb = torch.empty((n, split.embed_dim), dtype=torch.float32, device=device)
     logits = torch.empty((n, split.num_classes), dtype=torch.float32, device=device)
     labels = torch.empty((n,), dtype=torch.int64, device=device)
+    fmt = split.logits_format.to(device)  # a compact cache's logits are made on the device
     at = 0
     for a, b in blocks:
-        block = split.read(a, b, PAIR_FIELDS)
+        block = split.read(a, b, pair_fields(split))
         pairs = (b - a) * k
         # (b-a, k, D) → (pairs, D), row-major: pair (row, view) at row·k + view
         emb[at:at + pairs] = torch.from_numpy(block[L.EMBEDDINGS][:, views].reshape(pairs, -1))
-        logits[at:at + pairs] = torch.from_numpy(block[L.LOGITS][:, views].reshape(pairs, -1))  # → (pairs, C)
+        held = {f: torch.from_numpy(block[f][:, views]).to(device, non_blocking=True) for f in fmt.fields}
+        logits[at:at + pairs] = fmt.dense(held).reshape(pairs, -1)  # (b-a, k, C) → (pairs, C)
         labels[at:at + pairs] = torch.from_numpy(block[L.LABELS]).repeat_interleave(k)  # (b-a,) → (pairs,)
         at += pairs
         del block
@@ -194,7 +201,7 @@ def pair_source(split: CacheSplit, *, views: slice, device: torch.device, data: 
     time for ``stream``: a corrupt or missing chunk stops the caller here, before any
     training, not in the middle of an epoch."""
     if data == "stream":
-        for _ in split.blocks(PAIR_FIELDS):
+        for _ in split.blocks(pair_fields(split)):
             pass
         return CachePairs(split=split, views=views, device=device, hold_blocks=hold_blocks)
     if data == "memory":

@@ -40,6 +40,7 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
+from pipeline.cache.logits import LogitsFormat
 from pipeline.cache.reader import ShardedSplit
 from pipeline.cache.store import CacheError
 from pipeline.data.preprocess import Preprocess, render_inputs
@@ -53,9 +54,10 @@ from schemas.layout import IMAGE_EXTS, KEY_DIGITS, LABEL_EXT
 __all__ = ["StreamBatches"]
 
 # One streamed sample: row, image (uint8 (C, H, W), or rendered float (C, S, S)), view box
-# (5,), label, teacher logits (C,), teacher embedding (D,) | None, RDM logits (M, C) | None,
-# RDM embeddings (M, D) | None.
-Sample = tuple[int, np.ndarray | Tensor, np.ndarray, int, np.ndarray, np.ndarray | None, np.ndarray | None,
+# (5,), label, teacher logits (C,) or their packed arrays (top-k) | None (from_head: made from
+# the embedding), teacher embedding (D,) | None, RDM logits (M, C) | None, RDM embeddings
+# (M, D) | None.
+Sample = tuple[int, np.ndarray | Tensor, np.ndarray, int, np.ndarray | None, np.ndarray | None, np.ndarray | None,
                np.ndarray | None]
 
 
@@ -67,6 +69,9 @@ class _Join:
                  choice: np.ndarray, mode: str, render: Preprocess | None) -> None:
         self.teacher, self.rdm, (self.fields, self.rdm_fields) = teacher, rdm, fields
         self.choice, self.mode, self.render = choice, mode, render
+        self.logits: LogitsFormat | None = getattr(teacher, "logits_format", None)
+        if self.logits is not None and L.LOGITS in fields[0]:  # dense logits asked for: the reader makes them
+            self.logits = None
         self.starts = [a for a, _ in teacher.shard_bounds]
         self.start, self.stop = 0, 0
         self.block: dict[str, np.ndarray] = {}
@@ -107,7 +112,13 @@ class _Join:
         emb = self.block[L.EMBEDDINGS][i, v] if L.EMBEDDINGS in self.block else None
         rdm_logits, rdm_emb = (self.rdm_block[name][i, v] if name in self.rdm_block else None
                                for name in (L.RDM_LOGITS, L.RDM_X_HAT))
-        return row, image, box, label, self.block[L.LOGITS][i, v], emb, rdm_logits, rdm_emb
+        if self.logits is None:
+            logits = self.block[L.LOGITS][i, v]
+        elif self.logits.kind == "from_head":  # the embedding travels once, in its own slot
+            logits = None
+        else:
+            logits = self.logits.pack({f: self.block[f][i, v] for f in self.logits.fields})
+        return row, image, box, label, logits, emb, rdm_logits, rdm_emb
 
 
 def _collate(samples: list[Sample]) -> list[Tensor | None]:
@@ -167,6 +178,9 @@ class StreamBatches:
                              f"only {len(self.urls)}; use distill.data: memory, or prepare smaller shards")
         self.num_rows = teacher.num_rows
         self.teacher, self.rdm, self.fields = teacher, rdm, fields
+        fmt: LogitsFormat | None = getattr(teacher, "logits_format", None)
+        # Packed teacher logits (from_head, top-k) are made on the device, in _yield.
+        self.logits = fmt.to(device) if fmt is not None and fmt.packed and L.LOGITS not in fields[0] else None
         self.mode, self.preprocess = manifest.mode, preprocess
         self.same_size = manifest.image_shape is not None  # one uint8 batch, rendered on the device
         self.batch_size, self.workers, self.device = batch_size, workers, device
@@ -202,7 +216,6 @@ class StreamBatches:
         arrive rendered."""
         rows, images, boxes, labels, logits, emb, rdm_logits, rdm_emb = parts
         assert rows is not None and images is not None and boxes is not None and labels is not None
-        assert logits is not None
         seen[rows] += 1
 
         def dev(t: Tensor | None) -> Tensor | None:
@@ -211,9 +224,15 @@ class StreamBatches:
         images = images.to(self.device, non_blocking=True)
         x = images if not self.same_size else render_inputs(images, boxes, preprocess=self.preprocess)
         rdm_logits, rdm_emb = dev(rdm_logits), dev(rdm_emb)
-        batch = Batch(labels=dev(labels), teacher_logits=dev(logits).float(), teacher_emb=dev(emb),  # type: ignore[arg-type, union-attr]
+        if self.logits is None:
+            teacher_logits, kept = dev(logits).float(), None  # type: ignore[union-attr]
+        else:  # packed (from_head: the embedding slot), made into logits here, on the device
+            packed = dev(emb if self.logits.kind == "from_head" else logits)
+            teacher_logits, kept = self.logits.unpack(packed)  # type: ignore[arg-type]
+        batch = Batch(labels=dev(labels), teacher_logits=teacher_logits, teacher_emb=dev(emb),  # type: ignore[arg-type]
                       rdm_logits=None if rdm_logits is None else rdm_logits.transpose(0, 1),  # (M, B, C)
-                      rdm_emb=None if rdm_emb is None else rdm_emb.transpose(0, 1))  # (M, B, D)
+                      rdm_emb=None if rdm_emb is None else rdm_emb.transpose(0, 1),  # (M, B, D)
+                      teacher_kept=kept)
         return dev(rows), dev(choice[rows]), x, batch  # type: ignore[return-value]
 
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Batch]]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.cache.logits import LogitsFormat
 from pipeline.cache.rdm_store import RdmCache
 from pipeline.cache.reader import TeacherCache
 from pipeline.train.student import uses_features, uses_rdms
@@ -32,10 +33,14 @@ class TargetInfo:
     emb_scale: float  # embeddings are compared divided by this (the teacher embedding RMS)
 
 
-def target_fields(method: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def target_fields(method: str, logits: LogitsFormat | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The teacher-cache and RDM-cache arrays ``method`` learns from (views and labels are
-    always read: the boxes to render and the join check)."""
-    teacher = (L.VIEWS, L.LABELS, L.LOGITS) + ((L.EMBEDDINGS,) if uses_features(method) else ())
+    always read: the boxes to render and the join check). With the cache's ``logits``
+    format, the arrays that hold its logits (packed, turned into logits on the device);
+    without, ``L.LOGITS`` (dense logits, computed on the host when not stored)."""
+    held = (L.LOGITS,) if logits is None else tuple(f for f in logits.fields if f != L.EMBEDDINGS)
+    wants_emb = uses_features(method) or (logits is not None and L.EMBEDDINGS in logits.fields)
+    teacher = (L.VIEWS, L.LABELS, *held) + ((L.EMBEDDINGS,) if wants_emb else ())
     rdm = ((L.RDM_LOGITS,) + ((L.RDM_X_HAT,) if uses_features(method) else ())) if uses_rdms(method) else ()
     return teacher, rdm
 
@@ -59,11 +64,12 @@ class Targets:
 
     views: Tensor  # (N, V, 5) float32
     labels: Tensor  # (N,) int64
-    teacher_logits: Tensor  # (N, V, C) float32
+    teacher_logits: Tensor  # (N, V, C) float32, or (N, V, P) packed by ``logits`` when it is packed
     teacher_emb: Tensor | None  # (N, V, D) float16, for the methods with feature losses
     rdm_logits: Tensor | None  # (N, V, M, C) float32
     rdm_emb: Tensor | None  # (N, V, M, D) float16
     emb_scale: float  # embeddings are compared divided by this (the teacher embedding RMS)
+    logits: LogitsFormat | None = None  # set when teacher_logits are packed (from_head, top-k)
 
     @property
     def num_rows(self) -> int:
@@ -92,6 +98,7 @@ class Batch:
     teacher_emb: Tensor | None  # (B, D)
     rdm_logits: Tensor | None  # (M, B, C)
     rdm_emb: Tensor | None  # (M, B, D)
+    teacher_kept: Tensor | None = None  # (B, k) int64: a top-k cache's kept classes (the KD terms run over them)
 
 
 def gather_targets(targets: Targets, rows: Tensor, views: Tensor) -> Batch:
@@ -99,15 +106,19 @@ def gather_targets(targets: Targets, rows: Tensor, views: Tensor) -> Batch:
     rdm_logits = targets.rdm_logits[rows, views].transpose(0, 1) if targets.rdm_logits is not None else None
     rdm_emb = targets.rdm_emb[rows, views].transpose(0, 1) if targets.rdm_emb is not None else None
     teacher_emb = targets.teacher_emb[rows, views] if targets.teacher_emb is not None else None
-    return Batch(labels=targets.labels[rows], teacher_logits=targets.teacher_logits[rows, views],
-                 teacher_emb=teacher_emb, rdm_logits=rdm_logits, rdm_emb=rdm_emb)
+    logits, kept = targets.teacher_logits[rows, views], None
+    if targets.logits is not None:  # packed: logits made here, on the targets' device
+        logits, kept = targets.logits.unpack(logits)
+    return Batch(labels=targets.labels[rows], teacher_logits=logits, teacher_emb=teacher_emb, rdm_logits=rdm_logits,
+                 rdm_emb=rdm_emb, teacher_kept=kept)
 
 
 def load_targets(cache: TeacherCache, rdm: RdmCache | None, *, method: str, device: torch.device) -> Targets:
     """Memory mode: the train split's targets for ``method``, read shard by shard and moved
     to ``device`` (for CIFAR-sized data; stream mode reads blocks in its loader instead)."""
     info = target_info(cache, rdm, method=method)
-    teacher_fields, rdm_fields = target_fields(method)
+    fmt = cache.logits_format
+    teacher_fields, rdm_fields = target_fields(method, fmt)
     train = cache.split("train").read_all(teacher_fields)
     block = rdm.split("train").read_all(rdm_fields) if rdm is not None and rdm_fields else {}
 
@@ -116,8 +127,13 @@ def load_targets(cache: TeacherCache, rdm: RdmCache | None, *, method: str, devi
             return None
         return torch.from_numpy(values.astype(dtype) if dtype is not None else values).to(device)
 
-    views, labels, logits = held(train[L.VIEWS]), held(train[L.LABELS]), held(train[L.LOGITS], np.float32)
+    packed = fmt.pack(train)  # (N, V, C) logits, or (N, V, P) from which the device makes them
+    views, labels = held(train[L.VIEWS]), held(train[L.LABELS])
+    logits = held(packed, None if fmt.packed else np.float32)
     assert views is not None and labels is not None and logits is not None
-    return Targets(views=views, labels=labels, teacher_logits=logits, teacher_emb=held(train.get(L.EMBEDDINGS)),
+    emb = None
+    if uses_features(method):  # from_head: the packed logits are the embeddings, held once
+        emb = logits if fmt.kind == "from_head" else held(train.get(L.EMBEDDINGS))
+    return Targets(views=views, labels=labels, teacher_logits=logits, teacher_emb=emb,
                    rdm_logits=held(block.get(L.RDM_LOGITS)), rdm_emb=held(block.get(L.RDM_X_HAT)),
-                   emb_scale=info.emb_scale)
+                   emb_scale=info.emb_scale, logits=fmt.to(device) if fmt.packed else None)
