@@ -11,7 +11,11 @@ SPLITS = ("train", "val")
 KEY_DIGITS = 9  # sample key = zero-padded global row index within its split, no dots
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 2  # 2: images of any size (per-sample sizes), colour mode, re-encoded rows
+# 2: images of any size (per-sample sizes), colour mode, re-encoded rows; 3: per-row values
+# (sizes, content hashes) in .npy arrays beside the manifest, named with their sha256 in it.
+MANIFEST_SCHEMA_VERSION = 3
+ROW_ARRAY_PATTERN = "{split}-{name}.npy"
+ROW_HASH_BYTES = 16  # per-sample content hash: the first 16 bytes of sha256
 LABEL_EXT = "cls"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 

@@ -104,6 +104,7 @@ def _train_and_publish(paths: Paths, cfg: RdmConfig, writer: RdmWriter, allow_en
         rows.append(entry)
     teacher_val = result.teacher_top1
     metrics["teacher_val_top1"] = round(teacher_val, 5)
+    metrics[M.SECONDS] = round(train_seconds, 2)  # training and per-epoch validation
     write_json(Path(paths.metrics) / M.RDM, metrics)
     write_csv(Path(paths.plots) / M.RDM_CURVE, sorted(rows, key=lambda e: e[M.RDM_RATE_BITS]))
     plot_rate_accuracy(rows, teacher_top1=teacher_val, path=Path(paths.plots) / M.RDM_PLOT)

@@ -131,7 +131,7 @@ class ShardTask:
     stop: int
     mode: str  # the colour mode images are decoded to
     same_size: bool  # one batch rendered on the device, else image by image on the host
-    hashes: tuple[str, ...]
+    hashes: np.ndarray  # (stop - start, 16) uint8: the manifest content hash of every row
     views: np.ndarray  # (n, V, 5) float32
     teacher: str
     teacher_sha256: str
@@ -349,6 +349,7 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
     tasks: list[ShardTask] = []
     for split in splits:
         entry = manifest.split(split)
+        hashes = manifest.sample_hashes(split)
         views = sample_views(sizes=torch.from_numpy(manifest.sizes(split)), num_views=settings.views,
                              policy=settings.policy, image_size=preprocess.image_size, crop_pct=preprocess.crop_pct,
                              generator=generator).numpy()
@@ -361,7 +362,7 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
             a, b = shard["start"], shard["stop"]
             tasks.append(ShardTask(
                 store=str(store_path.resolve()), split=split, shard_file=str((manifest.root / shard["file"]).resolve()),
-                start=a, stop=b, mode=manifest.mode, same_size=same_size, hashes=tuple(entry["sample_sha256"][a:b]),
+                start=a, stop=b, mode=manifest.mode, same_size=same_size, hashes=hashes[a:b],
                 views=views[a:b], teacher=str(teacher_path.resolve()), teacher_sha256=sha, allow_entrypoint=allow_entrypoint,
                 preprocess=preprocess,
                 batch_size=settings.batch_size, logits=logits_format, device=str(device),

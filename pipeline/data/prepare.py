@@ -147,9 +147,9 @@ def _write_all(cfg: PrepareConfig, splits: dict[str, list[RawSample]], classes: 
         checked = validate_samples(splits[split], on_corrupt=cfg.on_corrupt, mode=mode, max_side=cfg.max_side,
                                    max_corrupt_fraction=cfg.max_corrupt_fraction, split=split)
         shapes |= set(checked.sizes)
-        entries[split] = write_split(out_dir, split, checked.samples, samples_per_shard=cfg.samples_per_shard)
+        entries[split] = write_split(out_dir, split, checked.samples, samples_per_shard=cfg.samples_per_shard,
+                                     sizes=checked.sizes)
         entries[split]["skipped"] = checked.skipped
-        entries[split]["sizes"] = [list(size) for size in checked.sizes]
         entries[split]["reencoded"] = checked.reencoded
         skipped[split] = len(checked.skipped)
     (height, width), = shapes if len(shapes) == 1 else ((None, None),)

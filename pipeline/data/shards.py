@@ -4,10 +4,13 @@ Each split is stored as ``{split}-{index:06d}.tar`` holding ``samples_per_shard`
 (the last one may hold fewer). A sample has ``__key__`` = zero-padded global row index,
 ``cls`` = the integer label, and one image member (bytes as in the source: images keep
 their own size and format). ``manifest.json`` records, per split, shard → row range and
-file sha256, each image's (height, width), the images re-encoded because they were larger
-than ``prepare.max_side``, and a content hash per sample; plus the class names and the
-colour mode every image is decoded to. Its own sha256 identifies the dataset in every
-cache made from it.
+file sha256, the images re-encoded because they were larger than ``prepare.max_side``, and
+the name and sha256 of two per-row arrays beside it: ``{split}-sizes.npy`` (N, 2) int32, each
+image's (height, width), and ``{split}-sample_sha256.npy`` (N, 16) uint8, a content hash per
+sample. Per-row values live in those arrays, not in the JSON, so the manifest every stage
+(and every loader worker) parses stays a few kilobytes at any N. The manifest also holds the
+class names and the colour mode every image is decoded to. Its own sha256 identifies the
+dataset (row arrays included, through their recorded sha256) in every cache made from it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from schemas.layout import (
     LABEL_EXT,
     MANIFEST_NAME,
     MANIFEST_SCHEMA_VERSION,
+    ROW_ARRAY_PATTERN,
+    ROW_HASH_BYTES,
     SHARD_PATTERN,
     sample_key,
 )
@@ -73,8 +78,13 @@ class ShardBlock:
 
 
 def content_hash(data: bytes) -> str:
-    """Per-sample content hash recorded in the manifest (sha256, 128-bit hex prefix)."""
-    return hashlib.sha256(data).hexdigest()[:32]
+    """Per-sample content hash recorded in the manifest (sha256, 128-bit prefix), as hex."""
+    return content_digest(data).hex()
+
+
+def content_digest(data: bytes) -> bytes:
+    """Per-sample content hash recorded in the manifest: the first 16 bytes of its sha256."""
+    return hashlib.sha256(data).digest()[:ROW_HASH_BYTES]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -191,11 +201,13 @@ def validate_samples(
 
 
 def write_split(
-    out_dir: Path, split: str, samples: Sequence[RawSample], *, samples_per_shard: int
+    out_dir: Path, split: str, samples: Sequence[RawSample], *, samples_per_shard: int,
+    sizes: Sequence[tuple[int, int]],
 ) -> dict[str, Any]:
-    """Write ``samples`` as shards; return the split's manifest entry."""
+    """Write ``samples`` as shards and the split's per-row arrays (sizes, content hashes);
+    return the split's manifest entry."""
     shards = []
-    hashes = []
+    hashes: list[bytes] = []
     labels = []
     for shard_index, start in enumerate(range(0, len(samples), samples_per_shard)):
         stop = min(start + samples_per_shard, len(samples))
@@ -207,16 +219,31 @@ def write_split(
                 ext = "jpg" if sample.ext == "jpeg" else sample.ext
                 writer.write({"__key__": sample_key(row), LABEL_EXT: str(sample.label).encode(),
                               ext: sample.image})
-                hashes.append(content_hash(sample.image))
+                hashes.append(content_digest(sample.image))
                 labels.append(sample.label)
             writer.close()
         shards.append({"file": name, "start": start, "stop": stop, "sha256": file_sha256(out_dir / name)})
+    digests = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), ROW_HASH_BYTES)
     return {
         "num_samples": len(samples),
         "shards": shards,
         "class_counts": np.bincount(np.asarray(labels, dtype=np.int64)).tolist() if labels else [],
-        "sample_sha256": hashes,
+        "rows": {
+            "sizes": _write_rows(out_dir, split, "sizes", np.asarray(sizes, dtype=np.int32).reshape(-1, 2)),
+            "sample_sha256": _write_rows(out_dir, split, "sample_sha256", digests),
+        },
     }
+
+
+# The per-row arrays of a split: name → (dtype, columns).
+ROW_ARRAYS: dict[str, tuple[str, int]] = {"sizes": ("int32", 2), "sample_sha256": ("uint8", ROW_HASH_BYTES)}
+
+
+def _write_rows(out_dir: Path, split: str, name: str, values: np.ndarray) -> dict[str, str]:
+    """One per-row array as ``.npy`` (byte-stable: a fixed header and the raw values)."""
+    file = ROW_ARRAY_PATTERN.format(split=split, name=name)
+    np.save(out_dir / file, np.ascontiguousarray(values), allow_pickle=False)
+    return {"file": file, "sha256": file_sha256(out_dir / file)}
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> str:
@@ -256,7 +283,33 @@ class Manifest:
 
     def sizes(self, split: str) -> np.ndarray:
         """(N, 2) int64 (height, width) of every image of ``split``, in row order."""
-        return np.asarray(self.split(split)["sizes"], dtype=np.int64).reshape(-1, 2)
+        return self.rows(split, "sizes").astype(np.int64)
+
+    def sample_hashes(self, split: str) -> np.ndarray:
+        """(N, 16) uint8: the content hash (:func:`content_digest`) of every sample of ``split``."""
+        return self.rows(split, "sample_sha256")
+
+    def rows(self, split: str, name: str) -> np.ndarray:
+        """A per-row array of ``split`` (:data:`ROW_ARRAYS`), checked against the sha256, dtype
+        and shape the manifest records (the file never unpickles)."""
+        entry = self.split(split)
+        record = entry["rows"][name]
+        path = self.root / record["file"]
+        if not path.is_file():
+            raise ManifestError(f"{path} is missing (the per-row '{name}' array of split '{split}'); rerun "
+                                "`cifd prepare`, or copy the whole shards directory")
+        if file_sha256(path) != record["sha256"]:
+            raise ManifestError(f"{path} does not match the sha256 in {MANIFEST_NAME}: the file changed after "
+                                "`cifd prepare`; rerun it")
+        try:
+            values = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ManifestError(f"{path} is not a plain .npy array ({exc}); rerun `cifd prepare`") from exc
+        dtype, columns = ROW_ARRAYS[name]
+        if values.dtype != np.dtype(dtype) or values.shape != (entry["num_samples"], columns):
+            raise ManifestError(f"{path} holds {values.dtype} {values.shape}, expected {dtype} "
+                                f"({entry['num_samples']}, {columns}); rerun `cifd prepare`")
+        return values
 
     def split(self, name: str) -> dict[str, Any]:
         splits = self.data["splits"]
@@ -292,10 +345,11 @@ def read_shard(
     mode: str,
     start: int,
     stop: int,
-    expected_hashes: Sequence[str] | None = None,
+    expected_hashes: np.ndarray | None = None,
 ) -> ShardBlock:
     """Decode one whole shard (one read per tar). Checks that keys are exactly rows
-    ``start..stop-1`` in order and, when given, that image bytes match the manifest hashes."""
+    ``start..stop-1`` in order and, when given ((stop - start, 16) uint8 rows of
+    :meth:`Manifest.sample_hashes`), that image bytes match the manifest hashes."""
     path = Path(path)
     index, labels, images = [], [], []
     for position, sample in enumerate(iter_tar_samples(path)):
@@ -312,7 +366,7 @@ def read_shard(
             raise CorruptSampleError(f"{where}: expected one image and a '.{LABEL_EXT}' member, got {sorted(sample)}")
         data = sample[exts[0]]
         assert isinstance(data, bytes)
-        if expected_hashes is not None and content_hash(data) != expected_hashes[position]:
+        if expected_hashes is not None and content_digest(data) != expected_hashes[position].tobytes():
             raise CorruptSampleError(
                 f"{where}: image bytes do not match the manifest content hash (file changed after "
                 "`cifd prepare`). Rerun `cifd prepare` to rebuild the shards"
@@ -335,10 +389,10 @@ def load_split(manifest: Manifest, split: str, *, verify_hashes: bool = False) -
     """Decode every shard of a split into memory (for CIFAR-sized data), in row order.
     ``.stacked()`` of the result is the (N, C, H, W) array of a same-size set."""
     entry = manifest.split(split)
-    hashes = entry["sample_sha256"] if verify_hashes else None
+    hashes = manifest.sample_hashes(split) if verify_hashes else None
     blocks = [
         read_shard(manifest.root / s["file"], mode=manifest.mode, start=s["start"], stop=s["stop"],
-                   expected_hashes=hashes[s["start"]:s["stop"]] if hashes else None)
+                   expected_hashes=hashes[s["start"]:s["stop"]] if hashes is not None else None)
         for s in entry["shards"]
     ]
     return ShardBlock(

@@ -27,6 +27,7 @@ from view_reference import torchvision_get_params
 from pipeline.data.shards import (
     CorruptSampleError,
     content_hash,
+    file_sha256,
     load_manifest,
     load_split,
 )
@@ -382,7 +383,11 @@ def test_corrupt_image_inside_a_shard_names_the_shard_and_the_key(manifest, shar
 
     # With a manifest that agrees with the new bytes, decoding itself fails, naming both too.
     data = json.loads((shards / L.MANIFEST_NAME).read_text())
-    data["splits"]["train"]["sample_sha256"][row] = content_hash(garbage)
+    record = data["splits"]["train"]["rows"]["sample_sha256"]
+    hashes = np.load(shards / record["file"])
+    hashes[row] = np.frombuffer(bytes.fromhex(content_hash(garbage)), dtype=np.uint8)
+    np.save(shards / record["file"], hashes)
+    record["sha256"] = file_sha256(shards / record["file"])
     (shards / L.MANIFEST_NAME).write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
     with pytest.raises(CorruptSampleError) as info:
         run_embed(settings=embed_settings, manifest=load_manifest(shards), teacher_path=teacher_file,

@@ -38,6 +38,11 @@ def source_hash_to_label(tiny) -> dict[str, int]:
             for name, data in tiny.members().items()}
 
 
+def hashes_of(manifest, split: str) -> list[str]:
+    """The manifest's per-sample content hashes of ``split`` as hex, in row order."""
+    return [row.tobytes().hex() for row in manifest.sample_hashes(split)]
+
+
 # Manifest and shards ---------------------------------------------------------------------
 
 
@@ -58,7 +63,7 @@ def test_manifest_row_ranges_are_contiguous_and_cover_every_split(manifest, tiny
         assert all(size == tiny.samples_per_shard for size in sizes[:-1])
         assert 0 < sizes[-1] <= tiny.samples_per_shard
         assert [s["file"] for s in shards] == [f"{split}-{i:06d}.tar" for i in range(len(shards))]
-        assert len(entry["sample_sha256"]) == entry["num_samples"]
+        assert len(hashes_of(manifest, split)) == entry["num_samples"]
         for shard in shards:
             assert file_sha256(manifest.root / shard["file"]) == shard["sha256"]
 
@@ -76,7 +81,7 @@ def test_shard_keys_hashes_and_labels_match_the_manifest(manifest, tiny) -> None
                 assert sample["__key__"] == sample_key(row) == f"{row:0{KEY_DIGITS}d}"
                 assert set(sample) == {"__key__", "cls", "jpg"}
                 image = sample["jpg"]
-                assert content_hash(image) == entry["sample_sha256"][row]
+                assert content_hash(image) == hashes_of(manifest, split)[row]
                 label = int(sample["cls"])
                 assert label == labels_of[content_hash(image)], "label is not the image's class folder"
                 labels.append(label)
@@ -91,7 +96,7 @@ def test_read_shard_and_load_split_decode_rows_in_order(manifest, tiny) -> None:
     n = manifest.split("train")["num_samples"]
     stacked = block.stacked()
     assert stacked.shape == (n, 3, tiny.image_size, tiny.image_size) and stacked.dtype == np.uint8
-    assert block.sizes.tolist() == manifest.split("train")["sizes"] == [[tiny.image_size] * 2] * n
+    assert block.sizes.tolist() == manifest.sizes("train").tolist() == [[tiny.image_size] * 2] * n
     assert block.index.tolist() == list(range(n))
     shard = manifest.split("train")["shards"][1]
     with pytest.raises(CorruptSampleError, match="expected key"):  # wrong row range
@@ -117,11 +122,11 @@ def test_val_split_is_stratified_and_seeded(manifest, tiny, prepare_config, tmp_
     per_class_val = round(tiny.val_fraction * tiny.per_class)
     assert manifest.split("val")["class_counts"] == [per_class_val] * tiny.num_classes
     assert manifest.split("train")["class_counts"] == [tiny.per_class - per_class_val] * tiny.num_classes
-    train, val = (set(manifest.split(s)["sample_sha256"]) for s in SPLITS)
+    train, val = (set(hashes_of(manifest, s)) for s in SPLITS)
     assert not train & val
     other = dataclasses.replace(prepare_config, seed=1)
     prepare_dataset(other, tmp_path)
-    assert set(load_manifest(tmp_path).split("val")["sample_sha256"]) != val
+    assert set(hashes_of(load_manifest(tmp_path), "val")) != val
 
 
 def test_limit_train_takes_a_stratified_subset(prepare_config, manifest, tiny, tmp_path) -> None:
@@ -131,9 +136,9 @@ def test_limit_train_takes_a_stratified_subset(prepare_config, manifest, tiny, t
     limited = load_manifest(tmp_path)
     assert limited.split("train")["class_counts"] == [4] * tiny.num_classes
     assert limited.split("val")["class_counts"] == [1] * tiny.num_classes
-    assert set(limited.split("train")["sample_sha256"]) <= set(manifest.split("train")["sample_sha256"])
-    assert set(limited.split("val")["sample_sha256"]) <= set(manifest.split("val")["sample_sha256"])
-    assert limited.split("val")["sample_sha256"] != manifest.split("val")["sample_sha256"][:3]
+    assert set(hashes_of(limited, "train")) <= set(hashes_of(manifest, "train"))
+    assert set(hashes_of(limited, "val")) <= set(hashes_of(manifest, "val"))
+    assert hashes_of(limited, "val") != hashes_of(manifest, "val")[:3]
 
 
 @pytest.mark.parametrize("limit", [1, 2, 10, 26])
@@ -157,7 +162,7 @@ def test_webdataset_source_round_trips(shards_dir, manifest, tmp_path) -> None:
     assert report.num_samples == {s: manifest.split(s)["num_samples"] for s in SPLITS}
     assert again.classes == ["0", "1", "2"]  # class names are not stored in shards
     for split in SPLITS:
-        assert again.split(split)["sample_sha256"] == manifest.split(split)["sample_sha256"]
+        assert hashes_of(again, split) == hashes_of(manifest, split)
         for shard in manifest.split(split)["shards"]:
             assert (out / shard["file"]).read_bytes() == (shards_dir / shard["file"]).read_bytes()
     # Re-sharding keeps every row in place.
@@ -165,7 +170,7 @@ def test_webdataset_source_round_trips(shards_dir, manifest, tmp_path) -> None:
     assert resharded.num_samples == report.num_samples
     five = load_manifest(tmp_path / "five")
     for split in SPLITS:
-        assert five.split(split)["sample_sha256"] == manifest.split(split)["sample_sha256"]
+        assert hashes_of(five, split) == hashes_of(manifest, split)
         assert {s["stop"] - s["start"] for s in five.split(split)["shards"][:-1]} == {5}
 
 
@@ -182,6 +187,44 @@ def test_load_manifest_errors(tmp_path, shards_dir) -> None:
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="schema_version 99"):
         load_manifest(tmp_path)
+
+
+def test_per_row_arrays_are_plain_checked_and_small_in_the_manifest(shards_dir, tmp_path) -> None:
+    import hashlib
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(shards_dir, root)
+    manifest = load_manifest(root)
+    n = manifest.split("train")["num_samples"]
+    # Independent reference: the hashes are sha256 prefixes of the image bytes in each tar.
+    images = [next(v for k, v in s.items() if k == "jpg") for sh in manifest.shard_paths("train")
+              for s in iter_tar_samples(sh)]
+    assert [hashlib.sha256(im).digest()[:16] for im in images] == [r.tobytes() for r in manifest.sample_hashes("train")]
+    assert manifest.sizes("train").shape == (n, 2)
+    # The JSON holds no per-row lists: its size does not grow with the number of rows.
+    text = (root / MANIFEST_NAME).read_text()
+    assert "sample_sha256" in text and len(text) < 4000 + 200 * sum(
+        len(manifest.split(s)["shards"]) for s in SPLITS)
+    record = manifest.split("train")["rows"]["sizes"]
+    path = root / record["file"]
+    good = path.read_bytes()
+    sizes = np.load(path)
+    sizes[0] = [1, 1]
+    np.save(path, sizes)  # a changed array: its sha256 no longer matches
+    with pytest.raises(ManifestError, match="does not match the sha256"):
+        manifest.sizes("train")
+    path.write_bytes(good)
+    path.unlink()
+    with pytest.raises(ManifestError, match="is missing"):
+        manifest.sizes("train")
+    # An object array never unpickles, even with a matching sha256.
+    np.save(path, np.array([{"x": 1}] * n, dtype=object), allow_pickle=True)
+    data = json.loads((root / MANIFEST_NAME).read_text())
+    data["splits"]["train"]["rows"]["sizes"]["sha256"] = file_sha256(path)
+    (root / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="not a plain .npy array"):
+        load_manifest(root).sizes("train")
 
 
 def test_directory_source_equals_the_tar_source(tiny, prepare_config, shards_dir, tmp_path) -> None:
@@ -202,7 +245,7 @@ def test_explicit_class_order_sets_the_labels(tiny, prepare_config, tmp_path) ->
     assert manifest.classes == list(order)
     by_hash = {content_hash(data): order.index(name.split("/")[1]) for name, data in tiny.members().items()}
     block = load_split(manifest, "train")
-    hashes = manifest.split("train")["sample_sha256"]
+    hashes = hashes_of(manifest, "train")
     assert [by_hash[h] for h in hashes] == block.labels.tolist()
     with pytest.raises(SourceError, match=r"class folders \['frog'\] that are not in prepare.classes"):
         prepare_dataset(dataclasses.replace(prepare_config, classes=("cat", "dog")), tmp_path / "bad")
@@ -280,11 +323,11 @@ def test_images_of_any_size_and_mode_are_kept_with_their_sizes(tiny, make_imagef
     assert not report.same_size
     manifest = load_manifest(tmp_path / "o")
     assert manifest.image_shape is None and manifest.mode == "RGB" and manifest.channels == 3
-    sizes = {tuple(s) for split in SPLITS for s in manifest.split(split)["sizes"]}
+    sizes = {tuple(s) for split in SPLITS for s in manifest.sizes(split).tolist()}
     assert {(10, 17), (23, 9), (31, 12), (7, 40), (tiny.image_size, tiny.image_size)} == sizes
     for split in SPLITS:
         block = load_split(manifest, split, verify_hashes=True)
-        assert block.sizes.tolist() == manifest.split(split)["sizes"]
+        assert block.sizes.tolist() == manifest.sizes(split).tolist()
         assert all(image.shape[0] == 3 and image.dtype == np.uint8 for image in block.images)
         if len({image.shape for image in block.images}) > 1:
             with pytest.raises(VariableSizeError, match="distill.data: stream"):
@@ -307,8 +350,8 @@ def test_max_side_shrinks_and_records_only_the_large_images(tiny, make_imagefold
     split = next(s for s in SPLITS if manifest.split(s)["reencoded"])
     row = manifest.split(split)["reencoded"][0]["row"]
     block = load_split(manifest, split, verify_hashes=True)
-    assert block.images[row].shape == (3, 30, 45) and manifest.split(split)["sizes"][row] == [30, 45]
-    assert sum(1 for s in manifest.split(split)["sizes"] if s != [tiny.image_size] * 2) == 1  # the rest untouched
+    assert block.images[row].shape == (3, 30, 45) and manifest.sizes(split).tolist()[row] == [30, 45]
+    assert sum(1 for s in manifest.sizes(split).tolist() if s != [tiny.image_size] * 2) == 1  # the rest untouched
 
 
 def test_png_source_and_image_outside_a_class_folder(tiny, tmp_path) -> None:

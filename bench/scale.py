@@ -1,0 +1,295 @@
+"""The scale proof (issue 12): does memory stay flat from 20,000 to 1,000,000 rows, and does
+streaming the cache cost throughput?
+
+A synthetic but real-shaped dataset: tiny generated JPEGs (8 × 8 RGB, 1,000 classes, a
+class-coloured pattern plus noise), a fixed 2,000-image val split, a teacher entrypoint with
+D = 512 penultimate features and C = 1,000 classes (``bench/scale_models.py``; random
+weights: nothing here is about accuracy, the shapes of what is cached and read are), V = 2
+views, 3 RDMs, and a small student entrypoint from the same file. Every stage runs as the real CLI (``cifd prepare``,
+``embed``, ``rdm``, ``distill --method kd|cifd``) in its own process, with a params file, and
+a sampler thread reads the memory of that process and every child (loader workers, dask
+workers) from ``/proc`` every 0.1 s. Per stage the JSON has the peak of the summed RSS and
+of the summed PSS (RSS counts pages shared by forked workers once per process; PSS splits
+them), the wall time, and the rows/s from the stage's own metrics (``seconds``: the whole
+stage, cache loading to saved output, per-epoch validation included).
+
+Claims checked in the JSON (``claims``):
+- peak RSS (main process + workers) of ``rdm`` and ``distill`` (stream) at the largest N
+  ≤ 1.2 × at 20k;
+- stream rows/s ≥ 0.9 × memory-mode rows/s at 20k, for ``rdm`` and ``distill``.
+
+Run (this 2-core machine: 20k ≈ 3 min, 1M ≈ 50 min)::
+
+    uv run python bench/scale.py --rows 20000 1000000     # writes bench/results/scale.json
+    uv run python bench/scale.py --smoke                    # 20k, one process set; CI runs it
+
+Benchmarks measure; nothing here asserts (``tests/bench/test_scale.py`` runs ``--smoke``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent  # bench/: _common and scale_models
+sys.path.insert(0, str(HERE))
+from _common import RESULTS, machine_info, write_result  # noqa: E402
+
+IMAGE_SIZE = 8
+NUM_CLASSES = 1000
+VAL_ROWS = 2000
+SHARD_ROWS = 1000
+VIEWS = 2
+TEACHER = "scale_models:teacher"  # D = 512, C = 1000 (bench/scale_models.py, on PYTHONPATH)
+STUDENT = "scale_models:student"
+PREPROCESS = {"image_size": IMAGE_SIZE, "crop_pct": 1.0, "interpolation": "bilinear",
+              "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+# Data -------------------------------------------------------------------------------------
+
+
+def write_images(out: Path, *, rows: int, seed: int, split: str) -> int:
+    """``rows`` JPEGs as WebDataset tars of :data:`SHARD_ROWS` (key, ``cls``, ``jpg``); bytes."""
+    import webdataset as wds
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    protos = np.random.default_rng(12345).integers(0, 256, size=(NUM_CLASSES, 4, 4, 3)).astype(np.float32)
+    total = 0
+    for shard, start in enumerate(range(0, rows, SHARD_ROWS)):
+        n = min(SHARD_ROWS, rows - start)
+        labels = rng.integers(0, NUM_CLASSES, size=n)
+        base = protos[labels].repeat(IMAGE_SIZE // 4, axis=1).repeat(IMAGE_SIZE // 4, axis=2)  # (n, S, S, 3)
+        pixels = np.clip(base + rng.normal(0, 24, size=base.shape), 0, 255).astype(np.uint8)
+        with open(out / f"{split}-{shard:06d}.tar", "wb") as handle:
+            writer = wds.TarWriter(handle, encoder=False)
+            for i in range(n):
+                buffer = io.BytesIO()
+                Image.fromarray(pixels[i]).save(buffer, format="JPEG", quality=90)
+                writer.write({"__key__": f"{start + i:09d}", "cls": str(int(labels[i])).encode(),
+                              "jpg": buffer.getvalue()})
+                total += buffer.tell()
+            writer.close()
+    return total
+
+
+def save_teacher(path: Path) -> None:
+    """The teacher file: timm ``resnet10t`` with random weights and its preprocessing."""
+    import torch
+
+    from pipeline.models import build_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model(TEACHER, num_classes=NUM_CLASSES, in_chans=3)
+    save_model(path, model.eval(), spec={"name": TEACHER, "num_classes": NUM_CLASSES, "in_chans": 3,
+                                         "model_kwargs": {}, "preprocess": dict(PREPROCESS)})
+
+
+def params(work: Path, *, data: str, threads: int) -> dict[str, Any]:
+    return {
+        "paths": {"shards": str(work / "shards"), "teacher": str(work / "teacher.safetensors"),
+                  "cache": str(work / "teacher.zarr"), "rdm_models": str(work / f"rdm-{data}.safetensors"),
+                  "rdm_cache": str(work / f"rdm-{data}.zarr"), "students": str(work / f"students-{data}"),
+                  "checkpoints": str(work / f"checkpoints-{data}"), "metrics": str(work / f"metrics-{data}"),
+                  "plots": str(work / f"plots-{data}")},
+        "prepare": {"source": "webdataset", "train": str(work / "src" / "train-*.tar"),
+                    "val": str(work / "src" / "val-*.tar"), "classes": [str(c) for c in range(NUM_CLASSES)],
+                    "samples_per_shard": SHARD_ROWS, "shuffle": False},
+        "teacher": {"model": TEACHER, "in_chans": 3, "preprocess": PREPROCESS},
+        "embed": {"views": VIEWS, "policy": {"kind": "rrc", "scale": [0.35, 1.0]}, "batch_size": 512,
+                  "chunk_rows": 500, "scheduler": "synchronous", "threads_per_worker": threads, "seed": 0},
+        "rdm": {"rate_weights": [16.0, 4.0, 1.0], "hidden": 128, "epochs": 1, "batch_size": 1024,
+                "data": data, "threads": threads, "seed": 0},
+        "distill": {"methods": ["kd", "cifd"], "student": STUDENT, "epochs": 1, "batch_size": 256,
+                    "optim": {"lr": 0.003}, "data": data, "loader_workers": 1 if data == "stream" else 0,
+                    "threads": threads, "seed": 0},
+    }
+
+
+# Measuring --------------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes of one process, from smaps_rollup; zeros if it is gone."""
+    rss = pss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, pss
+
+
+def run_stage(argv: list[str], *, cwd: Path, log: Path) -> dict[str, Any]:
+    """Run one CLI stage, sampling the summed RSS/PSS of its process tree; its peaks and wall."""
+    began = time.perf_counter()
+    with open(log, "w") as out:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        peak = {"rss": 0, "pss": 0, "processes": 1}
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                pids = _tree(proc.pid)
+                mem = [_memory(p) for p in pids]
+                peak["rss"] = max(peak["rss"], sum(m[0] for m in mem))
+                peak["pss"] = max(peak["pss"], sum(m[1] for m in mem))
+                peak["processes"] = max(peak["processes"], sum(1 for m in mem if m[0]))
+                stop.wait(0.1)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        code = proc.wait()
+        stop.set()
+        thread.join()
+    wall = time.perf_counter() - began
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({code}); its output: {log}\n{log.read_text()[-3000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak["rss"] / 2**20, 1),
+            "peak_pss_mib": round(peak["pss"] / 2**20, 1), "processes": peak["processes"]}
+
+
+def du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_size(rows: int, *, work: Path, threads: int, modes: list[str],
+             methods: tuple[str, ...] = ("kd", "cifd")) -> dict[str, Any]:
+    """Every stage at ``rows`` train rows; rdm and distill (each of ``methods``) in each of
+    ``modes``."""
+    import yaml
+
+    cifd = [str(Path(sys.executable).parent / "cifd")]  # the installed CLI, as a user runs it
+    env_cwd = work  # every path in the params files is absolute
+    result: dict[str, Any] = {"rows": rows, "val_rows": VAL_ROWS, "stages": {}}
+    began = time.perf_counter()
+    src_bytes = write_images(work / "src", rows=rows, seed=1, split="train")
+    src_bytes += write_images(work / "src", rows=VAL_ROWS, seed=2, split="val")
+    result["generate_s"] = round(time.perf_counter() - began, 1)
+    result["source_image_bytes"] = src_bytes
+    save_teacher(work / "teacher.safetensors")
+    files = {}
+    for data in modes:
+        files[data] = work / f"params-{data}.yaml"
+        files[data].write_text(yaml.safe_dump(params(work, data=data, threads=threads), sort_keys=False))
+    first = files[modes[0]]
+    stages = result["stages"]
+    for name in ("prepare", "embed"):
+        stages[name] = run_stage([*cifd, name, "--params", str(first)], cwd=env_cwd, log=work / f"{name}.log")
+        print(f"  {rows} {name}: {stages[name]}", flush=True)
+    shutil.rmtree(work / "src")
+    result["bytes_on_disk"] = {"shards": du(work / "shards"), "teacher_cache": du(work / "teacher.zarr")}
+    embed_metrics = json.loads((work / f"metrics-{modes[0]}" / "embed.json").read_text())
+    result["embed_metrics"] = embed_metrics
+    for data in modes:
+        key = f"rdm_{data}"
+        stages[key] = run_stage([*cifd, "rdm", "--params", str(files[data])], cwd=env_cwd, log=work / f"{key}.log")
+        seconds = json.loads((work / f"metrics-{data}" / "rdm.json").read_text())["seconds"]
+        stages[key].update(stage_seconds=seconds, rows_per_s=round(rows * VIEWS / seconds, 1))
+        print(f"  {rows} {key}: {stages[key]}", flush=True)
+        result["bytes_on_disk"][f"rdm_cache_{data}"] = du(work / f"rdm-{data}.zarr")
+        for method in methods:
+            key = f"distill_{method}_{data}"
+            stages[key] = run_stage([*cifd, "distill", "--method", method, "--params", str(files[data])],
+                                    cwd=env_cwd, log=work / f"{key}.log")
+            seconds = json.loads((work / f"metrics-{data}" / "distill" / f"{method}.json").read_text())["seconds"]
+            stages[key].update(stage_seconds=seconds, rows_per_s=round(rows / seconds, 1))
+            print(f"  {rows} {key}: {stages[key]}", flush=True)
+    shards = result["bytes_on_disk"]["teacher_cache"]
+    result["bytes_per_sample_view"] = {"teacher_cache": round(shards / ((rows + VAL_ROWS) * VIEWS), 1)}
+    return result
+
+
+def claims(sizes: list[dict[str, Any]]) -> dict[str, Any]:
+    small = next((s for s in sizes if s["rows"] == min(x["rows"] for x in sizes)), None)
+    large = max(sizes, key=lambda s: s["rows"])
+    assert small is not None
+    out: dict[str, Any] = {}
+    keys = ["rdm_stream", "distill_kd_stream", "distill_cifd_stream"]
+    if large is not small:
+        ratios = {k: round(large["stages"][k]["peak_rss_mib"] / small["stages"][k]["peak_rss_mib"], 3) for k in keys}
+        pss = {k: round(large["stages"][k]["peak_pss_mib"] / small["stages"][k]["peak_pss_mib"], 3) for k in keys}
+        out["peak_rss_ratio_large_over_20k"] = {"rows": [small["rows"], large["rows"]], "rss": ratios, "pss": pss,
+                                                "holds (<= 1.2)": all(r <= 1.2 for r in ratios.values())}
+    if "rdm_memory" in small["stages"]:
+        speed = {name: round(small["stages"][f"{name}_stream"]["rows_per_s"]
+                             / small["stages"][f"{name}_memory"]["rows_per_s"], 3)
+                 for name in ("rdm", "distill_kd", "distill_cifd")}
+        out["stream_over_memory_rows_per_s_at_small"] = {"rows": small["rows"], "ratio": speed,
+                                                         "holds (>= 0.9)": all(r >= 0.9 for r in speed.values())}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[20000, 1000000])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the CI smoke test: 20k rows, stream mode, rdm and distill kd (no claims)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.rows = [20000]
+        if args.out == RESULTS / "scale.json":
+            args.out = Path(tempfile.gettempdir()) / "cifd-bench-smoke" / "scale.json"
+    result: dict[str, Any] = {"benchmark": "scale", "machine": machine_info(args.threads),
+                              "params": {"rows": args.rows, "val_rows": VAL_ROWS, "image_size": IMAGE_SIZE,
+                                         "classes": NUM_CLASSES, "views": VIEWS, "teacher": TEACHER,
+                                         "student": STUDENT, "shard_rows": SHARD_ROWS,
+                                         "stage_params": params(Path("WORK"), data="stream", threads=args.threads)},
+                              "sizes": []}
+    small = min(args.rows)
+    for rows in sorted(args.rows):
+        modes = ["stream", "memory"] if rows == small and not args.smoke else ["stream"]
+        methods = ("kd",) if args.smoke else ("kd", "cifd")
+        with tempfile.TemporaryDirectory(prefix=f"cifd-scale-{rows}-", dir=args.work) as tmp:
+            print(f"N = {rows}: {modes}", flush=True)
+            result["sizes"].append(run_size(rows, work=Path(tmp), threads=args.threads, modes=modes,
+                                            methods=methods))
+        result["claims"] = claims(result["sizes"])
+        write_result(args.out, result)  # after every size: a killed 1M run keeps the 20k figures
+    print(json.dumps(result["claims"], indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
