@@ -99,7 +99,7 @@ def save_teacher(path: Path) -> None:
                                          "model_kwargs": {}, "preprocess": dict(PREPROCESS)})
 
 
-def params(work: Path, *, data: str, threads: int) -> dict[str, Any]:
+def params(work: Path, *, data: str, threads: int, logits: str = "from_head") -> dict[str, Any]:
     return {
         "paths": {"shards": str(work / "shards"), "teacher": str(work / "teacher.safetensors"),
                   "cache": str(work / "teacher.zarr"), "rdm_models": str(work / f"rdm-{data}.safetensors"),
@@ -110,7 +110,7 @@ def params(work: Path, *, data: str, threads: int) -> dict[str, Any]:
                     "val": str(work / "src" / "val-*.tar"), "classes": [str(c) for c in range(NUM_CLASSES)],
                     "samples_per_shard": SHARD_ROWS, "shuffle": False},
         "teacher": {"model": TEACHER, "in_chans": 3, "preprocess": PREPROCESS},
-        "embed": {"views": VIEWS, "policy": {"kind": "rrc", "scale": [0.35, 1.0]}, "batch_size": 512,
+        "embed": {"views": VIEWS, "policy": {"kind": "rrc", "scale": [0.35, 1.0]}, "batch_size": 512, "logits": logits,
                   "chunk_rows": 500, "scheduler": "synchronous", "threads_per_worker": threads, "seed": 0},
         "rdm": {"rate_weights": [16.0, 4.0, 1.0], "hidden": 128, "epochs": 1, "batch_size": 1024,
                 "data": data, "threads": threads, "seed": 0},
@@ -191,7 +191,7 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_size(rows: int, *, work: Path, threads: int, modes: list[str],
+def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: str,
              methods: tuple[str, ...] = ("kd", "cifd")) -> dict[str, Any]:
     """Every stage at ``rows`` train rows; rdm and distill (each of ``methods``) in each of
     ``modes``."""
@@ -209,7 +209,8 @@ def run_size(rows: int, *, work: Path, threads: int, modes: list[str],
     files = {}
     for data in modes:
         files[data] = work / f"params-{data}.yaml"
-        files[data].write_text(yaml.safe_dump(params(work, data=data, threads=threads), sort_keys=False))
+        files[data].write_text(yaml.safe_dump(params(work, data=data, threads=threads, logits=logits),
+                                              sort_keys=False))
     first = files[modes[0]]
     stages = result["stages"]
     for name in ("prepare", "embed"):
@@ -233,8 +234,11 @@ def run_size(rows: int, *, work: Path, threads: int, modes: list[str],
             seconds = json.loads((work / f"metrics-{data}" / "distill" / f"{method}.json").read_text())["seconds"]
             stages[key].update(stage_seconds=seconds, rows_per_s=round(rows / seconds, 1))
             print(f"  {rows} {key}: {stages[key]}", flush=True)
-    shards = result["bytes_on_disk"]["teacher_cache"]
-    result["bytes_per_sample_view"] = {"teacher_cache": round(shards / ((rows + VAL_ROWS) * VIEWS), 1)}
+    views = (rows + VAL_ROWS) * VIEWS
+    disk = result["bytes_on_disk"]  # one pipeline's outputs (the memory-mode RDM store is the same again)
+    disk["total"] = disk["shards"] + disk["teacher_cache"] + disk["rdm_cache_stream"]
+    result["bytes_per_sample_view"] = {name: round(size / views, 1) for name, size in result["bytes_on_disk"].items()
+                                       if name != "shards"}
     return result
 
 
@@ -264,6 +268,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--logits", choices=["from_head", "stored"], default="from_head",
+                        help="embed.logits (from_head: the teacher's head in the cache, no logits array)")
     parser.add_argument("--smoke", action="store_true",
                         help="the CI smoke test: 20k rows, stream mode, rdm and distill kd (no claims)")
     args = parser.parse_args()
@@ -275,7 +281,8 @@ def main() -> None:
                               "params": {"rows": args.rows, "val_rows": VAL_ROWS, "image_size": IMAGE_SIZE,
                                          "classes": NUM_CLASSES, "views": VIEWS, "teacher": TEACHER,
                                          "student": STUDENT, "shard_rows": SHARD_ROWS,
-                                         "stage_params": params(Path("WORK"), data="stream", threads=args.threads)},
+                                         "stage_params": params(Path("WORK"), data="stream", threads=args.threads,
+                                                                logits=args.logits)},
                               "sizes": []}
     small = min(args.rows)
     for rows in sorted(args.rows):
@@ -284,7 +291,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"cifd-scale-{rows}-", dir=args.work) as tmp:
             print(f"N = {rows}: {modes}", flush=True)
             result["sizes"].append(run_size(rows, work=Path(tmp), threads=args.threads, modes=modes,
-                                            methods=methods))
+                                            methods=methods, logits=args.logits))
         result["claims"] = claims(result["sizes"])
         write_result(args.out, result)  # after every size: a killed 1M run keeps the 20k figures
     print(json.dumps(result["claims"], indent=1))

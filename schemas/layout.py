@@ -81,14 +81,17 @@ ATTR_COMPLETE = "complete"
 ATTR_WRITER = "writer"  # token of the run writing the store; absent once complete
 
 # RDM cache (Zarr v3, one group per split, row-aligned with the teacher cache) ----------
-RDM_SCHEMA_VERSION = 2  # 2: as cache schema 2, plus a fingerprint of the RDM attributes
+# 2: as cache schema 2, plus a fingerprint of the RDM attributes; 3: no logits array, the
+# RDMs' heads in root arrays (logits = head(x̂ / scale), made by readers on their device).
+RDM_SCHEMA_VERSION = 3
 RDM_KIND = "cifd-rdm-cache"
 RDM_X_HAT = "x_hat"  # (N, V, M, D) float16: each RDM's reconstructed embedding
-RDM_LOGITS = "logits"  # (N, V, M, C) float32: each RDM's logits
+RDM_HEAD_WEIGHT = "head_weight"  # root array (M, C, D) float32: each RDM's logit head
+RDM_HEAD_BIAS = "head_bias"  # root array (M, C) float32
 ATTR_TEACHER_CACHE = "teacher_cache_fingerprint"
 RDM_USES_DIR = "uses"  # uses/<consumer>.json: what each consumer (distill@<method>) reads of the store
 ATTR_RDM = "rdm"  # config, rate weights, embedding scale, checkpoint sha256
-RDM_ROW_ARRAYS = (RDM_X_HAT, RDM_LOGITS)
+RDM_ROW_ARRAYS = (RDM_X_HAT,)
 
 # Writers: one lock file per store, beside it (``<store>.lock``), and the holder's
 # pid/host/command in ``<store>.lock.owner``.

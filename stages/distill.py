@@ -164,7 +164,8 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
                                 rdm=rdm.split("train") if rdm is not None else None,
                                 fields=target_fields(method, cache.logits_format), preprocess=preprocess,
                                 batch_size=cfg.batch_size, workers=cfg.loader_workers, device=device,
-                                rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+                                rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                                rdm_head=rdm.head if rdm is not None else None)
     else:
         targets = load_targets(cache, rdm, method=method, device=device)
         info = targets.info

@@ -1,5 +1,11 @@
-"""The RDM cache (``rdm.zarr``): each RDM's x̂ and logits for every cached (row, view), and
-the RDM model file whose outputs it holds.
+"""The RDM cache (``rdm.zarr``): each RDM's x̂ for every cached (row, view), the RDMs' logit
+heads, and the RDM model file whose outputs it holds.
+
+An RDM's logits are its linear head applied to its x̂ (``RDMBank.forward``), so the store
+keeps the heads (two small root arrays, crc32c-checked, their sha256 in the attributes and
+so in the fingerprint) instead of an (N, V, M, C) logits array: readers make the logits on
+their own device (:class:`RdmHead`). For C = 1,000 and M = 3 that is 12 kB less per view
+written, kept and read, against M·D·C multiply-adds per chosen view in stage three.
 
 A separate store from the teacher cache, which stays immutable and shareable. Rows and
 Zarr shards align with the teacher cache; the root attributes name the teacher cache's
@@ -11,23 +17,28 @@ run leaves the previous pair.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from torch import Tensor
 
 from pipeline.cache.lock import writer_lock
 from pipeline.cache.reader import RDM_FIX, ShardedSplit, TeacherCache, check_layout, format_rows
 from pipeline.cache.store import (
+    CacheCorruptError,
     CacheError,
+    chunk_codecs,
     create_row_array,
     create_shard_arrays,
     finalize,
@@ -45,25 +56,59 @@ from schemas import layout as L
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
+@dataclass(frozen=True)
+class RdmHead:
+    """The M logit heads of an RDM bank: ``logits = x̂ / scale @ weight.T + bias`` per RDM,
+    as :meth:`pipeline.rd.RDMBank.forward` makes them (x̂ is stored in the teacher's
+    embedding units, the bank works in units of ``scale``)."""
+
+    weight: Tensor  # (M, C, D) float32
+    bias: Tensor  # (M, C) float32
+    scale: float
+
+    def to(self, device: torch.device | str) -> RdmHead:
+        """The same heads on ``device`` (move them once, not per batch)."""
+        return RdmHead(self.weight.to(device), self.bias.to(device), self.scale)
+
+    def __call__(self, x_hat: Tensor) -> Tensor:
+        """(M, B, D) x̂ (any float dtype) → (M, B, C) float32 logits."""
+        x = x_hat.float() / self.scale
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+def head_sha256(weight: np.ndarray, bias: np.ndarray) -> str:
+    """sha256 (hex) of the heads as stored (float32), recorded in the store's attributes."""
+    return shard_digest({L.RDM_HEAD_WEIGHT: np.asarray(weight, np.float32), L.RDM_HEAD_BIAS: np.asarray(bias, np.float32)},
+                        (L.RDM_HEAD_WEIGHT, L.RDM_HEAD_BIAS)).hex()
+
+
 def rdm_fingerprint(teacher_fingerprint: str, attrs: Mapping[str, Any]) -> str:
     """What the RDM store's content follows from: its teacher cache and its RDM attributes."""
     return fingerprint({"teacher_cache": teacher_fingerprint, "rdm": dict(attrs)})
 
 
-def create_rdm_store(path: Path, *, teacher: TeacherCache, num_rdms: int, attrs: dict[str, Any]) -> zarr.Group:
+def create_rdm_store(path: Path, *, teacher: TeacherCache, num_rdms: int, attrs: dict[str, Any],
+                     head: tuple[np.ndarray, np.ndarray]) -> zarr.Group:
     """Create an RDM store at ``path`` (which must not exist) shaped like ``teacher`` with
-    ``num_rdms`` outputs per view; Zarr chunks and shards are those of the teacher cache."""
+    ``num_rdms`` outputs per view and the heads ``(weight (M, C, D), bias (M, C))``; Zarr
+    chunks and shards are those of the teacher cache."""
+    weight, bias = (np.asarray(a, dtype=np.float32) for a in head)
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise CacheError(f"RDM store {path}: the RDMs' logit heads hold NaN or inf; the RDMs diverged: lower rdm.lr")
+    attrs = {**attrs, "head_sha256": head_sha256(weight, bias)}
     root = zarr.open_group(path, mode="w-", zarr_format=3)
+    for name, values in ((L.RDM_HEAD_WEIGHT, weight), (L.RDM_HEAD_BIAS, bias)):
+        array = root.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape,
+                                  compressors=chunk_codecs(), fill_value=L.FLOAT_FILL)
+        array[...] = values
     for name in teacher.splits:
         part = teacher.split(name)
         shard_rows = part.group[L.EMBEDDINGS].shards[0]  # type: ignore[index,union-attr]
         chunk_rows = part.group[L.EMBEDDINGS].chunks[0]  # type: ignore[index,union-attr]
         group = root.create_group(name)
         n, v = part.num_rows, part.num_views
-        for array, tail, dtype in ((L.RDM_X_HAT, (v, num_rdms, part.embed_dim), "float16"),
-                                   (L.RDM_LOGITS, (v, num_rdms, part.num_classes), "float32")):
-            create_row_array(group, array, shape=(n, *tail), dtype=dtype, chunk_rows=chunk_rows,
-                             shard_rows=shard_rows)
+        create_row_array(group, L.RDM_X_HAT, shape=(n, v, num_rdms, part.embed_dim), dtype="float16",
+                         chunk_rows=chunk_rows, shard_rows=shard_rows)
         create_shard_arrays(group, part.shard_bounds)
     root.attrs.update({
         L.ATTR_KIND: L.RDM_KIND,
@@ -77,10 +122,11 @@ def create_rdm_store(path: Path, *, teacher: TeacherCache, num_rdms: int, attrs:
 
 
 def write_rdm_rows(group: zarr.Group, start: int, stop: int, x_hat: np.ndarray, logits: np.ndarray) -> None:
-    """Write one shard's rows, x̂ (n, V, M, D) and logits (n, V, M, C), with their checksum;
-    refuse NaN / inf outputs and x̂ beyond the float16 range, naming split and rows."""
+    """Write one shard's x̂ (n, V, M, D) with its checksum; refuse NaN / inf outputs (x̂, or
+    the logits (n, V, M, C) the bank made from it, which readers will remake) and x̂ beyond
+    the float16 range, naming split and rows."""
     where = f"RDM outputs for split {group.basename} rows {start}:{stop}"
-    for name, values in ((L.RDM_X_HAT, x_hat), (L.RDM_LOGITS, logits)):
+    for name, values in ((L.RDM_X_HAT, x_hat), ("logits", logits)):
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
         if bad.any():
             raise CacheError(f"{where}: {name} is NaN or inf at rows {format_rows(np.flatnonzero(bad) + start)}; "
@@ -89,7 +135,7 @@ def write_rdm_rows(group: zarr.Group, start: int, stop: int, x_hat: np.ndarray, 
     if big.any():
         raise CacheError(f"{where}: {L.RDM_X_HAT} exceeds the float16 range ({FLOAT16_MAX:g}) at rows "
                          f"{format_rows(np.flatnonzero(big) + start)}; the RDMs diverged: lower rdm.lr")
-    rows = {L.RDM_X_HAT: x_hat.astype(np.float16), L.RDM_LOGITS: logits.astype(np.float32)}
+    rows = {L.RDM_X_HAT: x_hat.astype(np.float16)}
     for name in L.RDM_ROW_ARRAYS:
         group[name][start:stop] = rows[name]  # type: ignore[index]
     shard = [tuple(b) for b in group.attrs["shard_bounds"]].index((start, stop))  # type: ignore[union-attr]
@@ -106,7 +152,8 @@ def cache_bank_outputs(
     write x̂ and logits to a new RDM store at ``path``, one teacher-cache shard at a time;
     ``on_shard(split, start, stop)`` is called after each shard (progress)."""
     device = next(bank.parameters()).device
-    root = create_rdm_store(path, teacher=teacher, num_rdms=bank.num_rdms, attrs=attrs)
+    head = (bank.head.weight.detach().cpu().float().numpy(), bank.head.bias.detach().cpu().float().numpy())
+    root = create_rdm_store(path, teacher=teacher, num_rdms=bank.num_rdms, attrs=attrs, head=head)
     for name in teacher.splits:
         part = teacher.split(name)
         d, v = part.embed_dim, part.num_views
@@ -206,6 +253,24 @@ class RdmCache:
         """sha256 of the RDM model file whose outputs this store holds."""
         return str(self.attrs[L.ATTR_RDM]["checkpoint_sha256"])
 
+    @functools.cached_property
+    def head(self) -> RdmHead:
+        """The RDMs' logit heads (on the CPU), checked against the sha256 in the attributes."""
+        try:
+            weight = np.asarray(self.root[L.RDM_HEAD_WEIGHT][...], dtype=np.float32)  # type: ignore[index]
+            bias = np.asarray(self.root[L.RDM_HEAD_BIAS][...], dtype=np.float32)  # type: ignore[index]
+        except (KeyError, ValueError, OSError, TypeError) as exc:
+            raise CacheCorruptError(f"RDM cache {self.path}: the RDMs' logit heads cannot be read "
+                                    f"({type(exc).__name__}: {exc}). {RDM_FIX}") from exc
+        if head_sha256(weight, bias) != self.attrs[L.ATTR_RDM].get("head_sha256"):
+            raise CacheCorruptError(f"RDM cache {self.path}: the stored logit heads differ from those its attributes "
+                                    f"record (sha256 mismatch). {RDM_FIX}")
+        m = self.num_rdms
+        if weight.ndim != 3 or weight.shape[0] != m or bias.shape != weight.shape[:2]:
+            raise CacheCorruptError(f"RDM cache {self.path}: heads of shapes {weight.shape} / {bias.shape}, expected "
+                                    f"({m}, C, D) / ({m}, C). {RDM_FIX}")
+        return RdmHead(torch.from_numpy(weight), torch.from_numpy(bias), self.embedding_scale)
+
     def split(self, name: str) -> ShardedSplit:
         """One split, read (and checked) with the same shard-aligned reader as the teacher cache."""
         if name not in self.root:
@@ -258,6 +323,7 @@ def open_rdm_cache(path: str | Path, teacher: TeacherCache, *, model_file: str |
             raise CacheError(f"RDM cache {path} split {name}: shards {np.flatnonzero(done == 0).tolist()} are not "
                              f"written although the store says complete. {RDM_FIX}")
     cache = RdmCache(path, root)
+    _ = cache.head  # read and checked here, before any compute
     if model_file is not None:
         model_sha = file_sha256(model_file) if Path(model_file).is_file() else "absent"
         if model_sha != cache.checkpoint_sha256:

@@ -41,6 +41,7 @@ import webdataset as wds
 from torch import Tensor
 
 from pipeline.cache.logits import LogitsFormat
+from pipeline.cache.rdm_store import RdmHead
 from pipeline.cache.reader import ShardedSplit
 from pipeline.cache.store import CacheError
 from pipeline.data.preprocess import Preprocess, render_inputs
@@ -55,8 +56,8 @@ __all__ = ["StreamBatches"]
 
 # One streamed sample: row, image (uint8 (C, H, W), or rendered float (C, S, S)), view box
 # (5,), label, teacher logits (C,) or their packed arrays (top-k) | None (from_head: made from
-# the embedding), teacher embedding (D,) | None, RDM logits (M, C) | None, RDM embeddings
-# (M, D) | None.
+# the embedding), teacher embedding (D,) | None, RDM logits (always None: made from x̂ on the
+# device by RdmHead), RDM x̂ (M, D) | None.
 Sample = tuple[int, np.ndarray | Tensor, np.ndarray, int, np.ndarray | None, np.ndarray | None, np.ndarray | None,
                np.ndarray | None]
 
@@ -110,8 +111,8 @@ class _Join:
         if self.render is not None:  # images of many sizes: rendered here, one by one
             image = render_inputs([torch.from_numpy(image)], torch.from_numpy(box)[None], preprocess=self.render)[0]
         emb = self.block[L.EMBEDDINGS][i, v] if L.EMBEDDINGS in self.block else None
-        rdm_logits, rdm_emb = (self.rdm_block[name][i, v] if name in self.rdm_block else None
-                               for name in (L.RDM_LOGITS, L.RDM_X_HAT))
+        rdm_logits = None  # made from x̂ on the device (RdmHead), not read
+        rdm_emb = self.rdm_block[L.RDM_X_HAT][i, v] if L.RDM_X_HAT in self.rdm_block else None
         if self.logits is None:
             logits = self.block[L.LOGITS][i, v]
         elif self.logits.kind == "from_head":  # the embedding travels once, in its own slot
@@ -166,8 +167,11 @@ class StreamBatches:
 
     def __init__(self, manifest: Manifest, split: str, *, teacher: ShardedSplit, rdm: ShardedSplit | None,
                  fields: tuple[tuple[str, ...], tuple[str, ...]], preprocess: Preprocess, batch_size: int,
-                 workers: int, device: torch.device, rank: int, world: int, seed: int, shuffle_buffer: int) -> None:
+                 workers: int, device: torch.device, rank: int, world: int, seed: int, shuffle_buffer: int,
+                 rdm_head: RdmHead | None = None) -> None:
         entry = manifest.split(split)
+        if rdm is not None and fields[1] and rdm_head is None:
+            raise ValueError("streaming RDM targets needs the RDM cache's heads (rdm_head=RdmCache.head)")
         if entry["num_samples"] != teacher.num_rows:
             raise CacheError(f"the {split} shards hold {entry['num_samples']} rows but the cache holds "
                              f"{teacher.num_rows}; the cache was made from other shards: rerun `cifd embed`")
@@ -178,6 +182,7 @@ class StreamBatches:
                              f"only {len(self.urls)}; use distill.data: memory, or prepare smaller shards")
         self.num_rows = teacher.num_rows
         self.teacher, self.rdm, self.fields = teacher, rdm, fields
+        self.rdm_head = rdm_head.to(device) if rdm_head is not None else None  # RDM logits: made in _yield
         fmt: LogitsFormat | None = getattr(teacher, "logits_format", None)
         # Packed teacher logits (from_head, top-k) are made on the device, in _yield.
         self.logits = fmt.to(device) if fmt is not None and fmt.packed and L.LOGITS not in fields[0] else None
@@ -223,15 +228,15 @@ class StreamBatches:
 
         images = images.to(self.device, non_blocking=True)
         x = images if not self.same_size else render_inputs(images, boxes, preprocess=self.preprocess)
-        rdm_logits, rdm_emb = dev(rdm_logits), dev(rdm_emb)
+        rdm_emb = None if rdm_emb is None else dev(rdm_emb).transpose(0, 1)  # type: ignore[union-attr]  # (M, B, D)
+        rdm_logits = None if rdm_emb is None or self.rdm_head is None else self.rdm_head(rdm_emb)  # (M, B, C)
         if self.logits is None:
             teacher_logits, kept = dev(logits).float(), None  # type: ignore[union-attr]
         else:  # packed (from_head: the embedding slot), made into logits here, on the device
             packed = dev(emb if self.logits.kind == "from_head" else logits)
             teacher_logits, kept = self.logits.unpack(packed)  # type: ignore[arg-type]
         batch = Batch(labels=dev(labels), teacher_logits=teacher_logits, teacher_emb=dev(emb),  # type: ignore[arg-type]
-                      rdm_logits=None if rdm_logits is None else rdm_logits.transpose(0, 1),  # (M, B, C)
-                      rdm_emb=None if rdm_emb is None else rdm_emb.transpose(0, 1),  # (M, B, D)
+                      rdm_logits=rdm_logits, rdm_emb=rdm_emb,
                       teacher_kept=kept)
         return dev(rows), dev(choice[rows]), x, batch  # type: ignore[return-value]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache.logits import LogitsFormat
-from pipeline.cache.rdm_store import RdmCache
+from pipeline.cache.rdm_store import RdmCache, RdmHead
 from pipeline.cache.reader import TeacherCache
 from pipeline.train.student import uses_features, uses_rdms
 from schemas import layout as L
@@ -41,7 +41,7 @@ def target_fields(method: str, logits: LogitsFormat | None = None) -> tuple[tupl
     held = (L.LOGITS,) if logits is None else tuple(f for f in logits.fields if f != L.EMBEDDINGS)
     wants_emb = uses_features(method) or (logits is not None and L.EMBEDDINGS in logits.fields)
     teacher = (L.VIEWS, L.LABELS, *held) + ((L.EMBEDDINGS,) if wants_emb else ())
-    rdm = ((L.RDM_LOGITS,) + ((L.RDM_X_HAT,) if uses_features(method) else ())) if uses_rdms(method) else ()
+    rdm = (L.RDM_X_HAT,) if uses_rdms(method) else ()  # the RDMs' logits are made from x̂ (RdmHead)
     return teacher, rdm
 
 
@@ -66,8 +66,8 @@ class Targets:
     labels: Tensor  # (N,) int64
     teacher_logits: Tensor  # (N, V, C) float32, or (N, V, P) packed by ``logits`` when it is packed
     teacher_emb: Tensor | None  # (N, V, D) float16, for the methods with feature losses
-    rdm_logits: Tensor | None  # (N, V, M, C) float32
-    rdm_emb: Tensor | None  # (N, V, M, D) float16
+    rdm_emb: Tensor | None  # (N, V, M, D) float16, for the methods that learn from the RDMs
+    rdm_head: RdmHead | None  # makes the RDMs' (M, B, C) logits from their x̂, on the targets' device
     emb_scale: float  # embeddings are compared divided by this (the teacher embedding RMS)
     logits: LogitsFormat | None = None  # set when teacher_logits are packed (from_head, top-k)
 
@@ -81,7 +81,7 @@ class Targets:
 
     @property
     def num_rdms(self) -> int:
-        return 0 if self.rdm_logits is None else self.rdm_logits.shape[2]
+        return 0 if self.rdm_emb is None else self.rdm_emb.shape[2]
 
     @property
     def info(self) -> TargetInfo:
@@ -103,8 +103,8 @@ class Batch:
 
 def gather_targets(targets: Targets, rows: Tensor, views: Tensor) -> Batch:
     """Targets of (row, view) pairs; ``rows``/``views`` (B,) on the targets' device."""
-    rdm_logits = targets.rdm_logits[rows, views].transpose(0, 1) if targets.rdm_logits is not None else None
-    rdm_emb = targets.rdm_emb[rows, views].transpose(0, 1) if targets.rdm_emb is not None else None
+    rdm_emb = targets.rdm_emb[rows, views].transpose(0, 1) if targets.rdm_emb is not None else None  # (M, B, D)
+    rdm_logits = targets.rdm_head(rdm_emb) if rdm_emb is not None and targets.rdm_head is not None else None
     teacher_emb = targets.teacher_emb[rows, views] if targets.teacher_emb is not None else None
     logits, kept = targets.teacher_logits[rows, views], None
     if targets.logits is not None:  # packed: logits made here, on the targets' device
@@ -135,5 +135,6 @@ def load_targets(cache: TeacherCache, rdm: RdmCache | None, *, method: str, devi
     if uses_features(method):  # from_head: the packed logits are the embeddings, held once
         emb = logits if fmt.kind == "from_head" else held(train.get(L.EMBEDDINGS))
     return Targets(views=views, labels=labels, teacher_logits=logits, teacher_emb=emb,
-                   rdm_logits=held(block.get(L.RDM_LOGITS)), rdm_emb=held(block.get(L.RDM_X_HAT)),
+                   rdm_emb=held(block.get(L.RDM_X_HAT)),
+                   rdm_head=rdm.head.to(device) if rdm is not None and rdm_fields else None,
                    emb_scale=info.emb_scale, logits=fmt.to(device) if fmt.packed else None)

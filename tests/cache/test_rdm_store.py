@@ -42,17 +42,26 @@ def test_layout_round_trip(bank_and_store) -> None:
     assert rdm.num_rdms == 2
     for split in teacher.splits:
         part = teacher.split(split)
-        block = rdm.split(split).read_all((L.RDM_X_HAT, L.RDM_LOGITS))
-        n, v, d, c = part.num_rows, part.num_views, part.embed_dim, part.num_classes
+        block = rdm.split(split).read_all((L.RDM_X_HAT,))
+        n, v, d = part.num_rows, part.num_views, part.embed_dim
         assert block[L.RDM_X_HAT].shape == (n, v, 2, d) and block[L.RDM_X_HAT].dtype == np.float16
-        assert block[L.RDM_LOGITS].shape == (n, v, 2, c) and block[L.RDM_LOGITS].dtype == np.float32
+        assert set(rdm.root[split].array_keys()) == {L.RDM_X_HAT, L.DONE, L.SHARD_SHA256}  # no logits array
+        assert rdm.head.weight.shape == (2, part.num_classes, d)
         # Row-aligned: row r, view j holds the bank's output for the cached embedding (r, j),
         # computed here by one direct forward of the bank in rounding mode (no batching).
         emb = torch.from_numpy(part.read_all((L.EMBEDDINGS,))[L.EMBEDDINGS].astype(np.float32))
         with torch.no_grad():
             out = bank.eval()(emb.reshape(-1, d) / scale)
         x_hat, logits = (out.x_hat * scale).transpose(0, 1), out.logits.transpose(0, 1)
-        np.testing.assert_allclose(block[L.RDM_LOGITS].reshape(-1, 2, c), logits.numpy(), rtol=1e-5, atol=1e-5)
+        # The logits readers make: the stored heads on the stored x̂, against the formula
+        # written out (x̂ / scale) · Wᵀ + b per RDM, and against the bank's own logits (x̂ is
+        # float16 in the store: a relative 2^-11 per value, through a head of D inputs).
+        stored = torch.from_numpy(block[L.RDM_X_HAT].reshape(-1, 2, d).astype(np.float32))
+        made = rdm.head(stored.transpose(0, 1)).transpose(0, 1)  # (n·V, M, C)
+        w, b = bank.head.weight.detach().numpy(), bank.head.bias.detach().numpy()
+        formula = np.einsum("nmd,mcd->nmc", stored.numpy() / scale, w) + b
+        np.testing.assert_allclose(made.numpy(), formula, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(made.numpy(), logits.numpy(), rtol=0, atol=2e-2)
         np.testing.assert_allclose(block[L.RDM_X_HAT].reshape(-1, 2, d).astype(np.float32),
                                    x_hat.numpy(), rtol=2e-3, atol=2e-3)
         # Zarr shards follow the teacher cache's shards.
@@ -96,11 +105,22 @@ def _copy(path: Path, tmp_path: Path) -> Path:
 def test_rdm_cache_reads_are_checked(bank_and_store, tmp_path: Path) -> None:
     teacher, _, _, path = bank_and_store
     broken = _copy(path, tmp_path)
-    (broken / "train" / L.RDM_LOGITS / "c" / "1" / "0" / "0" / "0").unlink()  # rows 4-7
+    (broken / "train" / L.RDM_X_HAT / "c" / "1" / "0" / "0" / "0").unlink()  # rows 4-7
     part = open_rdm_cache(broken, teacher).split("train")
-    with pytest.raises(CacheCorruptError, match=r"RDM cache .*rdm\.zarr split train array logits: rows 4-7 "
+    with pytest.raises(CacheCorruptError, match=r"RDM cache .*rdm\.zarr split train array x_hat: rows 4-7 "
                                                 r"\(4 rows\) are missing.*`cifd rdm`"):
-        part.read_all((L.RDM_LOGITS,))
+        part.read_all((L.RDM_X_HAT,))
+
+
+def test_edited_rdm_heads_are_refused_on_open(bank_and_store, tmp_path: Path) -> None:
+    teacher, _, _, path = bank_and_store
+    edited = _copy(path, tmp_path)
+    root = zarr.open_group(edited, mode="r+")
+    weight = np.asarray(root[L.RDM_HEAD_WEIGHT][...])
+    weight[0, 0, 0] += 1.0
+    root[L.RDM_HEAD_WEIGHT][...] = weight
+    with pytest.raises(CacheCorruptError, match="logit heads differ from those its attributes record"):
+        open_rdm_cache(edited, teacher)
 
 
 def test_an_edited_rdm_store_is_refused_on_open(bank_and_store, tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def test_memory_batches_and_head_logits_do_not_synchronise() -> None:
     emb = torch.randn(n, v, d, generator=g).half()
     fmt = LogitsFormat("from_head", "float32", None, c, torch.randn(c, d, generator=g), torch.randn(c, generator=g))
     targets = Targets(views=views.to(device), labels=torch.randint(c, (n,), generator=g).to(device),
-                      teacher_logits=emb.to(device), teacher_emb=None, rdm_logits=None, rdm_emb=None, emb_scale=1.0,
+                      teacher_logits=emb.to(device), teacher_emb=None, rdm_head=None, rdm_emb=None, emb_scale=1.0,
                       logits=fmt.to(device))
     pre = Preprocess(image_size=12, crop_pct=1.0, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
     source = MemoryBatches(images, targets, preprocess=pre, batch_size=8, rank=0, world=1)

@@ -81,7 +81,7 @@ class _LabelsOnly:
     def targets(self) -> Targets:
         whole = self.read(0, self.num_rows, ())
         return Targets(views=torch.from_numpy(whole[L.VIEWS]), labels=torch.from_numpy(whole[L.LABELS]),
-                       teacher_logits=torch.from_numpy(whole[L.LOGITS]), teacher_emb=None, rdm_logits=None,
+                       teacher_logits=torch.from_numpy(whole[L.LOGITS]), teacher_emb=None, rdm_head=None,
                        rdm_emb=None, emb_scale=1.0)
 
 

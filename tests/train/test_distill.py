@@ -177,7 +177,7 @@ def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
     if method in ("dgkd", "cifd"):
         assert batch.rdm_logits is not None and batch.rdm_logits.shape[:2] == (2, len(rows))  # 2 RDMs
     else:
-        assert inputs.targets.rdm_logits is None and batch.rdm_logits is None
+        assert inputs.targets.rdm_emb is None and batch.rdm_logits is None
     if method == "cifd":
         assert student.ibm is not None and out.bits is not None and bool((out.bits > 0).all())
         assert batch.teacher_emb is not None
