@@ -5,12 +5,10 @@ Each split is stored as ``{split}-{index:06d}.tar`` holding ``samples_per_shard`
 ``cls`` = the integer label, and one image member (bytes as in the source: images keep
 their own size and format). ``manifest.json`` records, per split, shard → row range and
 file sha256, the images re-encoded because they were larger than ``prepare.max_side``, and
-the name and sha256 of two per-row arrays beside it: ``{split}-sizes.npy`` (N, 2) int32, each
-image's (height, width), and ``{split}-sample_sha256.npy`` (N, 16) uint8, a content hash per
-sample. Per-row values live in those arrays, not in the JSON, so the manifest every stage
-(and every loader worker) parses stays a few kilobytes at any N. The manifest also holds the
-class names and the colour mode every image is decoded to. Its own sha256 identifies the
-dataset (row arrays included, through their recorded sha256) in every cache made from it.
+two checked per-row arrays beside it (``{split}-sizes.npy`` (N, 2) int32 (height, width),
+``{split}-sample_sha256.npy`` (N, 16) uint8 content hashes: not in the JSON, so the manifest
+every stage and loader worker parses stays a few kilobytes at any N), the class names and
+the colour mode. Its sha256 identifies the dataset (row arrays included) in every cache.
 """
 
 from __future__ import annotations
