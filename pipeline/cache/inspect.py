@@ -27,7 +27,9 @@ def _stored_bytes(path: Path) -> int:
 
 
 def cache_info(path: str | Path) -> dict[str, Any]:
-    """Teacher, N, V, D, C, dtypes, bytes per sample per view and compression ratio."""
+    """Teacher, N, V, D, C, dtypes, bytes per sample per view and compression ratio; where it
+    was made (``origin``: repository, revision, dataset source and prepare params, versions;
+    None for a cache made before it was recorded), and the whole ``provenance``."""
     cache = open_cache(path)
     prov = cache.provenance
     splits = {}
@@ -62,6 +64,9 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         "splits": splits,
         "compression_ratio": round(raw_total / max(stored_total, 1), 3),
         "fingerprint": cache.fingerprint,
+        "library_versions": prov["teacher"].get("library_versions", {}),
+        "origin": prov.get("origin"),
+        "provenance": prov,
     }
 
 
