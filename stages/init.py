@@ -8,6 +8,7 @@ and the image shards. Then ``dvc repro`` trains the consumer's RDMs and students
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +22,22 @@ from stages._io import write_json
 def _repo_url(repo: str) -> str:
     """A local producer path made absolute (DVC resolves a relative one from where it runs);
     a URL as given."""
+    if "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo):  # https://..., ssh://..., git@host:org/repo
+        return repo
     local = Path(repo).expanduser()
-    return str(local.resolve()) if "://" not in repo and local.exists() else repo
+    if not local.is_dir():
+        raise ProjectError(f"--from {repo!r} is neither a git URL nor a directory; give the producer's repository "
+                           "(https://host/org/repo.git, git@host:org/repo.git or a local clone)")
+    return str(local.resolve())
 
 
-def _call(args: list[str], cwd: Path, what: str) -> None:
+def _call(args: list[str], cwd: Path, what: str, fix: str = "") -> None:
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()
-        raise ProjectError(f"{what} failed ({' '.join(args[2:] if args[1:2] == ['-m'] else args)}): "
-                           f"{tail[-1] if tail else 'no output'}")
+        command = " ".join(["dvc", *args[3:]] if args[1:3] == ["-m", "dvc"] else args)
+        raise ProjectError(f"{what} failed ({command}): {tail[-1] if tail else 'no output'}"
+                           + (f"; {fix}" if fix else ""))
 
 
 def _dvc(*args: str) -> list[str]:
@@ -86,8 +93,9 @@ def run(repo: str, rev: str | None, directory: Path) -> None:
     write_json(directory / "cifd-version.json", installed_version())
     for item in project.imports:
         (directory / item.target).parent.mkdir(parents=True, exist_ok=True)
-        _call(_dvc("import", url, item.source, "-o", item.target, *(["--rev", rev] if rev else [])), directory,
-              f"importing the {item.what}")
+        args = ["import", url, item.source, "-o", item.target, *(["--rev", rev] if rev else [])]
+        _call(_dvc(*args), directory, f"importing the {item.what}",
+              f"params.yaml and dvc.yaml are written: once the cause is fixed, run that command in {directory}")
         print(f"init: imported the {item.what} {item.source} -> {item.target}")
     print(f"init: {directory} is ready. Next:\n"
           f"  cd {directory}\n"

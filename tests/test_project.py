@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from dvc_project import dvc, run
 
 from pipeline.project import VERSION_FILE, ProjectError, consumer_project, installed_version
 from schemas.base import ConfigError
@@ -89,5 +91,34 @@ def test_init_refuses_a_project_directory_and_an_unreadable_producer(tmp_path: P
     assert result.exit_code == 2 and "already has params.yaml" in result.output
     result = runner.invoke(main, ["init", "--from", str(tmp_path / "nowhere"), str(tmp_path / "new")])
     assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: --from") and "neither a git URL nor a directory" in result.output
+
+
+@pytest.mark.slow
+def test_init_refuses_a_producer_without_params(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()  # no params.yaml there
+    result = CliRunner().invoke(main, ["init", "--from", str(tmp_path / "empty"), str(tmp_path / "new")])
+    assert result.exit_code == 2, result.output
     assert result.output.startswith("error: cannot read params.yaml of") and result.output.count("\n") == 1
     assert not (tmp_path / "new" / "dvc.yaml").exists()
+
+
+@pytest.mark.slow
+def test_init_from_a_producer_that_published_nothing_names_the_import(tmp_path: Path) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    producer = tmp_path / "producer"
+    producer.mkdir()
+    shutil.copy(ROOT / "params.yaml", producer / "params.yaml")
+    run(["git", "init", "-q"], producer)
+    run(dvc("init", "-q"), producer)
+    run(["git", "add", "-A"], producer)
+    run(["git", "commit", "-qm", "params only"], producer)
+    result = CliRunner().invoke(main, ["init", "--from", str(producer), str(tmp_path / "consumer")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: importing the teacher cache failed (dvc import "), lines
+    assert f"-o {PRODUCER['paths']['cache']})" in lines[0] and "run that command in" in lines[0]
+    written = yaml.safe_load((tmp_path / "consumer" / "params.yaml").read_text())
+    assert written["distill"] == PRODUCER["distill"]
+    assert (tmp_path / "consumer" / ".dvc").is_dir() and (tmp_path / "consumer" / ".git").is_dir()
