@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ def plot_rate_accuracy(rows: Sequence[Mapping[str, Any]], *, teacher_top1: float
                      textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax1.set_xlabel("rate (bits / sample)")
     ax1.set_ylabel("validation")
+    ax1.set_ylim(0.0, 1.02)  # accuracy from 0: a gap of a few points is not drawn as a cliff
     ax1.legend(fontsize=8)
     ax2.plot(bits, [r[M.RDM_DISTORTION] for r in rows], "o-", color="C3")
     ax2.set_xlabel("rate (bits / sample)")
@@ -38,29 +40,55 @@ def plot_rate_accuracy(rows: Sequence[Mapping[str, Any]], *, teacher_top1: float
     plt.close(fig)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], *, teacher_top1: float, path: Path) -> None:
-    """Student val top-1 against epochs, one line per method."""
+    """:func:`curves_figure`, saved as a PNG at ``path``."""
+    _save(curves_figure(curves, teacher_top1=teacher_top1), path)
+
+
+def curves_figure(curves: Mapping[str, Sequence[Mapping[str, float]]], *, teacher_top1: float) -> Any:
+    """Student val top-1 against epochs, one line per method, the accuracy axis from 0 and
+    whole epochs on the x axis. Epochs with a NaN / inf figure (a diverged run) are not drawn:
+    a red cross on the x axis marks the first of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for method, rows in curves.items():
-        ax.plot([r["epoch"] for r in rows], [r["val_top1"] for r in rows], "o-", ms=3, label=method)
+        good = [r for r in rows if _finite(r["val_top1"])]
+        (line,) = ax.plot([r["epoch"] for r in good], [r["val_top1"] for r in good], "o-", ms=3, label=method)
+        bad = [r["epoch"] for r in rows if not _finite(r["val_top1"])]
+        if bad:
+            ax.plot([bad[0]], [0.0], "x", color="red", ms=9, mew=2, clip_on=False)
+            ax.annotate(f"{method} diverged", (bad[0], 0.0), textcoords="offset points", xytext=(4, 6),
+                        color=line.get_color(), fontsize=8)
     ax.axhline(teacher_top1, color="gray", ls=":", label=f"teacher {teacher_top1:.3f}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0.0, 1.02)
     ax.set_xlabel("epoch")
     ax.set_ylabel("student val top-1")
     ax.legend(fontsize=8)
     ax.set_title("Distillation methods")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    return fig
 
 
 def plot_study(rows: Sequence[Any], *, teacher_top1: Mapping[str, float], path: Path) -> None:
-    """Top-1 mean ± std (error bars over seeds) per method, one group of bars per variant."""
+    """:func:`study_figure`, saved as a PNG at ``path``."""
+    _save(study_figure(rows, teacher_top1=teacher_top1), path)
+
+
+def study_figure(rows: Sequence[Any], *, teacher_top1: Mapping[str, float]) -> Any:
+    """Top-1 mean ± std (error bars over seeds) per method, one group of bars per variant,
+    the axis from 0. A row whose every seed diverged gets no bar but a red cross and the word
+    "diverged"; a row where some seeds diverged is drawn from the others and labelled "k/n
+    diverged" (``report.study.Summary``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,24 +100,40 @@ def plot_study(rows: Sequence[Any], *, teacher_top1: Mapping[str, float], path: 
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(variants) + 2), 3.6))
     for j, method in enumerate(methods):
+        color = f"C{j}"
         xs, means, stds = [], [], []
         for i, variant in enumerate(variants):
             for r in rows:
-                if r.variant == variant and r.method == method:
-                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                    means.append(100 * r.top1[0])
-                    stds.append(100 * r.top1[1])
-        ax.bar(xs, means, width=width, yerr=stds, capsize=3, label=method)
+                if r.variant != variant or r.method != method:
+                    continue
+                x = i + (j - (len(methods) - 1) / 2) * width
+                if r.failed:
+                    ax.plot([x], [0.0], "x", color="red", ms=9, mew=2, clip_on=False)
+                    ax.text(x, 2.0, f"{method} diverged", rotation=90, ha="center", va="bottom", fontsize=7,
+                            color="red")
+                    continue
+                xs.append(x)
+                means.append(100 * r.top1[0])
+                stds.append(100 * r.top1[1])
+                if r.diverged:
+                    ax.text(x, 100 * r.top1[0] + 100 * r.top1[1] + 1.0, f"{r.diverged}/{len(r.seeds)} diverged",
+                            rotation=90, ha="center", va="bottom", fontsize=7, color="red")
+        ax.bar(xs, means, width=width, yerr=stds, capsize=3, label=method, color=color)
     for i, variant in enumerate(variants):
         if variant in teacher_top1:
             ax.hlines(100 * teacher_top1[variant], i - 0.45, i + 0.45, colors="k", linestyles="dashed")
     ax.set_xticks(range(len(variants)), variants)
-    low = min(100 * r.top1[0] - 100 * r.top1[1] for r in rows)
-    ax.set_ylim(max(0.0, low - 5), 100)
+    ax.set_ylim(0.0, 100.0)
     ax.set_ylabel("top-1 (%), mean ± std over seeds")
-    ax.set_title("students per variant (dashed: teacher)")
+    ax.set_title("students per variant (dashed: teacher; ×: diverged)")
     ax.legend(fontsize=8, ncols=min(4, len(methods)))
     fig.tight_layout()
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)

@@ -43,7 +43,12 @@ class Experiment:
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """One (variant, method) row: the mean and sample std over its seeds."""
+    """One (variant, method) row: the mean and sample std over its seeds that finished.
+
+    A seed whose top-1, agreement or KL is NaN / inf diverged (a NaN student predicts one
+    class: its top-1 is chance, not a result); it is counted in ``diverged`` and left out of
+    the means. When every seed diverged, the figures are NaN.
+    """
 
     variant: str
     method: str
@@ -51,6 +56,13 @@ class Summary:
     top1: tuple[float, float]
     agreement: tuple[float, float]
     seconds: tuple[float, float] | None  # distill wall time, when recorded
+    kl: tuple[float, float] = (math.nan, math.nan)  # KL(teacher ‖ student)
+    diverged: int = 0  # seeds left out because a figure is NaN / inf
+
+    @property
+    def failed(self) -> bool:
+        """Every seed diverged: nothing to show but the mark."""
+        return self.diverged == len(self.seeds)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -122,6 +134,30 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def diverged(row: Mapping[str, float]) -> bool:
+    """A run whose top-1, agreement or KL is missing, NaN or inf."""
+    return not all(isinstance(row.get(k), (int, float)) and math.isfinite(row[k])
+                   for k in (M.EVAL_TOP1, M.EVAL_AGREEMENT, M.EVAL_KL))
+
+
+def summary(variant: str, method: str, rows: list[tuple[int, Mapping[str, float]]]) -> Summary:
+    """One row from the (seed, evaluate figures) of its runs."""
+    seeds = tuple(seed for seed, _ in rows)
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"variant '{variant}' has seed(s) {sorted(seeds)} twice for method '{method}'")
+    good = [row for _, row in rows if not diverged(row)]
+    nan = (math.nan, math.nan)
+    times = [row[M.EVAL_SECONDS] for _, row in rows if M.EVAL_SECONDS in row]
+    return Summary(
+        variant=variant, method=method, seeds=seeds,
+        top1=mean_std(row[M.EVAL_TOP1] for row in good) if good else nan,
+        agreement=mean_std(row[M.EVAL_AGREEMENT] for row in good) if good else nan,
+        seconds=mean_std(times) if len(times) == len(rows) else None,
+        kl=mean_std(row[M.EVAL_KL] for row in good) if good else nan,
+        diverged=len(rows) - len(good),
+    )
+
+
 def summarize(experiments: Iterable[Experiment]) -> list[Summary]:
     """One row per (variant, method) over the variant's seeds, teacher row excluded."""
     by_key: dict[tuple[str, str], list[tuple[int, Mapping[str, float]]]] = {}
@@ -130,19 +166,7 @@ def summarize(experiments: Iterable[Experiment]) -> list[Summary]:
             if method == "teacher":
                 continue
             by_key.setdefault((experiment.variant, method), []).append((experiment.seed, row))
-    out = []
-    for (variant, method), rows in by_key.items():
-        seeds = tuple(seed for seed, _ in rows)
-        if len(set(seeds)) != len(seeds):
-            raise StudyError(f"variant '{variant}' has seed(s) {sorted(seeds)} twice for method '{method}'")
-        times = [row[M.EVAL_SECONDS] for _, row in rows if M.EVAL_SECONDS in row]
-        out.append(Summary(
-            variant=variant, method=method, seeds=seeds,
-            top1=mean_std(row[M.EVAL_TOP1] for _, row in rows),
-            agreement=mean_std(row[M.EVAL_AGREEMENT] for _, row in rows),
-            seconds=mean_std(times) if len(times) == len(rows) else None,
-        ))
-    return out
+    return [summary(variant, method, rows) for (variant, method), rows in by_key.items()]
 
 
 def teacher_top1(experiments: Iterable[Experiment]) -> dict[str, float]:
@@ -160,20 +184,58 @@ def cost_vs_kd(rows: Iterable[Summary]) -> dict[tuple[str, str], float]:
             if r.seconds and kd.get(r.variant)}
 
 
+def _figure(value: tuple[float, float], *, scale: float, digits: int, spread: bool) -> str:
+    mean, std = value
+    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if spread else "")
+
+
+def _cells(row: Summary, ratio: float | None, *, scale: float, spread: bool) -> list[str]:
+    """The figures of one row as text: 'diverged' instead of numbers for a failed row, and a
+    count of the seeds left out otherwise."""
+    if row.failed:
+        return ["diverged", "diverged", "diverged"] + ([f"{row.seconds[0]:.0f}"] if row.seconds else ["n/a"]) + ["n/a"]
+    note = f" ({row.diverged} diverged)" if row.diverged else ""
+    time = "n/a" if row.seconds is None else _figure(row.seconds, scale=1.0, digits=0, spread=spread)
+    return [_figure(row.top1, scale=scale, digits=2, spread=spread) + note,
+            _figure(row.agreement, scale=scale, digits=2, spread=spread),
+            _figure(row.kl, scale=1.0, digits=4, spread=spread), time,
+            "n/a" if ratio is None else f"{ratio:.2f}"]
+
+
 def markdown_table(rows: Iterable[Summary], *, percent: bool = True) -> str:
-    """A Markdown table: variant, method, seeds, top-1 and agreement as mean ± std, wall
-    time and its ratio to KD's."""
+    """A Markdown table: variant, method, seeds, top-1, agreement and KL as mean ± std, wall
+    time and its ratio to KD's; a row whose seeds all diverged says so instead of numbers."""
     rows = list(rows)
     ratios = cost_vs_kd(rows)
     scale = 100.0 if percent else 1.0
     unit = " (%)" if percent else ""
-    lines = [f"| variant | method | seeds | top-1{unit} | agreement{unit} | distill wall time (s) | time / KD |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | method | seeds | top-1{unit} | agreement{unit} | KL(T‖S) | distill wall time (s) | "
+             "time / KD |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        time = f"{row.seconds[0]:.0f} ± {row.seconds[1]:.0f}" if row.seconds else "n/a"
-        ratio = ratios.get((row.variant, row.method))
-        lines.append(f"| {row.variant} | {row.method} | {len(row.seeds)} | "
-                     f"{row.top1[0] * scale:.2f} ± {row.top1[1] * scale:.2f} | "
-                     f"{row.agreement[0] * scale:.2f} ± {row.agreement[1] * scale:.2f} | {time} | "
-                     f"{'n/a' if ratio is None else f'{ratio:.2f}'} |")
+        cells = _cells(row, ratios.get((row.variant, row.method)), scale=scale, spread=True)
+        lines.append(f"| {row.variant} | {row.method} | {len(row.seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def text_table(rows: Iterable[Summary], *, width: int = 120) -> str:
+    """The method table for a terminal, at most ``width`` columns: one line per (variant,
+    method), mean ± std where a row has several seeds. Long variant names are shortened."""
+    rows = list(rows)
+    ratios = cost_vs_kd(rows)
+    spread = any(len(r.seeds) > 1 for r in rows)
+    header = ["variant", "method", "seeds", "top-1 %", "agree %", "KL(T‖S)", "wall s", "×KD"]
+    body = [[r.variant, r.method, str(len(r.seeds)),
+             *_cells(r, ratios.get((r.variant, r.method)), scale=100.0, spread=spread)] for r in rows]
+    if not any(r.variant for r in rows):  # one workspace: no variant column
+        header, body = header[1:], [line[1:] for line in body]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    if "variant" in header:  # shorten the first column to what the others leave
+        widths[0] = max(8, min(widths[0], width - sum(widths[1:]) - 2 * (len(widths) - 1)))
+    out = []
+    for line in [header, *body]:
+        cells = [c if len(c) <= w else c[:w - 1] + "…" for c, w in zip(line, widths)]
+        text = "  ".join(c.ljust(w) if h in ("variant", "method") else c.rjust(w)
+                         for c, w, h in zip(cells, widths, header))
+        out.append(text.rstrip())
+    return "\n".join(out) + "\n"

@@ -25,12 +25,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.shards import CorruptSampleError, ManifestError
     from pipeline.data.sources import SourceError
     from pipeline.models import ModelError
+    from pipeline.project import ProjectError
     from pipeline.train.distill import TrainingDiverged
     from report.study import StudyError
     from schemas.base import ConfigError
 
     return (ConfigError, CacheError, CorruptSampleError, ManifestError, SourceError, ModelError, StudyError,
-            TrainingDiverged)
+            TrainingDiverged, ProjectError)
 
 
 def _stop_with_parent() -> None:
@@ -137,19 +138,58 @@ def evaluate(params: Path) -> None:
 
 
 @main.command()
-@click.argument("listings", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("listings", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path))
+@PARAMS
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/study"),
-              show_default=True, help="Directory for study.json, study.md and study_top1.png.")
-def report(listings: tuple[Path, ...], out: Path) -> None:
-    """The study table from DVC experiments: mean ± std of top-1, agreement and distill
-    wall time over seeds, one row per (variant, method).
+              show_default=True, help="With LISTINGS: directory for study.json, study.md and study_top1.png.")
+def report(listings: tuple[Path, ...], params: Path, out: Path) -> None:
+    """The method table: top-1, agreement with the teacher, KL(teacher ‖ student), distill
+    wall time and its ratio to KD, within 120 columns; a diverged run is marked, not averaged.
 
-    LISTINGS are files written by `dvc exp show --json`. Experiments must be named
+    Without LISTINGS: this workspace's last run (paths.metrics/evaluate.json of --params).
+    LISTINGS: files written by `dvc exp show --json` (`-` reads one from stdin), one row per
+    (variant, method) with mean ± std over seeds. Experiments must be named
     `<variant>-s<seed>` (`dvc exp run -n main-s1 -S distill.seed=1`); others are ignored.
     """
     from stages import report as stage
 
-    _run(lambda: stage.run(listings, out))
+    _run(lambda: stage.run(listings, out) if listings else stage.workspace(params))
+
+
+@main.command("init")
+@click.option("--from", "repo", required=True, metavar="REPO",
+              help="The producer: a git URL or path of a cifd project whose cache was `dvc push`ed.")
+@click.option("--rev", default=None, help="Producer branch, tag or commit (default: its default branch).")
+@click.argument("directory", required=False, default=".", type=click.Path(file_okay=False, path_type=Path))
+def init_cmd(repo: str, rev: str | None, directory: Path) -> None:
+    """A project of your own on another team's teacher cache.
+
+    Writes DIR/params.yaml (the producer's paths, teacher entrypoint and rdm/distill/evaluate
+    sections) and DIR/dvc.yaml (cifd-version, rdm, distill@<method>, evaluate), makes DIR a
+    git + DVC repository if needed, and `dvc import`s the teacher cache, the teacher and the
+    image shards to the paths its params name. Then: `dvc repro`; later `dvc update -R .`
+    and `dvc repro` for the producer's newest revision.
+    """
+    from stages import init as stage
+
+    _run(lambda: stage.run(repo, rev, directory))
+
+
+@main.command("version")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the JSON to this file (the cifd-version stage of a consumer project).")
+def version_cmd(out: Path | None) -> None:
+    """The installed cifd: version, sha256 of its code, Python and library versions (JSON)."""
+    from pipeline.project import installed_version
+    from stages._io import write_json
+
+    def show() -> None:
+        info = installed_version()
+        if out is not None:
+            write_json(out, info)
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+
+    _run(show)
 
 
 @main.group()
@@ -163,9 +203,10 @@ def cache() -> None:
 @click.option("--topk", type=click.IntRange(min=1), default=None,
               help="k of the top-k line of the bytes per choice (default: the cache's k, else 5).")
 def cache_info_cmd(path: Path, as_json: bool, topk: int | None) -> None:
-    """Print teacher, N, V, D, C, dtypes, the logits choice, bytes per sample per view (for
-    each logits choice: stored float32 / float16 / bfloat16, top-k, from_head; and on disk
-    for this cache), compression ratio."""
+    """Print teacher, where the cache was made (repository, revision, dataset source and prepare
+    params, versions), N, V, D, C, dtypes, the logits choice, bytes per sample per view (for
+    each logits choice: stored float32 / float16 / bfloat16, top-k, from_head; and on disk for
+    this cache), compression ratio; --json: all of it, the whole provenance included."""
     from pipeline.cache.inspect import cache_info
 
     def show() -> None:
@@ -175,6 +216,19 @@ def cache_info_cmd(path: Path, as_json: bool, topk: int | None) -> None:
             return
         click.echo(f"cache      {info['path']}")
         click.echo(f"teacher    {info['teacher']}  (weights sha256 {info['teacher_state_dict_sha256'][:16]}…)")
+        origin = info["origin"] or {}
+        if not origin:
+            click.echo("made by    not recorded (a cache from before cifd recorded its origin)")
+        else:
+            revision = origin.get("revision")
+            click.echo(f"made by    {origin.get('repository') or 'a repository with no public remote'} at "
+                       f"{revision[:12] if revision else 'no commit'}"
+                       f"{' (with uncommitted changes)' if origin.get('dirty') else ''}")
+            data = origin.get("dataset") or {}
+            prepare = ", ".join(f"{k}={v}" for k, v in (data.get("prepare") or {}).items() if v is not None)
+            click.echo(f"source     {data.get('source')}: {prepare}")
+        versions = {**info["library_versions"], **(origin.get("versions") or {})}
+        click.echo("versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()))
         click.echo(f"dataset    manifest sha256 {info['dataset_manifest_sha256'][:16]}…, {len(info['classes'])} classes")
         click.echo(f"images     {info['images']['mode']}, "
                    f"{'one size ' + str(info['images']['shape']) if info['images']['shape'] else 'many sizes'}")

@@ -1,9 +1,13 @@
-"""``cifd report``: the study table (mean ± std over seeds) from ``dvc exp show --json``."""
+"""``cifd report``: the method table. Without listings, of this workspace (``evaluate.json``
+under ``paths.metrics``); with ``dvc exp show --json`` listings, of the experiments (mean ± std
+over seeds), also written to ``--out`` as study.json, study.md and study_top1.png."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,19 +18,57 @@ from report.study import (
     markdown_table,
     parse_exp_show,
     summarize,
+    summary,
     teacher_top1,
+    text_table,
 )
+from schemas import metrics as M
+from schemas.config import DistillConfig, load_stage
 from stages._io import write_json
+
+
+def workspace(params: Path) -> None:
+    """The method table of the last ``dvc repro`` in this workspace."""
+    paths, cfg = load_stage(params, "distill", DistillConfig)
+    path = Path(paths.metrics) / M.EVALUATE
+    if not path.is_file():
+        raise StudyError(f"no method table at {path}; run `dvc repro` (or `cifd evaluate`) first, or pass "
+                         "`dvc exp show --json` listings: `dvc exp show --json > exps.json && cifd report exps.json`")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StudyError(f"{path} is not JSON ({exc}); rerun `cifd evaluate`") from exc
+    rows = [summary("", method, [(cfg.seed, row)]) for method, row in table.items() if method != "teacher"]
+    print(text_table(rows), end="")
+    if "teacher" in table:
+        print(f"teacher top-1 {100 * table['teacher'][M.EVAL_TOP1]:.2f} %  ({path}; distill.seed {cfg.seed})")
+
+
+def _finite(value: object) -> object:
+    """NaN (a row whose seeds all diverged) as null: study.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _read(path: Path) -> object:
+    try:
+        return json.loads(sys.stdin.read() if str(path) == "-" else Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StudyError(f"cannot read {path} as `dvc exp show --json` output ({exc}); "
+                         f"write it with `dvc exp show --json > exps.json`") from exc
 
 
 def run(listings: Sequence[Path], out: Path) -> None:
     experiments = []
     for path in listings:
-        try:
-            listing = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StudyError(f"cannot read {path} as `dvc exp show --json` output ({exc}); "
-                             f"write it with `uv run dvc exp show --json > {path}`") from exc
+        listing = _read(path)
+        if not isinstance(listing, list):
+            raise StudyError(f"{path} holds {type(listing).__name__}, not the list `dvc exp show --json` prints")
         experiments.extend(parse_exp_show(listing))
     names = [e.name for e in experiments]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -42,10 +84,9 @@ def run(listings: Sequence[Path], out: Path) -> None:
     write_json(out / "study.json", {
         "experiments": {e.name: {"variant": e.variant, "seed": e.seed} for e in experiments},
         "teacher_top1": teachers,
-        "rows": [dataclasses.asdict(r) | {"time_vs_kd": ratios.get((r.variant, r.method))} for r in rows],
+        "rows": [_finite(dataclasses.asdict(r)) | {"time_vs_kd": ratios.get((r.variant, r.method))} for r in rows],
     })
-    table = markdown_table(rows)
-    (out / "study.md").write_text(table)
+    (out / "study.md").write_text(markdown_table(rows))
     plot_study(rows, teacher_top1=teachers, path=out / "study_top1.png")
-    print(table, end="")
-    print(f"report: {len(experiments)} experiments, {len(rows)} rows -> {out}")
+    print(text_table(rows), end="")
+    print(f"report: {len(experiments)} experiments, {len(rows)} rows -> {out} (study.md, study.json, study_top1.png)")

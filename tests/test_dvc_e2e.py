@@ -8,53 +8,18 @@ at a time, params restored in between), and that a changed ``embed.views`` reach
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "prepare": {"source": "digits", "limit_train": 160, "limit_val": 60, "samples_per_shard": 40},
-    "teacher": {"model": "test_resnet", "in_chans": 1, "preprocess": {"image_size": 16, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5], "std": [0.5]},
-                "epochs": 2, "batch_size": 64},
-    "embed": {"views": 2, "batch_size": 128, "chunk_rows": 20, "scheduler": "synchronous"},
-    "rdm": {"rate_weights": [4.0, 1.0], "hidden": 32, "epochs": 2, "batch_size": 128},
-    "distill": {"student": "pipeline.models.cifar_resnet:resnet8", "student_kwargs": {"width": 4}, "epochs": 1,
-                "batch_size": 64, "threads": 1},
-}
-
-
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-4000:]}")
-    return result
+from dvc_project import make_producer, tiny_params
+from dvc_project import run as _run
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    path = tmp_path_factory.mktemp("e2e")
-    for name in ("pipeline", "stages", "schemas", "report"):
-        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], path)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], path)
-    _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], path)
-    return path
+    return make_producer(tmp_path_factory.mktemp("e2e"), tiny_params())
 
 
 METHODS = ("ce", "kd", "dgkd", "cifd")

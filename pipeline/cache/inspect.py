@@ -34,7 +34,9 @@ INFO_TOPK = 5
 def cache_info(path: str | Path, *, topk: int | None = None) -> dict[str, Any]:
     """Teacher, N, V, D, C, dtypes, the logits choice, bytes per sample per view (uncompressed
     for every logits choice, from D, C, V and k; on disk for this cache, per array) and the
-    compression ratio. ``topk``: k of the top-k line (default: the cache's, else 5)."""
+    compression ratio. ``topk``: k of the top-k line (default: the cache's, else 5). Also
+    where it was made (``origin``: repository, revision, dataset source and prepare params,
+    versions; None for a cache made before it was recorded), and the whole ``provenance``."""
     cache = open_cache(path)
     prov = cache.provenance
     fmt = cache.logits_format
@@ -78,6 +80,9 @@ def cache_info(path: str | Path, *, topk: int | None = None) -> dict[str, Any]:
         "splits": splits,
         "compression_ratio": round(raw_total / max(stored_total, 1), 3),
         "fingerprint": cache.fingerprint,
+        "library_versions": prov["teacher"].get("library_versions", {}),
+        "origin": prov.get("origin"),
+        "provenance": prov,
     }
 
 

@@ -1,9 +1,25 @@
 """What a teacher cache records about how it was made (its ``provenance`` attribute): the
 teacher, its preprocessing and where each value came from, the views, the dataset, the
-stored dtypes and the compute device type. Its fingerprint identifies the cache's content."""
+stored dtypes and the compute device type. Its fingerprint identifies the cache's content.
+
+``origin`` describes where the cache was made, for the team that imports it: the producing
+git repository (its ``origin`` remote as a URL, never a local path; credentials dropped) and
+revision, whether tracked files had uncommitted changes, the dataset source and prepare
+params (file names only, never a machine path), and the cifd, zarr and Python versions. It is
+a description, not an input: like the classifier check it is not hashed into the
+fingerprint, so equal inputs still give an equal fingerprint at any commit, and a resumed
+store keeps the origin of the run that created it.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import posixpath
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pipeline.data.shards import Manifest
@@ -11,7 +27,7 @@ from pipeline.models import ImageClassifier, library_versions
 from schemas import layout as L
 from schemas.config import EmbedConfig
 
-__all__ = ["build_provenance"]
+__all__ = ["build_provenance", "dataset_origin", "git_origin", "public_url"]
 
 
 def build_provenance(
@@ -57,4 +73,59 @@ def build_provenance(
         # CPU and GPU kernels differ in the last bits: a resume never mixes the two.
         "compute": {"device_type": device_type},
         "classifier_check": {"reproduces_logits": check[0], "max_abs_err": round(check[1], 6)},
+        "origin": {
+            **git_origin(Path.cwd()),  # stages run at the project root (dvc repro does)
+            "dataset": dataset_origin(manifest.data),
+            "versions": {"cifd": _version("cifd"), "zarr": _version("zarr"), "numcodecs": _version("numcodecs"),
+                         "python": ".".join(map(str, sys.version_info[:3]))},
+        },
     }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_USERINFO = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@]*@", re.IGNORECASE)
+
+
+def public_url(url: str | None) -> str | None:
+    """A remote URL fit to publish: ``https://host/org/repo`` or ``git@host:org/repo`` with any
+    user:token part dropped; None for a local path (``/srv/repo``, ``../repo``, ``file://``),
+    which means nothing on another machine."""
+    if not url:
+        return None
+    url = url.strip()
+    if url.lower().startswith("file://") or "://" not in url and not re.match(r"^[\w.-]+@[\w.-]+:", url):
+        return None
+    return _USERINFO.sub(lambda m: m["scheme"], url)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git on this machine: the origin is unknown
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def git_origin(root: Path) -> dict[str, Any]:
+    """``{"repository", "revision", "dirty"}`` of the git work tree at ``root``; None where
+    unknown (no git, no commit, no public remote)."""
+    revision = _git(root, "rev-parse", "--verify", "-q", "HEAD")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no") if revision else None
+    return {"repository": public_url(_git(root, "remote", "get-url", "origin")), "revision": revision,
+            "dirty": None if status is None else bool(status)}
+
+
+def dataset_origin(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset source and prepare params from the shard manifest, each path reduced to
+    its file name (a machine path would mean nothing to the importing team)."""
+    source = dict(manifest.get("source") or {})
+    for key in ("train", "val"):
+        if isinstance(source.get(key), str):
+            source[key] = posixpath.basename(source[key].replace("\\", "/").rstrip("/")) or None
+    return {"source": source.pop("source", None), "prepare": source, "row_order": manifest.get("row_order")}

@@ -34,6 +34,10 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from pipeline.cache.logits import LogitsFormat
 from schemas import layout as L
 
+# Provenance keys recorded but not hashed: the classifier check (measured) and the origin
+# (described: pipeline.cache.provenance).
+NOT_HASHED = ("classifier_check", "origin")
+
 
 class CacheError(ValueError):
     """The cache is missing, incomplete, of another schema, or from other inputs."""
@@ -45,8 +49,9 @@ class CacheCorruptError(CacheError):
 
 def fingerprint(provenance: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the inputs in the provenance: equal inputs, equal
-    fingerprint. Measured facts (the classifier check) are recorded but not hashed."""
-    inputs = {k: v for k, v in provenance.items() if k != "classifier_check"}
+    fingerprint. Measured or described facts (the classifier check, the origin) are recorded
+    but not hashed."""
+    inputs = {k: v for k, v in provenance.items() if k not in NOT_HASHED}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -66,8 +71,8 @@ def _short(value: Any) -> str:
 
 def input_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"key: old → new"`` for every hashed input that differs (dotted keys, sorted)."""
-    old = _flatten({k: v for k, v in json.loads(json.dumps(recorded)).items() if k != "classifier_check"})
-    new = _flatten({k: v for k, v in json.loads(json.dumps(current)).items() if k != "classifier_check"})
+    old = _flatten({k: v for k, v in json.loads(json.dumps(recorded)).items() if k not in NOT_HASHED})
+    new = _flatten({k: v for k, v in json.loads(json.dumps(current)).items() if k not in NOT_HASHED})
     return [f"{key}: {_short(old.get(key))} → {_short(new.get(key))}"
             for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 

@@ -323,7 +323,10 @@ def load_manifest(shards_dir: str | Path) -> Manifest:
     root = Path(shards_dir)
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_NAME} in {root}; run `cifd prepare` (dvc repro prepare) first")
+        raise ManifestError(f"no {MANIFEST_NAME} in {root}: no image shards there. In the project that made them, "
+                            "run `cifd prepare` (dvc repro prepare); with a cache from another team, import "
+                            f"their shards too: `dvc import REPO <their paths.shards> -o {root}` (`cifd init "
+                            "--from REPO` imports cache, teacher and shards)")
     text = path.read_text()
     try:
         data = json.loads(text)

@@ -17,6 +17,7 @@ from report.study import (
     mean_std,
     parse_exp_show,
     summarize,
+    text_table,
 )
 from schemas import metrics as M
 from stages.cli import main
@@ -87,7 +88,7 @@ def test_parse_groups_seeds_and_skips_failed_or_unnamed() -> None:
     assert math.isclose(kd.top1[0], 0.62) and math.isclose(kd.top1[1], math.sqrt(2 * 0.02 ** 2))
     assert kd.seconds == (10.0, 0.0)
     table = markdown_table(summarize(experiments))
-    assert "| main | kd | 2 | 62.00 ± 2.83 | 64.00 ± 2.83 | 10 ± 0 | 1.00 |" in table
+    assert "| main | kd | 2 | 62.00 ± 2.83 | 64.00 ± 2.83 | 0.1000 ± 0.0000 | 10 ± 0 | 1.00 |" in table
 
 
 def test_a_running_experiment_is_not_counted() -> None:
@@ -125,6 +126,8 @@ def test_cli_report_writes_table_json_and_plot(tmp_path: Path) -> None:
     times = {r["method"]: r["time_vs_kd"] for r in summary["rows"]}
     assert times["kd"] == 1.0 and math.isclose(times["cifd"], 23 / 21) and math.isclose(times["ce"], 10 / 21)
     assert "| main | cifd | 3 | 61.00 ± 1.00 |" in (out / "study.md").read_text()
+    assert any(line.split()[:3] == ["main", "cifd", "3"] and "61.00 ± 1.00" in line  # the terminal table
+               for line in result.output.splitlines())
     assert (out / "study_top1.png").stat().st_size > 1000
 
     # The same listing twice would double-count seeds: refused with a clear line.
@@ -135,3 +138,63 @@ def test_cli_report_writes_table_json_and_plot(tmp_path: Path) -> None:
     bad.write_text("{not json")
     result = CliRunner().invoke(main, ["report", str(bad), "--out", str(out)])
     assert result.exit_code == 2 and "dvc exp show --json" in result.output
+
+
+def test_diverged_seeds_are_marked_not_averaged() -> None:
+    nan = {M.EVAL_TOP1: 0.1, M.EVAL_AGREEMENT: 0.1008, M.EVAL_KL: math.nan, M.EVAL_SECONDS: 30.0}
+    listing = _listing(
+        _rev("noibm-s0", 0, {"teacher": TEACHER, "cifd": nan}),
+        _rev("timm-s0", 0, {"teacher": TEACHER, "cifd": {**_row(0.5, 0.52), M.EVAL_KL: 0.3}}),
+        _rev("timm-s1", 1, {"teacher": TEACHER, "cifd": nan}),
+        _rev("timm-s2", 2, {"teacher": TEACHER, "cifd": {**_row(0.7, 0.72), M.EVAL_KL: 0.5}}),
+    )
+    rows = {r.variant: r for r in summarize(parse_exp_show(listing))}
+    assert rows["noibm"].failed and rows["noibm"].diverged == 1 and math.isnan(rows["noibm"].top1[0])
+    timm = rows["timm"]
+    assert not timm.failed and timm.diverged == 1 and timm.seeds == (0, 1, 2)
+    # the two finished seeds only: 0.5 and 0.7, not (0.5 + 0.1 + 0.7) / 3
+    assert math.isclose(timm.top1[0], 0.6) and math.isclose(timm.top1[1], math.sqrt(0.02))
+    assert math.isclose(timm.kl[0], 0.4)
+    table = markdown_table(rows.values())
+    assert "| noibm | cifd | 1 | diverged | diverged | diverged | 30 | n/a |" in table
+    assert "| timm | cifd | 3 | 60.00 ± 14.14 (1 diverged) | 62.00 ± 14.14 | 0.4000 ± 0.1414 |" in table
+
+
+def test_text_table_fits_120_columns_and_keeps_the_figures() -> None:
+    long = "a-variant-with-a-very-long-name-from-a-sweep-" * 3
+    def table(seed: int) -> dict[str, dict[str, float]]:
+        return {"teacher": TEACHER} | {m: _row(0.6 + seed / 100, 0.61, 1234.5) for m in ("ce", "kd", "dgkd", "cifd")}
+
+    listing = _listing(*[_rev(f"{name}-s{seed}", seed, table(seed)) for name in ("main", long) for seed in range(3)])
+    text = text_table(summarize(parse_exp_show(listing)))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    assert lines[0].split() == ["variant", "method", "seeds", "top-1", "%", "agree", "%", "KL(T‖S)", "wall", "s", "×KD"]
+    kd = next(line for line in lines if line.startswith("main") and " kd " in line)
+    assert "61.00 ± 1.00" in kd and "61.00 ± 0.00" in kd and "0.1000 ± 0.0000" in kd and "1234 ± 0" in kd
+    assert any(line.startswith("a-variant-with") and "…" in line.split()[0] for line in lines)
+
+
+def test_report_reads_a_listing_from_stdin(tmp_path: Path) -> None:
+    listing = _listing(_rev("main-s0", 0, {"teacher": TEACHER, "kd": _row(0.6, 0.6)}))
+    result = CliRunner().invoke(main, ["report", "-", "--out", str(tmp_path / "out")], input=json.dumps(listing))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "study.md").is_file() and "60.00" in result.output
+
+
+def test_report_of_the_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("paths: {metrics: out/metrics}\ndistill: {seed: 3}\n")
+    runner = CliRunner()
+    missing = runner.invoke(main, ["report"])
+    assert missing.exit_code == 2 and "run `dvc repro`" in missing.output
+    table = {"teacher": TEACHER, "kd": _row(0.6734, 0.7, 12.0), "cifd": {**_row(0.71, 0.75, 18.0), M.EVAL_KL: 0.25}}
+    (tmp_path / "out/metrics").mkdir(parents=True)
+    (tmp_path / "out/metrics" / M.EVALUATE).write_text(json.dumps(table))
+    result = runner.invoke(main, ["report"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:3] == ["method", "seeds", "top-1"]
+    assert lines[1].split() == ["kd", "1", "67.34", "70.00", "0.1000", "12", "1.00"]
+    assert lines[2].split() == ["cifd", "1", "71.00", "75.00", "0.2500", "18", "1.50"]
+    assert "teacher top-1 90.00 %" in lines[3] and "distill.seed 3" in lines[3]
