@@ -283,16 +283,14 @@ class Manifest:
         """(N, 2) int64 (height, width) of every image of ``split``, in row order."""
         return self.rows(split, "sizes").astype(np.int64)
 
-    def sample_hashes(self, split: str) -> np.ndarray:
-        """(N, 16) uint8: the content hash (:func:`content_digest`) of every sample of ``split``."""
+    def sample_hashes(self, split: str) -> np.ndarray:  # (N, 16) uint8: content_digest of every sample
         return self.rows(split, "sample_sha256")
 
     def rows(self, split: str, name: str) -> np.ndarray:
         """A per-row array of ``split`` (:data:`ROW_ARRAYS`), checked against the sha256, dtype
         and shape the manifest records (the file never unpickles)."""
         entry = self.split(split)
-        record = entry["rows"][name]
-        path = self.root / record["file"]
+        record, path = entry["rows"][name], self.root / entry["rows"][name]["file"]
         if not path.is_file():
             raise ManifestError(f"{path} is missing (the per-row '{name}' array of split '{split}'); rerun "
                                 "`cifd prepare`, or copy the whole shards directory")
@@ -300,10 +298,9 @@ class Manifest:
             raise ManifestError(f"{path} does not match the sha256 in {MANIFEST_NAME}: the file changed after "
                                 "`cifd prepare`; rerun it")
         try:
-            values = np.load(path, allow_pickle=False)
+            values, (dtype, columns) = np.load(path, allow_pickle=False), ROW_ARRAYS[name]
         except ValueError as exc:
             raise ManifestError(f"{path} is not a plain .npy array ({exc}); rerun `cifd prepare`") from exc
-        dtype, columns = ROW_ARRAYS[name]
         if values.dtype != np.dtype(dtype) or values.shape != (entry["num_samples"], columns):
             raise ManifestError(f"{path} holds {values.dtype} {values.shape}, expected {dtype} "
                                 f"({entry['num_samples']}, {columns}); rerun `cifd prepare`")
