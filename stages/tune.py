@@ -88,7 +88,7 @@ def run(params: Path, method: str) -> dict[str, Any]:
     probe = build_inputs(paths, base, method, device=torch.device("cpu"))
     identity = {"method": method, "space": {k: s.to_dict() for k, s in space},
                 "distill": {k: v for k, v in base.to_dict().items() if k not in ("device", "threads")},
-                "holdout": [tune.holdout_fraction, tune.holdout_seed], "cache": probe.run.fingerprint,
+                "holdout": [tune.holdout_fraction, tune.holdout_seed], "data_and_code": probe.run.fingerprint,
                 "enqueue": [dict(e) for e in tune.enqueue]}
     del probe
     where = Path(paths.tune)
