@@ -439,8 +439,9 @@ class TuneConfig(StrictConfig):
     held-out rows' clean views after every epoch: the reported val split is never read.
     ``epochs``: per trial (null: ``distill.epochs``). Sampler: TPE seeded with ``seed``.
     ``pruner``: ``median`` (stop a trial whose epoch score is below the median of earlier
-    trials at that epoch, after ``startup_trials`` trials and one epoch), ``halving``
-    (successive halving, reduction factor 3, from epoch 1) or ``none``. ``n_jobs``: trials
+    trials at that epoch, after ``startup_trials`` trials), ``halving`` (successive halving,
+    reduction factor 3) or ``none``; neither stops a trial before epoch ``prune_after`` (a
+    one-cycle warm-up keeps every trial near chance for its first epochs). ``n_jobs``: trials
     run side by side (null: CPU cores // ``distill.threads`` on CPU, 2 on a GPU). ``trials``:
     the study's total of finished (complete or pruned) trials; a rerun resumes the SQLite
     study in ``paths.tune`` and runs only the missing ones. ``space``: per method, a mapping
@@ -457,6 +458,7 @@ class TuneConfig(StrictConfig):
     seed: int = 0
     pruner: Literal["median", "halving", "none"] = "median"
     startup_trials: int = 5
+    prune_after: int = 1
     n_jobs: int | None = None
     space: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     enqueue: tuple[Mapping[str, Any], ...] = ()
@@ -467,6 +469,7 @@ class TuneConfig(StrictConfig):
         require(0.0 < self.holdout_fraction < 1.0, section, "holdout_fraction", self.holdout_fraction,
                 "expected 0 < fraction < 1")
         require(self.startup_trials >= 0, section, "startup_trials", self.startup_trials, "expected >= 0")
+        require(self.prune_after >= 1, section, "prune_after", self.prune_after, "expected an epoch >= 1")
         require(self.n_jobs is None or self.n_jobs >= 1, section, "n_jobs", self.n_jobs, "expected null or >= 1")
         for method, entries in self.space.items():
             require(method in METHODS, f"{section}.space", method, method, f"expected a method of {list(METHODS)}")

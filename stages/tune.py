@@ -94,7 +94,7 @@ def run(params: Path, method: str) -> dict[str, Any]:
     where = Path(paths.tune)
     try:
         study = open_study(where / f"{method}.db", name=method, identity=identity, seed=tune.seed,
-                           pruner=tune.pruner, startup_trials=tune.startup_trials)
+                           pruner=tune.pruner, startup_trials=tune.startup_trials, prune_after=tune.prune_after)
     except StudyMismatch as exc:
         raise ConfigError(str(exc)) from exc
     if not study.get_trials(deepcopy=False):

@@ -52,12 +52,13 @@ def best_params_yaml(method: str, settings: Mapping[str, Any], *, score: float, 
 
 
 def set_param_flags(settings: Mapping[str, Any]) -> list[str]:
-    """``--set-param distill.KEY=VALUE`` for each setting (lists in YAML flow style)."""
+    """``--set-param ++distill.KEY=VALUE`` for each setting (``++``: add or override, as the key
+    may be absent from params.yaml; lists in YAML flow style)."""
     def show(value: Any) -> str:
         return json.dumps(value) if isinstance(value, (list, tuple)) else f"{value:.6g}" \
             if isinstance(value, float) else str(value)
 
-    return [f"--set-param distill.{k}={show(v)}" for k, v in sorted(settings.items())]
+    return [f"--set-param ++distill.{k}={show(v)}" for k, v in sorted(settings.items())]
 
 
 def study_summary(study: optuna.Study, *, method: str, identity: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,12 +75,13 @@ def enqueue(study: optuna.Study, space: Sequence[tuple[str, ParamSpec]],
         study.enqueue_trial(params, skip_if_exists=True)
 
 
-def make_pruner(kind: str, *, startup_trials: int) -> optuna.pruners.BasePruner:
-    """``median``, ``halving`` (successive halving from epoch 1, factor 3) or ``none``."""
+def make_pruner(kind: str, *, startup_trials: int, prune_after: int = 1) -> optuna.pruners.BasePruner:
+    """``median``, ``halving`` (successive halving, factor 3) or ``none``; no trial is stopped
+    before epoch ``prune_after``."""
     if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=prune_after)
     if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=prune_after, reduction_factor=3)
     if kind == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"pruner {kind!r}: expected median, halving or none")
@@ -92,7 +93,7 @@ def finished(study: optuna.Study) -> int:
 
 
 def open_study(path: Path, *, name: str, identity: Mapping[str, Any], seed: int, pruner: str,
-               startup_trials: int) -> optuna.Study:
+               startup_trials: int, prune_after: int = 1) -> optuna.Study:
     """Create or resume the study ``name`` in the SQLite file ``path``. ``identity`` (JSON-able:
     the space, the fixed settings, the data's fingerprint) is stored with a new study and must
     match on resume. Trials a killed run left ``RUNNING`` are marked ``FAIL`` (they never count)."""
@@ -100,7 +101,8 @@ def open_study(path: Path, *, name: str, identity: Mapping[str, Any], seed: int,
     storage = optuna.storages.RDBStorage(f"sqlite:///{path.resolve()}")
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize",
-                                pruner=make_pruner(pruner, startup_trials=startup_trials), load_if_exists=True)
+                                pruner=make_pruner(pruner, startup_trials=startup_trials, prune_after=prune_after),
+                                load_if_exists=True)
     want = json.loads(json.dumps(identity, sort_keys=True))
     have = study.user_attrs.get("identity")
     if have is None:

@@ -145,7 +145,7 @@ def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(p
     saved = json.loads((where / "kd.json").read_text())
     assert saved["counts"] == summary["counts"] and (where / "kd.png").stat().st_size > 0
     best = (where / "kd.best.yaml").read_text()
-    assert "--set-param distill.optim.lr=" in best
+    assert "--set-param ++distill.optim.lr=" in best
     import yaml
 
     override = yaml.safe_load(best)["distill"]
