@@ -37,6 +37,7 @@ class Paths(StrictConfig):
     rdm_cache: str = "cache/rdm.zarr"
     students: str = "models/students"
     checkpoints: str = "checkpoints"  # per-epoch training checkpoints, kept outside DVC outputs
+    tune: str = "tune"  # cifd tune: its SQLite studies, results and best-params files
     metrics: str = "metrics"
     plots: str = "plots"
 
@@ -356,6 +357,9 @@ class DistillConfig(StrictConfig):
     kd_dropout: float = 0.25
     ibm: bool = True
     ibm_init_scale: float = 10.0
+    ibm_noise_scale: float | None = None
+    feature_warmup: float = 0.0
+    feature_norm: Literal["global", "sample"] = "global"
     distortion: Literal["mse", "smooth_l1"] = "mse"
     ckd_weight: float = 0.0
     data: Literal["memory", "stream"] = "memory"
@@ -375,6 +379,10 @@ class DistillConfig(StrictConfig):
         require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
         require(self.eval_batch_size > 0, section, "eval_batch_size", self.eval_batch_size, "expected > 0")
         require(self.ibm_init_scale > 0, section, "ibm_init_scale", self.ibm_init_scale, "expected > 0")
+        require(self.ibm_noise_scale is None or self.ibm_noise_scale > 0, section, "ibm_noise_scale",
+                self.ibm_noise_scale, "expected null (unit noise, the paper's) or > 0 (relative to the embedding RMS)")
+        require(0.0 <= self.feature_warmup <= 1.0, section, "feature_warmup", self.feature_warmup,
+                "expected a fraction of the run's steps in [0, 1]")
         require(self.shuffle_buffer >= 1, section, "shuffle_buffer", self.shuffle_buffer, "expected >= 1")
         require(self.temperature > 0, section, "temperature", self.temperature, "expected > 0")
         require(0.0 <= self.kd_alpha <= 1.0, section, "kd_alpha", self.kd_alpha, "expected 0 <= α <= 1")
@@ -386,6 +394,120 @@ class DistillConfig(StrictConfig):
         require(self.loader_workers >= 0, section, "loader_workers", self.loader_workers, "expected >= 0")
         require(self.threads >= 1, section, "threads", self.threads, "expected >= 1")
         _check_device(section, self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec(StrictConfig):
+    """One dimension of a ``tune.space``: a float or int range (``log``: sampled on a log
+    scale) or a list of ``choices``. ``size``: for a list-valued setting (``rdm_weights``),
+    draw that many values from the same range."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple[Any, ...] | None = None
+    size: int | None = None
+
+    def check(self, section: str) -> None:
+        if self.choices is not None:
+            require(len(self.choices) >= 1 and self.low is None and self.high is None, section, "choices",
+                    self.choices, "expected a non-empty list, and no low/high with it")
+            return
+        require(self.low is not None and self.high is not None and self.low < self.high, section, "low",
+                (self.low, self.high), "expected low < high (or a list of choices)")
+        require(not self.log or (self.low is not None and self.low > 0), section, "log", self.log,
+                "a log range needs low > 0")
+        require(self.size is None or self.size >= 1, section, "size", self.size, "expected null or >= 1")
+
+
+# What ``cifd tune`` searches when params give no space for a method: every method gets its
+# optimizer's lr; the KD methods their temperature (and KD's α, the multi-target methods'
+# KD dropout); CIFD its feature and rate weights, the β warm-up, the IBM noise scale and the
+# gradient clip. Keys are ``distill`` keys (``optim.lr``).
+DEFAULT_SPACE: dict[str, dict[str, dict[str, Any]]] = {
+    "ce": {"optim.lr": {"low": 3e-4, "high": 3e-2, "log": True}},
+    "kd": {"optim.lr": {"low": 3e-4, "high": 3e-2, "log": True},
+           "temperature": {"low": 1.0, "high": 8.0},
+           "kd_alpha": {"low": 0.3, "high": 1.0}},
+    "dgkd": {"optim.lr": {"low": 3e-4, "high": 3e-2, "log": True},
+             "temperature": {"low": 1.0, "high": 8.0},
+             "kd_dropout": {"low": 0.0, "high": 0.5}},
+    "cifd": {"optim.lr": {"low": 3e-4, "high": 3e-2, "log": True},
+             "temperature": {"low": 1.0, "high": 8.0},
+             "kd_dropout": {"low": 0.0, "high": 0.5},
+             "feature_weight": {"low": 0.1, "high": 300.0, "log": True},
+             "rate_weight": {"low": 1e-4, "high": 0.05, "log": True},
+             "feature_warmup": {"low": 0.0, "high": 0.5},
+             "ibm_noise_scale": {"low": 0.01, "high": 1.0, "log": True},
+             "optim.grad_clip": {"low": 0.5, "high": 20.0, "log": True}},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig(StrictConfig):
+    """``cifd tune --method M``: an Optuna study of ``distill`` settings for one method.
+
+    Each trial trains one student on the cached targets of train minus a held-out
+    ``holdout_fraction`` (drawn with ``holdout_seed``) and is scored by its top-1 on the
+    held-out rows' clean views after every epoch: the reported val split is never read.
+    ``epochs``: per trial (null: ``distill.epochs``). Sampler: TPE seeded with ``seed``.
+    ``pruner``: ``median`` (stop a trial whose epoch score is below the median of earlier
+    trials at that epoch, after ``startup_trials`` trials), ``halving`` (successive halving,
+    reduction factor 3) or ``none``; neither stops a trial before epoch ``prune_after`` (a
+    one-cycle warm-up keeps every trial near chance for its first epochs). ``n_jobs``: trials
+    run side by side (null: CPU cores // ``distill.threads`` on CPU, 2 on a GPU). ``trials``:
+    the study's total of finished (complete or pruned) trials; a rerun resumes the SQLite
+    study in ``paths.tune`` and runs only the missing ones. ``space``: per method, a mapping
+    of ``distill`` keys (``feature_weight``, ``optim.lr``, ...) to a :class:`ParamSpec`; a
+    method absent from it searches ``DEFAULT_SPACE``. ``enqueue``: settings (mappings of
+    space keys to values) tried first, in order, when the study is new, e.g. the current
+    defaults, so the study always scores them.
+    """
+
+    trials: int = 30
+    epochs: int | None = None
+    holdout_fraction: float = 0.2
+    holdout_seed: int = 0
+    seed: int = 0
+    pruner: Literal["median", "halving", "none"] = "median"
+    startup_trials: int = 5
+    prune_after: int = 1
+    n_jobs: int | None = None
+    space: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    enqueue: tuple[Mapping[str, Any], ...] = ()
+
+    def check(self, section: str) -> None:
+        require(self.trials >= 1, section, "trials", self.trials, "expected >= 1")
+        require(self.epochs is None or self.epochs >= 1, section, "epochs", self.epochs, "expected null or >= 1")
+        require(0.0 < self.holdout_fraction < 1.0, section, "holdout_fraction", self.holdout_fraction,
+                "expected 0 < fraction < 1")
+        require(self.startup_trials >= 0, section, "startup_trials", self.startup_trials, "expected >= 0")
+        require(self.prune_after >= 1, section, "prune_after", self.prune_after, "expected an epoch >= 1")
+        require(self.n_jobs is None or self.n_jobs >= 1, section, "n_jobs", self.n_jobs, "expected null or >= 1")
+        for method, entries in self.space.items():
+            require(method in METHODS, f"{section}.space", method, method, f"expected a method of {list(METHODS)}")
+            require(isinstance(entries, Mapping) and len(entries) >= 1, f"{section}.space", method, entries,
+                    "expected a mapping of distill keys to {low, high[, log]} or {choices}")
+            self.specs(method, section=section)
+
+    def specs(self, method: str, *, section: str = "tune") -> tuple[tuple[str, ParamSpec], ...]:
+        """The checked search space of ``method``: ``(distill key, spec)`` pairs."""
+        entries = self.space.get(method, DEFAULT_SPACE[method])
+        out = []
+        for key, raw in entries.items():
+            where = f"{section}.space.{method}"
+            head, _, rest = str(key).partition(".")
+            ok = (head in {f.name for f in dataclasses.fields(DistillConfig)} and head not in _UNTUNABLE
+                  and (not rest if head != "optim" else rest in {f.name for f in dataclasses.fields(OptimConfig)}))
+            require(ok, where, key, raw, "expected a distill key such as feature_weight or optim.lr")
+            require(isinstance(raw, Mapping), where, key, raw, "expected {low, high[, log]} or {choices: [...]}")
+            out.append((str(key), ParamSpec.from_mapping(raw, section=f"{where}.{key}")))
+        return tuple(out)
+
+
+_UNTUNABLE = frozenset({"methods", "student", "student_kwargs", "preprocess", "data", "device", "threads",
+                        "loader_workers", "seed"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +532,7 @@ STAGES: dict[str, type[StrictConfig]] = {
     "rdm": RdmConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
+    "tune": TuneConfig,
 }
 
 

@@ -129,6 +129,20 @@ def distill(params: Path, method: str) -> None:
 
 @main.command()
 @PARAMS
+@click.option("--method", required=True, type=click.Choice(["ce", "kd", "dgkd", "cifd"]),
+              help="The method whose distill settings to search (its space: params tune.space).")
+def tune(params: Path, method: str) -> None:
+    """Optuna study (TPE, pruned on per-epoch validation top-1) of one method's distill
+    settings; trials are students on the cached targets, scored on a split carved from
+    train. Resumes from paths.tune/METHOD.db; writes METHOD.json, METHOD.png and
+    METHOD.best.yaml (the best settings, ready for `dvc exp run --set-param ...`)."""
+    from stages import tune as stage
+
+    _run(lambda: stage.run(params, method))
+
+
+@main.command()
+@PARAMS
 def evaluate(params: Path) -> None:
     """Every distilled student against the teacher on the val split: top-1, teacher
     top-1, top-1 agreement and KL; writes the method table as DVC metrics and plots."""

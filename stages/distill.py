@@ -72,7 +72,8 @@ def loss_weights(cfg: DistillConfig) -> LossWeights:
     return LossWeights(temperature=cfg.temperature, kd_alpha=cfg.kd_alpha, ce_weight=cfg.ce_weight,
                        kl_weight=cfg.kl_weight, rdm_weights=cfg.rdm_weights, feature_weight=cfg.feature_weight,
                        rate_weight=cfg.rate_weight, kd_dropout=cfg.kd_dropout, distortion=cfg.distortion,
-                       ckd_weight=cfg.ckd_weight)
+                       ckd_weight=cfg.ckd_weight, feature_warmup=cfg.feature_warmup,
+                       feature_norm=cfg.feature_norm)
 
 
 def loop_settings(cfg: DistillConfig) -> LoopSettings:
@@ -188,7 +189,8 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
                  labels=torch.from_numpy(val_block.labels).to(device),
                  teacher_logits=fmt.dense_on({f: val_cached[f][:, 0] for f in fmt.fields}, device))
     student = Student(backbone, teacher_dim=train_split.embed_dim if uses_features(method) else None,
-                      ibm=cfg.ibm and method == "cifd", ibm_init_scale=cfg.ibm_init_scale).to(device)
+                      ibm=cfg.ibm and method == "cifd", ibm_init_scale=cfg.ibm_init_scale,
+                      ibm_noise_scale=cfg.ibm_noise_scale).to(device)
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
     run_ = DistillRun(method=method, loop=loop_settings(cfg), weights=loss_weights(cfg), preprocess=preprocess,

@@ -64,7 +64,11 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
 
     # Each params section reruns only its own stage(s) and what comes after them.
     original = (repo / "params.yaml").read_text()
-    assert set(yaml.safe_load(original)) - {"paths"} == set(EDITS)  # every stage section is covered
+    assert set(yaml.safe_load(original)) - {"paths", "tune"} == set(EDITS)  # every stage section is covered
+    tuned = yaml.safe_load(original)  # `tune` feeds `cifd tune`, not a stage: editing it reruns nothing
+    tuned["tune"]["trials"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(tuned, sort_keys=False))
+    assert _status(repo) == {}
     for section, (key, value) in EDITS.items():
         params = yaml.safe_load(original)
         assert params[section].get(key) != value

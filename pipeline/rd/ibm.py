@@ -3,7 +3,11 @@
 The student's penultimate embedding ``w_s`` gets ``ŵ_s = w_s + u``, ``u ~ U(-0.5, 0.5)``, and
 a rate ``-log2 q_s(ŵ_s)`` under its own factorized entropy model; the noisy embedding feeds
 the rest of the student, and a projection to the teacher width D (when the widths differ)
-gives ``û`` for the feature-matching terms (DESIGN §2). At inference the IBM is removed:
+gives ``û`` for the feature-matching terms (DESIGN §2). With ``noise_scale`` set, the bottleneck
+works on ``w / s`` with ``s = noise_scale · RMS(w)`` (the batch RMS, detached), so the noise
+and the rate are relative to the embedding's own scale: the paper's unit noise assumes an
+embedding whose spread is many units, and a student whose embedding is of order 1 (a small
+timm net) would otherwise be drowned in it. At inference the IBM is removed:
 in eval mode ``noisy`` is ``w`` unchanged (the rate is then that of ``round(w)``, for
 reporting only).
 """
@@ -36,6 +40,8 @@ class InformationBottleneck(nn.Module):
         dim: width of the student embedding.
         out_dim: width of û (the teacher embedding width D); ``None`` or ``dim`` means identity.
         init_scale: initial spread of the entropy model (see ``EntropyBottleneck``).
+        noise_scale: None for the paper's ``U(-0.5, 0.5)`` on ``w`` itself; a number ``k`` > 0
+            for noise ``U(-0.5, 0.5) · k · RMS(w)`` (rate measured on ``w / (k · RMS(w))``).
         generator: optional generator for parameter initialisation (global RNG otherwise).
     """
 
@@ -45,6 +51,7 @@ class InformationBottleneck(nn.Module):
         *,
         out_dim: int | None = None,
         init_scale: float,
+        noise_scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
@@ -54,7 +61,10 @@ class InformationBottleneck(nn.Module):
             raise ValueError(
                 f"InformationBottleneck: dim and out_dim must be >= 1, got {dim}, {out_dim}"
             )
+        if noise_scale is not None and not noise_scale > 0:
+            raise ValueError(f"InformationBottleneck: noise_scale must be None or > 0, got {noise_scale!r}")
         self.dim = int(dim)
+        self.noise_scale = noise_scale
         self.out_dim = self.dim if out_dim is None else int(out_dim)
         self.entropy = EntropyBottleneck(
             self.dim, init_scale=init_scale, device=device, dtype=dtype, generator=generator
@@ -71,7 +81,7 @@ class InformationBottleneck(nn.Module):
                     self.projection.bias.uniform_(-bound, bound, generator=generator)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, out_dim={self.out_dim}"
+        return f"dim={self.dim}, out_dim={self.out_dim}, noise_scale={self.noise_scale}"
 
     def forward(self, w: Tensor, *, generator: torch.Generator | None = None) -> IBMOutput:
         """``w`` ``(B, dim)`` -> noisy (training) or unchanged (eval) embedding, û, rate."""
@@ -79,10 +89,16 @@ class InformationBottleneck(nn.Module):
             raise ValueError(
                 f"InformationBottleneck: expected (B, {self.dim}), got {tuple(w.shape)}"
             )
-        q = self.entropy(w, generator=generator)  # noise in training, rounding in eval
         # float32 with autocast off: under bf16, w + u cast back to bf16 would round the noise
         # away wherever |w| >= 64 (bf16 spacing 0.5 there) while the rate counted it.
         with torch.autocast(device_type=w.device.type, enabled=False):
-            noisy = q.values if self.training else w
+            if self.noise_scale is None:
+                q = self.entropy(w, generator=generator)  # noise in training, rounding in eval
+                values = q.values
+            else:
+                scale = self.noise_scale * w.detach().float().pow(2).mean().sqrt().clamp_min(1e-6)  # ()
+                q = self.entropy(w.float() / scale, generator=generator)
+                values = q.values * scale
+            noisy = values if self.training else w
             projected = self.projection(noisy.float())
         return IBMOutput(noisy=noisy, projected=projected, bits=q.bits)

@@ -7,9 +7,10 @@ the targets are the cached teacher (and RDM) outputs of that very view
 (device memory or streamed shards); both join to the cache by the global row index.
 
 Under DDP (``world > 1``) every rank runs the same number of steps per epoch (a batch
-source announces it as ``steps``), draws the same permutation, view choice and KD-dropout
-masks (one generator seeded alike on every rank), its own IBM noise (seeded by
-``(seed, epoch, rank)``), and the BatchNorm running statistics are averaged over ranks at
+source announces it as ``steps``), draws the same permutation and view choice (a host
+generator seeded alike on every rank), the same KD-dropout masks and comparative pairs (a
+generator on the training device, reseeded by ``(seed, epoch)`` each epoch, so drawing them
+never syncs the host), its own IBM noise (seeded by ``(seed, epoch, rank)``), and the BatchNorm running statistics are averaged over ranks at
 the end of each epoch, so every rank ends an epoch with identical weights and buffers.
 """
 
@@ -32,7 +33,7 @@ from pipeline.evaluate import evaluate_classifier
 from pipeline.runtime import derived_seed
 from pipeline.train.batches import BatchSource
 from pipeline.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from pipeline.train.objective import LossWeights, method_loss, rdm_weight_tensor
+from pipeline.train.objective import LossWeights, feature_ramp, method_loss, rdm_weight_tensor
 from pipeline.train.optim import clip_gradients, make_optimizer, make_scheduler
 from pipeline.train.student import Student, uses_rdms
 from pipeline.train.targets import TargetInfo
@@ -41,6 +42,9 @@ from schemas.config import OptimConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["DistillRun", "EpochLog", "LoopSettings", "StepInfo", "TrainingDiverged", "ValSet", "train_student"]
+
+
+DRAWS_STREAM = 2**32 + 1  # third part of the KD-dropout generator's seed: never a rank (IBM noise)
 
 
 class TrainingDiverged(RuntimeError):
@@ -139,7 +143,8 @@ def train_student(
     if batches.steps < 1:
         raise ValueError(f"the batch source yields no batch per epoch ({num_rows} rows, {run.world} rank(s)); "
                          "lower distill.batch_size")
-    generator = torch.Generator().manual_seed(loop.seed)  # order, views, KD dropout: alike on all ranks
+    generator = torch.Generator().manual_seed(loop.seed)  # order, views: alike on all ranks
+    draws = torch.Generator(device=device)  # KD-dropout masks, comparative pairs: reseeded per epoch
     noise = torch.Generator(device=device)  # IBM noise: reseeded per (epoch, rank)
     model: nn.Module = student
     if run.world > 1:
@@ -175,6 +180,7 @@ def train_student(
         order = torch.randperm(num_rows, generator=generator)
         choice = torch.randint(info.num_views, (num_rows,), generator=generator)
         noise.manual_seed(derived_seed(loop.seed, epoch, run.rank))
+        draws.manual_seed(derived_seed(loop.seed, epoch, DRAWS_STREAM))
         total = torch.zeros((), device=device)
         count = torch.zeros((), device=device)
         done = 0
@@ -184,7 +190,8 @@ def train_student(
             with autocast:
                 out = model(x, generator=noise)
             loss = method_loss(run.method, out=out, batch=batch, weights=run.weights, rdm_weights=rdm_weights,
-                               emb_scale=info.emb_scale, generator=generator)
+                               emb_scale=info.emb_scale, generator=draws,
+                               ramp=feature_ramp(run.weights, epoch * steps + done, loop.epochs * steps))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(model.parameters(), loop.optim)

@@ -19,14 +19,18 @@ from pipeline.losses import (
 from pipeline.train.student import StudentOutput
 from pipeline.train.targets import Batch
 
-__all__ = ["LossWeights", "method_loss", "rdm_weight_tensor"]
+__all__ = ["LossWeights", "feature_ramp", "method_loss", "rdm_weight_tensor"]
 
 
 @dataclass(frozen=True)
 class LossWeights:
     """What the student loss needs (DESIGN §2): τ, α (KD), λ_CE, λ_KL, λ_n (null: all 1),
-    β (feature weight), λ_I (rate weight), KD-dropout rate, the feature distance, and the
-    comparative-KD weight (added to any method when > 0)."""
+    β (feature weight), λ_I (rate weight), KD-dropout rate, the feature distance, the
+    comparative-KD weight (added to any method when > 0), the β warm-up (the fraction of the
+    run's steps over which β rises linearly from 0; 0: β from the first step), and the
+    feature normalisation: ``global`` compares û with the targets divided by the teacher
+    embedding's RMS over the cache (û unnormalised); ``sample`` divides û and every target by
+    its own RMS, so the distance is 2 − 2·cos (bounded, invariant to either side's scale)."""
 
     temperature: float
     kd_alpha: float
@@ -38,6 +42,21 @@ class LossWeights:
     kd_dropout: float
     distortion: str
     ckd_weight: float
+    feature_warmup: float = 0.0
+    feature_norm: str = "global"
+
+
+def _unit_rms(x: Tensor) -> Tensor:
+    """Each vector (last dim) divided by its own RMS: (..., D) → (..., D), float32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def feature_ramp(weights: LossWeights, step: int, total_steps: int) -> float:
+    """The factor on β at global step ``step`` (0-based) of ``total_steps``: linear from
+    1/warm-up-steps to 1 over ``feature_warmup · total_steps`` steps, then 1."""
+    warm = weights.feature_warmup * total_steps
+    return 1.0 if warm <= 0 else min(1.0, (step + 1) / warm)
 
 
 def rdm_weight_tensor(weights: LossWeights, num_rdms: int, device: torch.device) -> Tensor:
@@ -51,12 +70,14 @@ def rdm_weight_tensor(weights: LossWeights, num_rdms: int, device: torch.device)
 
 def method_loss(
     method: str, *, out: StudentOutput, batch: Batch, weights: LossWeights, rdm_weights: Tensor,
-    emb_scale: float, generator: torch.Generator,
+    emb_scale: float, generator: torch.Generator, ramp: float = 1.0,
 ) -> Tensor:
     """The training loss of ``method`` on one batch (a scalar, float32).
 
     ``rdm_weights`` (M,) from :func:`rdm_weight_tensor`; embeddings are compared divided by
-    ``emb_scale``; ``generator`` draws the KD-dropout mask and the comparative-KD pairs.
+    ``emb_scale``; ``generator`` draws the KD-dropout mask and the comparative-KD pairs (on its
+    device: a generator on the training device costs no host sync); ``ramp`` multiplies β
+    (see :func:`feature_ramp`).
     """
     logits = out.logits.float()
     w = weights
@@ -81,11 +102,14 @@ def method_loss(
             assert batch.teacher_emb is not None  # target_fields reads embeddings for the feature methods
             x = batch.teacher_emb.float() / emb_scale
             xr = batch.rdm_emb.float() / emb_scale if batch.rdm_emb is not None else x.new_zeros(0, *x.shape)
+            projected = out.projected.float()
+            if w.feature_norm == "sample":
+                x, xr, projected = _unit_rms(x), _unit_rms(xr), _unit_rms(projected)
             loss = cifd_loss(student_logits=logits, labels=batch.labels, teacher_logits=batch.teacher_logits,
-                             rdm_logits=rdm_logits, student_embedding_proj=out.projected.float(),
+                             rdm_logits=rdm_logits, student_embedding_proj=projected,
                              teacher_embedding=x, rdm_embeddings=xr, student_bits=out.bits, rdm_weights=rdm_weights,
                              ce_weight=w.ce_weight, kl_weight=w.kl_weight, temperature=w.temperature,
-                             feature_weight=w.feature_weight, rate_weight=w.rate_weight,
+                             feature_weight=w.feature_weight * ramp, rate_weight=w.rate_weight,
                              distortion=w.distortion, keep=keep).total
         if batch.teacher_kept is not None:  # a top-k cache: the teacher's KL over its kept classes instead
             full = kd_kl(student_logits=logits, teacher_logits=batch.teacher_logits, temperature=w.temperature)

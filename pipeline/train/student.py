@@ -40,14 +40,17 @@ class Student(nn.Module):
         teacher_dim: D, when the loss matches embeddings (None otherwise).
         ibm: put the IBM between the backbone's embedding and its classifier.
         ibm_init_scale: initial spread of the IBM's entropy model.
+        ibm_noise_scale: None for the paper's unit noise; k for noise relative to the
+            embedding's RMS (see :class:`~pipeline.rd.InformationBottleneck`).
     """
 
     def __init__(self, backbone: ImageClassifier, *, teacher_dim: int | None, ibm: bool,
-                 ibm_init_scale: float) -> None:
+                 ibm_init_scale: float, ibm_noise_scale: float | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         dim = backbone.embed_dim
-        self.ibm = (InformationBottleneck(dim, out_dim=teacher_dim, init_scale=ibm_init_scale)
+        self.ibm = (InformationBottleneck(dim, out_dim=teacher_dim, init_scale=ibm_init_scale,
+                                          noise_scale=ibm_noise_scale)
                     if ibm and teacher_dim else None)
         self.proj = nn.Linear(dim, teacher_dim) if teacher_dim and not ibm else None
 

@@ -76,3 +76,26 @@ def test_bad_shapes_fail_clearly() -> None:
         ibm(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="dim"):
         InformationBottleneck(0, init_scale=10.0)
+
+
+def test_relative_noise_scales_with_the_embedding_and_its_rate_does_not() -> None:
+    """With noise_scale k the noise is U(-0.5, 0.5)·k·RMS(w): scaling w by c scales the noisy
+    embedding by c (same draw) and leaves the rate unchanged, since it is the rate of
+    w / (k·RMS(w)). Unit noise (the paper's) has neither property."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 6) * 0.05 + 0.1
+    ibm = InformationBottleneck(6, init_scale=10.0, noise_scale=0.5).train()
+    base = ibm(w, generator=torch.Generator().manual_seed(3))
+    scaled = ibm(w * 40.0, generator=torch.Generator().manual_seed(3))
+    rms = float(w.pow(2).mean().sqrt())
+    assert float((base.noisy - w).abs().max()) <= 0.5 * 0.5 * rms + 1e-6
+    assert float((base.noisy - w).abs().max()) > 0.1 * 0.5 * rms  # real noise, not none
+    assert torch.allclose(scaled.noisy, base.noisy * 40.0, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(scaled.bits, base.bits, rtol=1e-5)
+    unit = InformationBottleneck(6, init_scale=10.0).train()
+    a = unit(w, generator=torch.Generator().manual_seed(3)).bits
+    b = unit(w * 40.0, generator=torch.Generator().manual_seed(3)).bits
+    assert not torch.allclose(a, b, rtol=1e-2)
+    assert torch.equal(ibm.eval()(w).noisy, w)  # eval: the IBM is removed
+    with pytest.raises(ValueError, match="noise_scale"):
+        InformationBottleneck(6, init_scale=10.0, noise_scale=0.0)

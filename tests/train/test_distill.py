@@ -21,7 +21,8 @@ from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import load_split
 from pipeline.train.batches import MemoryBatches
 from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.distill import EpochLog, TrainingDiverged, train_student
+from pipeline.runtime import derived_seed
+from pipeline.train.distill import DRAWS_STREAM, EpochLog, TrainingDiverged, train_student
 from pipeline.train.objective import method_loss, rdm_weight_tensor
 from pipeline.train.stream import StreamBatches
 from pipeline.train.student import uses_rdms
@@ -258,8 +259,13 @@ def _first_step(inputs, *, record_logits: bool = False):
 
 def test_ckd_weight_adds_the_comparative_term_inside_the_loop(project, tmp_path: Path) -> None:
     """With ckd_weight = w the first step's loss is the ckd_weight = 0 loss plus w times the
-    comparative term on the same batch, with pairs drawn from the loop generator right after
-    the KD-dropout mask (cifd, KD dropout 0.25: the mask is a real draw)."""
+    comparative term on the same batch, with pairs drawn from the loop's device generator
+    right after the KD-dropout mask (cifd, KD dropout 0.25: the mask is a real draw).
+
+    The host generator (``distill.seed``) draws only the epoch's permutation and view choice;
+    the mask and the pairs come from a generator on the training device reseeded with
+    ``derived_seed(seed, epoch, DRAWS_STREAM)`` each epoch, so neither costs a host-to-device
+    copy (or a sync) per step and a resumed run redraws them alike."""
     w = 5.0
     base_info, _ = _first_step(_inputs(project, tmp_path / "base", "cifd"))
     inputs = _inputs(project, tmp_path / "ckd", "cifd", ckd_weight=w)
@@ -267,15 +273,17 @@ def test_ckd_weight_adds_the_comparative_term_inside_the_loop(project, tmp_path:
     assert inputs.run.weights.ckd_weight == w
     assert torch.equal(info.rows, base_info.rows)  # the same batch: the same generator draws before it
 
-    # The loop generator's draws, in order: the epoch's permutation and view choice, then on
-    # the first step the KD-dropout mask over [teacher, 2 RDMs], then the comparative pairs.
+    # The host generator's draws: the epoch's permutation and view choice. The device
+    # generator's, on the first step: the KD-dropout mask over [teacher, 2 RDMs], then the
+    # comparative pairs.
     targets = inputs.info
     g = torch.Generator().manual_seed(0)  # distill.seed
     order = torch.randperm(targets.num_rows, generator=g)
     choice = torch.randint(targets.num_views, (targets.num_rows,), generator=g)
     assert torch.equal(info.rows, order[: len(info.rows)])
-    torch.rand(1 + targets.num_rdms, generator=g)  # the KD-dropout mask
-    cycle = torch.randperm(len(info.rows), generator=g)
+    draws = torch.Generator(device=CPU).manual_seed(derived_seed(0, 0, DRAWS_STREAM))  # (seed, epoch 0)
+    torch.rand(1 + targets.num_rdms, generator=draws)  # the KD-dropout mask (keep where >= 0.25)
+    cycle = torch.randperm(len(info.rows), generator=draws)
     teacher_logits = inputs.targets.teacher_logits[info.rows, choice[info.rows]]
     term = float(ref.comparative(logits, teacher_logits, cycle))
     assert term > 1e-3
@@ -675,3 +683,28 @@ def test_stream_mode_reads_the_same_targets_as_memory_mode_block_by_block(projec
             assert torch.equal(getattr(batch, name), getattr(expected, name)), name
         rows_seen += rows.tolist()
     assert sorted(rows_seen) == list(range(memory.info.num_rows))
+
+
+def _mobilenet_inputs(project, where: Path, **distill):
+    """The timm MobileNetV3 student on the tiny project with the CIFAR recipe (SGD, lr 0.05)."""
+    from stages.distill import build_inputs
+    import yaml
+
+    params = project.params(where, distill={"epochs": 2, "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4},
+                                            "student": "mobilenetv3_small_050", **distill})
+    data = yaml.safe_load(params.read_text())
+    data["distill"]["student_kwargs"] = {}  # the tiny project's ResNet-8 width does not apply
+    params.write_text(yaml.safe_dump(data))
+    paths, cfg = load_stage(params, "distill", DistillConfig)
+    return build_inputs(paths, cfg, "cifd", device=CPU)
+
+
+def test_mobilenet_student_diverges_at_the_papers_weights_and_a_grad_clip_keeps_it_finite(project,
+                                                                                          tmp_path: Path) -> None:
+    # As on CIFAR-10 (README, the study): the paper's β = 100 with SGD at lr 0.05 drives the
+    # timm MobileNetV3's CIFD loss to NaN in the second epoch; the validated clip of 5 keeps it finite.
+    with pytest.raises(TrainingDiverged, match="epoch 2"):
+        _train(_mobilenet_inputs(project, tmp_path / "paper", feature_weight=100.0))
+    history = _train(_mobilenet_inputs(project, tmp_path / "clip", feature_weight=100.0,
+                                       optim={"name": "sgd", "lr": 0.05, "weight_decay": 5e-4, "grad_clip": 5.0}))
+    assert all(math.isfinite(h.train_loss) for h in history)

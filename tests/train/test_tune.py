@@ -1,0 +1,168 @@
+"""``cifd tune`` on the tiny project: the carved validation split, the study's pruning and
+resume (a synthetic trial function, then the real stage on the tiny cache, killed and rerun).
+
+The tiny project (``conftest.py`` here) has 27 train rows; a 0.2 holdout keeps 5 of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from pipeline.tune.holdout import carve_holdout, holdout_rows
+from pipeline.tune.search import enqueue, finished, open_study, run_study
+from schemas.base import ConfigError
+from schemas.config import DistillConfig, ParamSpec, TuneConfig, load_stage
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_holdout_rows_partition_the_rows_reproducibly() -> None:
+    train, val = holdout_rows(27, 0.2, seed=3)
+    assert len(val) == 5 and len(train) == 22
+    assert sorted(train.tolist() + val.tolist()) == list(range(27))
+    assert torch.equal(val, holdout_rows(27, 0.2, seed=3)[1])
+    assert not torch.equal(val, holdout_rows(27, 0.2, seed=4)[1])
+    with pytest.raises(ValueError, match="at least one row on each side"):
+        holdout_rows(3, 0.1, seed=0)
+
+
+def test_carved_split_trains_on_the_rest_and_scores_the_clean_view(project, tmp_path: Path) -> None:
+    from stages.distill import build_inputs
+
+    paths, cfg = load_stage(project.params(tmp_path), "distill", DistillConfig)
+    inputs = build_inputs(paths, cfg, "kd", device=CPU)
+    full = inputs.targets
+    hold = carve_holdout(inputs.batches, fraction=0.2, seed=0, batch_size=8)
+    assert hold.info.num_rows == 22 and len(hold.val.labels) == 5
+    assert torch.equal(hold.val.labels, full.labels[hold.val_rows])
+    assert torch.equal(hold.val.teacher_logits, full.teacher_logits[hold.val_rows, 0])
+    assert torch.equal(hold.val.views, full.views[hold.val_rows, 0])
+    assert torch.equal(hold.val.images, inputs.batches.images[hold.val_rows])
+    order = torch.randperm(22, generator=torch.Generator().manual_seed(0))
+    choice = torch.randint(full.num_views, (22,), generator=torch.Generator().manual_seed(1))
+    seen = []
+    for rows, views, _x, batch in hold.batches(0, order, choice):
+        global_rows = hold.train_rows[rows]
+        assert torch.equal(batch.labels, full.labels[global_rows])
+        assert torch.equal(batch.teacher_logits, full.teacher_logits[global_rows, views])
+        seen += global_rows.tolist()
+    assert sorted(seen) == hold.train_rows.tolist()  # every training row once, no held-out row
+
+
+def _space() -> tuple[tuple[str, ParamSpec], ...]:
+    return TuneConfig.from_mapping({"space": {"kd": {"optim.lr": {"low": 1e-9, "high": 0.1, "log": True}}}},
+                                   section="tune").specs("kd")
+
+
+def test_median_pruner_stops_a_worse_trial_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """Trial scores are the lr itself at every epoch: the enqueued 0.05 completes, the
+    enqueued 1e-6 is below the median at epoch 1 and is pruned there; a rerun with a larger
+    total runs only the missing trial, and a trial a kill left running is marked failed."""
+    space = _space()
+    epochs_run: list[tuple[float, int]] = []
+
+    def trial_fn(settings, report):
+        lr = settings["optim.lr"]
+        for epoch in (1, 2, 3):
+            epochs_run.append((lr, epoch))
+            report(epoch, lr)
+        return lr
+
+    def study():
+        return open_study(tmp_path / "kd.db", name="kd", identity={"space": "x"}, seed=0, pruner="median",
+                          startup_trials=1)
+
+    first = study()
+    enqueue(first, space, [{"optim.lr": 0.05}, {"optim.lr": 1e-6}])
+    assert run_study(first, lock=tmp_path / "kd.lock", space=space, trial_fn=trial_fn, trials=2, n_jobs=1) == 2
+    states = [t.state for t in first.get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert (1e-6, 2) not in epochs_run and (0.05, 3) in epochs_run  # stopped after its first epoch
+
+    first.ask()  # a trial left RUNNING, as a kill leaves it
+    again = study()
+    assert [t.state.name for t in again.get_trials()] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert run_study(again, lock=tmp_path / "kd.lock", space=space, trial_fn=trial_fn, trials=2, n_jobs=1) == 0
+    assert run_study(again, lock=tmp_path / "kd.lock", space=space, trial_fn=trial_fn, trials=3, n_jobs=1) == 1
+    assert finished(again) == 3
+    with pytest.raises(Exception, match="other space"):
+        open_study(tmp_path / "kd.db", name="kd", identity={"space": "y"}, seed=0, pruner="median",
+                   startup_trials=1)
+
+
+TUNE = {"trials": 2, "epochs": 2, "pruner": "median", "startup_trials": 1, "n_jobs": 1,
+        "space": {"kd": {"optim.lr": {"low": 1e-9, "high": 0.1, "log": True}}},
+        "enqueue": [{"optim.lr": 0.03}, {"optim.lr": 1e-9}]}
+
+
+def _states(db: Path) -> list[str]:
+    with sqlite3.connect(db) as con:
+        return [row[0] for row in con.execute("SELECT state FROM trials ORDER BY number")]
+
+
+def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(project, tmp_path: Path) -> None:
+    from stages import tune as stage
+
+    where = tmp_path / "study"
+    params = project.params(tmp_path, tune={**TUNE, "trials": 3},
+                            paths={**project.base["paths"], "tune": str(where)})
+    # A real kill: `cifd tune` in a subprocess, SIGKILLed once its first trial is stored.
+    proc = subprocess.Popen([sys.executable, "-c", "from stages.cli import main; main()", "tune", "--params",
+                             str(params), "--method", "kd"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (where / "kd.db").is_file() and "COMPLETE" in _states(where / "kd.db"):
+                break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = _states(where / "kd.db")
+    assert before[0] == "COMPLETE" and before.count("COMPLETE") + before.count("PRUNED") < 3
+
+    summary = stage.run(params, "kd")
+    states = [t["state"] for t in summary["trials"]]
+    assert states[0] == "COMPLETE" and states[1] in ("PRUNED", "FAIL")  # the lr=1e-9 trial, or the killed one
+    assert states.count("COMPLETE") + states.count("PRUNED") == 3
+    assert "PRUNED" in states  # lr = 1e-9 learns nothing: below the median after epoch 1
+    pruned = next(t for t in summary["trials"] if t["state"] == "PRUNED")
+    assert pruned["settings"] == {"optim.lr": 1e-9} and list(pruned["epochs"]) == ["1"]
+    assert summary["best"]["number"] != pruned["number"]
+    saved = json.loads((where / "kd.json").read_text())
+    assert saved["counts"] == summary["counts"] and (where / "kd.png").stat().st_size > 0
+    best = (where / "kd.best.yaml").read_text()
+    assert "--set-param ++distill.optim.lr=" in best
+    import yaml
+
+    override = yaml.safe_load(best)["distill"]
+    assert override == {"optim": {"lr": summary["best"]["settings"]["optim.lr"]}}
+    DistillConfig.from_mapping({**project.base["distill"], "optim": override["optim"]}, section="distill")
+
+
+def test_tune_refuses_a_changed_space_and_unknown_keys(project, tmp_path: Path) -> None:
+    from stages import tune as stage
+
+    with pytest.raises(ConfigError, match="expected a distill key"):
+        TuneConfig.from_mapping({"space": {"kd": {"optim.lrr": {"low": 0.1, "high": 1.0}}}}, section="tune")
+    with pytest.raises(ConfigError, match="low < high"):
+        TuneConfig.from_mapping({"space": {"kd": {"temperature": {"low": 2.0, "high": 1.0}}}}, section="tune")
+    where = tmp_path / "study"
+    paths = {**project.base["paths"], "tune": str(where)}
+    stage.run(project.params(tmp_path / "a", tune={**TUNE, "trials": 1, "epochs": 1}, paths=paths), "kd")
+    changed = {**TUNE, "trials": 1, "epochs": 1, "space": {"kd": {"optim.lr": {"low": 1e-4, "high": 0.1}}}}
+    with pytest.raises(ConfigError, match="other space"):
+        stage.run(project.params(tmp_path / "b", tune=changed, paths=paths), "kd")
