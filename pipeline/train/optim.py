@@ -8,7 +8,7 @@ import torch
 
 from schemas.config import OptimConfig
 
-__all__ = ["clip_gradients", "make_optimizer", "make_scheduler"]
+__all__ = ["clip_gradients", "make_optimizer", "make_scheduler", "one_cycle"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
@@ -25,8 +25,21 @@ def make_scheduler(opt: torch.optim.Optimizer, optim: OptimConfig, *,
                    total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """One-cycle LR over ``total_steps`` (at least 1); the momentum stays as configured unless
     ``optim.cycle_momentum``."""
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=optim.lr, total_steps=max(1, total_steps),
-                                               pct_start=optim.pct_start, cycle_momentum=optim.cycle_momentum)
+    return one_cycle(opt, max_lr=optim.lr, total_steps=total_steps, pct_start=optim.pct_start,
+                     cycle_momentum=optim.cycle_momentum)
+
+
+def one_cycle(opt: torch.optim.Optimizer, *, max_lr: float | list[float], total_steps: int, pct_start: float,
+              cycle_momentum: bool) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's OneCycleLR over ``total_steps`` (at least 1). Its warm-up ends at step
+    ``pct_start · T − 1`` and it divides by that length, so a schedule where ``pct_start · T``
+    is exactly 1 (10 steps at 0.1, 5 at 0.2) fails at its first step with a ZeroDivisionError;
+    there the warm-up ends half a step later instead (every other schedule is torch's own)."""
+    total = max(1, total_steps)
+    if abs(pct_start * total - 1.0) < 1e-9:
+        pct_start += 0.5 / total
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct_start,
+                                               cycle_momentum=cycle_momentum)
 
 
 def clip_gradients(params: Iterable[torch.nn.Parameter], optim: OptimConfig) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache.reader import CacheSplit
+from pipeline.train.optim import one_cycle
 from pipeline.evaluate import agreement_hits, top1_hits
 from pipeline.rd import RDMBank, rdm_loss
 from pipeline.runtime import derived_seed
@@ -300,9 +301,8 @@ def train_bank(
                             {"params": density, "lr": cfg.lr * cfg.density_lr_factor}])
     steps = cfg.epochs * math.ceil(train.num_pairs / cfg.batch_size)  # every batch full but an epoch's last
     # cycle_momentum=False: Adam's β1 stays 0.9 (OneCycleLR would cycle it in 0.85–0.95).
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg.lr, cfg.lr * cfg.density_lr_factor],
-                                                total_steps=max(steps, 1), pct_start=cfg.pct_start,
-                                                cycle_momentum=False)
+    sched = one_cycle(opt, max_lr=[cfg.lr, cfg.lr * cfg.density_lr_factor], total_steps=steps,
+                      pct_start=cfg.pct_start, cycle_momentum=False)
     logs = []
     for epoch in range(cfg.epochs):
         bank.train()
