@@ -45,7 +45,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent  # bench/: _common and scale_models
 sys.path.insert(0, str(HERE))
-from _common import RESULTS, machine_info, write_result  # noqa: E402
+from _common import RESULTS, machine_info, median, write_result  # noqa: E402
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 1000
@@ -192,9 +192,9 @@ def du(path: Path) -> int:
 
 
 def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: str,
-             methods: tuple[str, ...] = ("kd", "cifd")) -> dict[str, Any]:
+             methods: tuple[str, ...] = ("kd", "cifd"), repeats: int = 1) -> dict[str, Any]:
     """Every stage at ``rows`` train rows; rdm and distill (each of ``methods``) in each of
-    ``modes``."""
+    ``modes``, ``repeats`` times."""
     import yaml
 
     cifd = [str(Path(sys.executable).parent / "cifd")]  # the installed CLI, as a user runs it
@@ -220,20 +220,31 @@ def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: s
     result["bytes_on_disk"] = {"shards": du(work / "shards"), "teacher_cache": du(work / "teacher.zarr")}
     embed_metrics = json.loads((work / f"metrics-{modes[0]}" / "embed.json").read_text())
     result["embed_metrics"] = embed_metrics
-    for data in modes:
-        key = f"rdm_{data}"
-        stages[key] = run_stage([*cifd, "rdm", "--params", str(files[data])], cwd=env_cwd, log=work / f"{key}.log")
-        seconds = json.loads((work / f"metrics-{data}" / "rdm.json").read_text())["seconds"]
-        stages[key].update(stage_seconds=seconds, rows_per_s=round(rows * VIEWS / seconds, 1))
-        print(f"  {rows} {key}: {stages[key]}", flush=True)
-        result["bytes_on_disk"][f"rdm_cache_{data}"] = du(work / f"rdm-{data}.zarr")
-        for method in methods:
-            key = f"distill_{method}_{data}"
-            stages[key] = run_stage([*cifd, "distill", "--method", method, "--params", str(files[data])],
-                                    cwd=env_cwd, log=work / f"{key}.log")
-            seconds = json.loads((work / f"metrics-{data}" / "distill" / f"{method}.json").read_text())["seconds"]
-            stages[key].update(stage_seconds=seconds, rows_per_s=round(rows / seconds, 1))
-            print(f"  {rows} {key}: {stages[key]}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(repeats):  # modes alternate in order, so a change of load hits both alike
+        for data in (modes if rep % 2 == 0 else modes[::-1]):
+            key = f"rdm_{data}"
+            run = run_stage([*cifd, "rdm", "--params", str(files[data])], cwd=env_cwd, log=work / f"{key}.log")
+            seconds = json.loads((work / f"metrics-{data}" / "rdm.json").read_text())["seconds"]
+            run.update(stage_seconds=seconds, rows_per_s=round(rows * VIEWS / seconds, 1), loadavg=os.getloadavg()[0])
+            runs.setdefault(key, []).append(run)
+            print(f"  {rows} {key}: {run}", flush=True)
+            result["bytes_on_disk"][f"rdm_cache_{data}"] = du(work / f"rdm-{data}.zarr")
+            for method in methods:
+                key = f"distill_{method}_{data}"
+                run = run_stage([*cifd, "distill", "--method", method, "--params", str(files[data])],
+                                cwd=env_cwd, log=work / f"{key}.log")
+                seconds = json.loads((work / f"metrics-{data}" / "distill" / f"{method}.json").read_text())["seconds"]
+                run.update(stage_seconds=seconds, rows_per_s=round(rows / seconds, 1), loadavg=os.getloadavg()[0])
+                runs.setdefault(key, []).append(run)
+                print(f"  {rows} {key}: {run}", flush=True)
+    for key, done in runs.items():  # median throughput, largest memory, every run kept
+        stages[key] = {"rows_per_s": median([r["rows_per_s"] for r in done]),
+                       "stage_seconds": median([r["stage_seconds"] for r in done]),
+                       "wall_s": median([r["wall_s"] for r in done]),
+                       "peak_rss_mib": max(r["peak_rss_mib"] for r in done),
+                       "peak_pss_mib": max(r["peak_pss_mib"] for r in done),
+                       "processes": max(r["processes"] for r in done), "runs": done}
     views = (rows + VAL_ROWS) * VIEWS
     disk = result["bytes_on_disk"]  # one pipeline's outputs (the memory-mode RDM store is the same again)
     disk["total"] = disk["shards"] + disk["teacher_cache"] + disk["rdm_cache_stream"]
@@ -268,6 +279,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of rdm and distill per mode where stream and memory are compared")
     parser.add_argument("--logits", choices=["from_head", "stored"], default="from_head",
                         help="embed.logits (from_head: the teacher's head in the cache, no logits array)")
     parser.add_argument("--smoke", action="store_true",
@@ -291,7 +304,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"cifd-scale-{rows}-", dir=args.work) as tmp:
             print(f"N = {rows}: {modes}", flush=True)
             result["sizes"].append(run_size(rows, work=Path(tmp), threads=args.threads, modes=modes,
-                                            methods=methods, logits=args.logits))
+                                            methods=methods, logits=args.logits,
+                                            repeats=args.repeats if len(modes) > 1 else 1))
         result["claims"] = claims(result["sizes"])
         write_result(args.out, result)  # after every size: a killed 1M run keeps the 20k figures
     print(json.dumps(result["claims"], indent=1))
