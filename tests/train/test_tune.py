@@ -139,9 +139,13 @@ def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(p
     assert states[0] == "COMPLETE" and states[1] in ("PRUNED", "FAIL")  # the lr=1e-9 trial, or the killed one
     assert states.count("COMPLETE") + states.count("PRUNED") == 3
     assert "PRUNED" in states  # lr = 1e-9 learns nothing: below the median after epoch 1
-    pruned = next(t for t in summary["trials"] if t["state"] == "PRUNED")
-    assert pruned["settings"] == {"optim.lr": 1e-9} and list(pruned["epochs"]) == ["1"]
-    assert summary["best"]["number"] != pruned["number"]
+    # The enqueued lr = 1e-9 trial is pruned (or was the one killed); a sampled lr that also
+    # learns nothing in an epoch may be pruned too, depending on when the kill landed.
+    pruned = [t for t in summary["trials"] if t["state"] == "PRUNED"]
+    assert all(list(t["epochs"]) == ["1"] for t in pruned)
+    enqueued = next(t for t in summary["trials"] if t["settings"] == {"optim.lr": 1e-9})
+    assert enqueued["state"] in ("PRUNED", "FAIL")
+    assert summary["best"]["number"] not in {t["number"] for t in pruned}
     saved = json.loads((where / "kd.json").read_text())
     assert saved["counts"] == summary["counts"] and (where / "kd.png").stat().st_size > 0
     best = (where / "kd.best.yaml").read_text()
