@@ -232,6 +232,7 @@ def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: s
             result["bytes_on_disk"][f"rdm_cache_{data}"] = du(work / f"rdm-{data}.zarr")
             for method in methods:
                 key = f"distill_{method}_{data}"
+                shutil.rmtree(work / f"checkpoints-{data}", ignore_errors=True)  # a repeat must train, not resume
                 run = run_stage([*cifd, "distill", "--method", method, "--params", str(files[data])],
                                 cwd=env_cwd, log=work / f"{key}.log")
                 seconds = json.loads((work / f"metrics-{data}" / "distill" / f"{method}.json").read_text())["seconds"]
