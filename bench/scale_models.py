@@ -10,7 +10,26 @@ import torch
 from torch import nn
 
 
-class ScaleTeacher(nn.Module):
+class _FeaturesAndHead(nn.Module):
+    """``features`` (images → (B, D)) then a linear ``head``: the user-module interface."""
+
+    features: nn.Module
+    head: nn.Linear
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (B, D)
+
+    def classify(self, e: torch.Tensor) -> torch.Tensor:
+        return self.head(e)  # (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.embed(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+
+class ScaleTeacher(_FeaturesAndHead):
     """Two small convolutions, global pooling, a 512-wide projection (the embedding) and a
     linear head."""
 
@@ -26,24 +45,12 @@ class ScaleTeacher(nn.Module):
         )
         self.head = nn.Linear(embed_dim, num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)  # (B, D)
-
-    def classify(self, e: torch.Tensor) -> torch.Tensor:
-        return self.head(e)  # (B, C)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.embed(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
 
 def teacher(num_classes: int = 1000, in_chans: int = 3) -> ScaleTeacher:
     return ScaleTeacher(num_classes=num_classes, in_chans=in_chans)
 
 
-class ScaleStudent(nn.Module):
+class ScaleStudent(_FeaturesAndHead):
     """The student: two convolutions to a 32-wide embedding and a linear head."""
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, embed_dim: int = 32) -> None:
@@ -56,18 +63,6 @@ class ScaleStudent(nn.Module):
             nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.head = nn.Linear(embed_dim, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)  # (B, D)
-
-    def classify(self, e: torch.Tensor) -> torch.Tensor:
-        return self.head(e)  # (B, C)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.embed(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
 
 
 def student(num_classes: int = 1000, in_chans: int = 3) -> ScaleStudent:
