@@ -9,9 +9,10 @@ inside, the trainer). Every top-1 and agreement figure of the tool comes from
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,7 +21,8 @@ from pipeline.data.held import held_images
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import Manifest, read_shard
 
-__all__ = ["Scores", "agreement", "agreement_hits", "evaluate_classifier", "predict", "predict_models", "predict_split", "scores", "sizes_of", "top1", "top1_hits"]
+__all__ = ["RowJoin", "ScoreSums", "Scores", "ShardChunks", "ValSet", "ValSource", "agreement", "agreement_hits",
+           "evaluate_classifier", "predict", "score_models", "scores", "sizes_of", "top1", "top1_hits"]
 
 
 def top1_hits(logits: Tensor, labels: Tensor) -> Tensor:
@@ -44,14 +46,6 @@ def top1(logits: Tensor, labels: Tensor) -> float:
 def agreement(logits: Tensor, teacher_logits: Tensor) -> float:
     """Fraction of rows whose arg-max is the teacher's (NaN for no rows)."""
     return float(agreement_hits(logits, teacher_logits).mean()) if len(teacher_logits) else math.nan
-
-
-class Scores(NamedTuple):
-    """Means over the evaluated images; ``agreement``/``kl`` are NaN without teacher logits."""
-
-    top1: float
-    agreement: float
-    kl: float  # KL(teacher ‖ model) at τ = 1, nats per image
 
 
 def sizes_of(images: Tensor | Sequence[Tensor]) -> Tensor:
@@ -83,52 +77,121 @@ def predict(model: nn.Module, images: Tensor | Sequence[Tensor], *, preprocess: 
     return torch.cat(out)
 
 
-def predict_models(models: Mapping[str, tuple[nn.Module, Preprocess]], manifest: Manifest, split: str, *,
-                   batch_size: int, views: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """Logits (N, C) of every named ``(model, preprocess)`` and the labels (N,) of a whole
-    split, reading each shard once for all of them (memory holds one shard's images and the
-    logits, whatever the split's size). ``views`` (N, 5): the boxes to render (the cache's
-    clean views); None: each model's own clean views."""
-    device = next(next(iter(models.values()))[0].parameters()).device
-    logits: dict[str, list[Tensor]] = {name: [] for name in models}
-    labels = []
-    for shard in manifest.split(split)["shards"]:
-        a, b = shard["start"], shard["stop"]
-        block = read_shard(manifest.root / shard["file"], mode=manifest.mode, start=a, stop=b)
-        images = held_images(block, manifest, device)  # same size: one batch, rendered on the models' device
-        for name, (model, preprocess) in models.items():
-            logits[name].append(predict(model, images, preprocess=preprocess, batch_size=batch_size,
-                                        views=views[a:b] if views is not None else None))
-        labels.append(torch.from_numpy(block.labels))
-    return {name: torch.cat(parts) for name, parts in logits.items()}, torch.cat(labels).to(device)
+class Scores(NamedTuple):
+    """Means over the evaluated images; ``agreement``/``kl`` are NaN without teacher logits."""
+
+    top1: float
+    agreement: float
+    kl: float  # KL(teacher ‖ model) at τ = 1, nats per image
 
 
-def predict_split(model: nn.Module, manifest: Manifest, split: str, *, preprocess: Preprocess,
-                  batch_size: int) -> tuple[Tensor, Tensor]:
-    """Logits (N, C) on the clean views of ``preprocess`` and labels (N,) of a whole split,
-    read one shard at a time (memory does not grow with the split's images)."""
-    logits, labels = predict_models({"model": (model, preprocess)}, manifest, split, batch_size=batch_size)
-    return logits["model"], labels
+class ScoreSums:
+    """The sums behind :class:`Scores`, added one chunk of images at a time: hits, agreements
+    with the teacher and KL(teacher ‖ model) at τ = 1, so a split of any size is scored with
+    the memory of one chunk."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.hits = 0.0
+        self.agreements = 0.0
+        self.kl = 0.0
+        self.with_teacher = True  # every chunk so far came with teacher logits
+
+    def add(self, logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> ScoreSums:
+        """Add a chunk: ``logits`` (n, C), ``labels`` (n,), ``teacher_logits`` (n, C) or None."""
+        self.count += len(labels)
+        self.hits += float(top1_hits(logits, labels).sum())
+        if teacher_logits is None:
+            self.with_teacher = False
+            return self
+        t = teacher_logits.float()
+        self.agreements += float(agreement_hits(logits, t).sum())
+        self.kl += float(F.kl_div(logits.float().log_softmax(-1), t.log_softmax(-1), log_target=True,
+                                  reduction="sum"))
+        return self
+
+    def result(self) -> Scores:
+        """Means over every image added (NaN for none; agreement/KL NaN if a chunk had no teacher)."""
+        if not self.count:
+            return Scores(top1=math.nan, agreement=math.nan, kl=math.nan)
+        n = self.count
+        if not self.with_teacher:
+            return Scores(top1=self.hits / n, agreement=math.nan, kl=math.nan)
+        return Scores(top1=self.hits / n, agreement=self.agreements / n, kl=self.kl / n)
 
 
 def scores(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> Scores:
     """Top-1, top-1 agreement with the teacher and KL(teacher ‖ model) at τ = 1 of ``logits``."""
-    if teacher_logits is None:
-        return Scores(top1=top1(logits, labels), agreement=math.nan, kl=math.nan)
-    t = teacher_logits.float()
-    n = max(len(logits), 1)
-    kl = float(F.kl_div(logits.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")) / n
-    return Scores(top1=top1(logits, labels), agreement=agreement(logits, t), kl=kl)
+    return ScoreSums().add(logits, labels, teacher_logits).result()
 
 
-def evaluate_classifier(model: nn.Module, images: Tensor | Sequence[Tensor], labels: Tensor,
-                        teacher_logits: Tensor | None, *, preprocess: Preprocess, batch_size: int,
-                        views: Tensor | None = None, channels_last: bool = False) -> Scores:
-    """Top-1, top-1 agreement with the teacher and KL(teacher ‖ model) at τ = 1 on ``views``
-    (by default the clean views of ``preprocess``).
+class ValSet(NamedTuple):
+    """Clean-view evaluation data, held: uint8 images (a device batch of same-size images, or
+    n host images of any sizes), their view boxes (n, 5) (None: each model's own clean view),
+    labels (n,) and teacher logits (n, C) float32 (None: no teacher) on the device. It is its
+    own single chunk; :class:`ShardChunks` streams a split as one such chunk per shard."""
 
-    ``model`` maps inputs to logits (a deployed student, or ``Student.backbone``).
-    """
-    logits = predict(model, images, preprocess=preprocess, batch_size=batch_size, views=views,
-                     channels_last=channels_last)
-    return scores(logits, labels, teacher_logits)
+    images: Tensor | list[Tensor]  # (n, C, H, W) uint8, or n × (C, H_i, W_i)
+    views: Tensor | None  # (n, 5) clean view boxes
+    labels: Tensor  # (n,)
+    teacher_logits: Tensor | None  # (n, C) float32
+
+    def chunks(self) -> Iterator[ValSet]:
+        yield self
+
+
+class ValSource(Protocol):
+    """Where evaluation data comes from: a held :class:`ValSet` or a streamed :class:`ShardChunks`."""
+
+    def chunks(self) -> Iterator[ValSet]: ...
+
+
+class RowJoin(Protocol):
+    """What a streamed chunk joins to its rows ``start:stop`` of labels (n,) (numpy): each
+    row's view box (n, 5) and the teacher's logits (n, C) on the device
+    (:class:`pipeline.cache.join.CleanViewJoin` reads them from a teacher cache)."""
+
+    def __call__(self, start: int, stop: int, labels: np.ndarray) -> tuple[Tensor, Tensor]: ...
+
+
+class ShardChunks:
+    """A split streamed one shard at a time: memory holds one shard, whatever the split's size.
+
+    Each chunk is a shard's decoded images and labels; with a ``join``, also the rows' view
+    boxes and teacher logits (the cache's clean view and the teacher's outputs on it). Without
+    one, models see their own clean views and there is no teacher."""
+
+    def __init__(self, manifest: Manifest, split: str, device: torch.device, join: RowJoin | None = None) -> None:
+        self.manifest, self.split, self.device, self.join = manifest, split, device, join
+
+    def chunks(self) -> Iterator[ValSet]:
+        for shard in self.manifest.split(self.split)["shards"]:
+            a, b = shard["start"], shard["stop"]
+            block = read_shard(self.manifest.root / shard["file"], mode=self.manifest.mode, start=a, stop=b)
+            views, teacher_logits = self.join(a, b, block.labels) if self.join is not None else (None, None)
+            yield ValSet(images=held_images(block, self.manifest, self.device), views=views,
+                         labels=torch.from_numpy(block.labels).to(self.device), teacher_logits=teacher_logits)
+
+
+def score_models(models: Mapping[str, tuple[nn.Module, Preprocess]], source: ValSource, *, batch_size: int,
+                 channels_last: bool = False) -> tuple[dict[str, Scores], Scores]:
+    """Scores of every named ``(model, preprocess)``, and the teacher's own (its top-1), over
+    ``source``: each chunk is read once for all the models and dropped before the next."""
+    sums = {name: ScoreSums() for name in models}
+    teacher = ScoreSums()
+    for chunk in source.chunks():
+        for name, (model, preprocess) in models.items():
+            logits = predict(model, chunk.images, preprocess=preprocess, batch_size=batch_size, views=chunk.views,
+                             channels_last=channels_last)
+            sums[name].add(logits, chunk.labels, chunk.teacher_logits)
+        if chunk.teacher_logits is not None:
+            teacher.add(chunk.teacher_logits, chunk.labels, chunk.teacher_logits)
+    return {name: s.result() for name, s in sums.items()}, teacher.result()
+
+
+def evaluate_classifier(model: nn.Module, source: ValSource, *, preprocess: Preprocess, batch_size: int,
+                        channels_last: bool = False) -> Scores:
+    """Top-1, top-1 agreement with the teacher and KL(teacher ‖ model) at τ = 1 of ``model``
+    (a deployed student, or ``Student.backbone``) over ``source``'s views."""
+    return score_models({"model": (model, preprocess)}, source, batch_size=batch_size,
+                        channels_last=channels_last)[0]["model"]

@@ -20,12 +20,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.cache.join import cached_chunks
 from pipeline.cache.rdm_store import open_rdm_cache
 from pipeline.cache.reader import CacheExpectation, check_alignment, open_cache
 from pipeline.cache.store import CacheError
 from pipeline.data.held import held_images
 from pipeline.data.preprocess import Preprocess, PreprocessError, resolve_preprocess
 from pipeline.data.shards import Manifest, load_manifest, load_split
+from pipeline.evaluate import ValSet, ValSource
 from pipeline.models import build_model, load_model, save_model, state_dict_sha256
 from pipeline.runtime import resolve_device
 from pipeline.train.batches import BatchSource, MemoryBatches
@@ -34,7 +36,6 @@ from pipeline.train.distill import (
     DistillRun,
     EpochLog,
     LoopSettings,
-    ValSet,
     train_student,
 )
 from pipeline.train.objective import LossWeights
@@ -120,7 +121,7 @@ class DistillInputs:
     info: TargetInfo
     targets: Targets | None  # memory mode: every row's targets on the device; stream mode: None
     batches: BatchSource
-    val: ValSet
+    val: ValSource  # memory mode: the val split held on the device; stream mode: read shard by shard
     manifest: Manifest
     teacher_spec: dict[str, Any]
     cache_fingerprint: str
@@ -181,13 +182,17 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     if batches.steps < 1:
         raise ConfigError(f"distill.batch_size = {cfg.batch_size} leaves no full batch per rank "
                           f"({info.num_rows} rows, {world} ranks, data: {cfg.data}); lower it")
-    val_block = load_split(manifest, "val")
-    fmt = cache.logits_format  # a compact cache's logits are made on the device
-    val_cached = cache.split("val").read_all((*fmt.fields, L.VIEWS))
-    val = ValSet(images=held_images(val_block, manifest, device),
-                 views=torch.from_numpy(val_cached[L.VIEWS][:, 0]),  # (n, 5) the clean view the teacher saw
-                 labels=torch.from_numpy(val_block.labels).to(device),
-                 teacher_logits=fmt.dense_on({f: val_cached[f][:, 0] for f in fmt.fields}, device))
+    val: ValSource
+    if cfg.data == "stream":  # validated one shard at a time: memory does not grow with the val split
+        val = cached_chunks(manifest, cache, "val", device)
+    else:
+        val_block = load_split(manifest, "val")
+        fmt = cache.logits_format  # a compact cache's logits are made on the device
+        val_cached = cache.split("val").read_all((*fmt.fields, L.VIEWS))
+        val = ValSet(images=held_images(val_block, manifest, device),
+                     views=torch.from_numpy(val_cached[L.VIEWS][:, 0]),  # (n, 5) the clean view the teacher saw
+                     labels=torch.from_numpy(val_block.labels).to(device),
+                     teacher_logits=fmt.dense_on({f: val_cached[f][:, 0] for f in fmt.fields}, device))
     student = Student(backbone, teacher_dim=train_split.embed_dim if uses_features(method) else None,
                       ibm=cfg.ibm and method == "cifd", ibm_init_scale=cfg.ibm_init_scale,
                       ibm_noise_scale=cfg.ibm_noise_scale).to(device)

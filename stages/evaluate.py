@@ -7,16 +7,15 @@ import csv
 import json
 from pathlib import Path
 
-import torch
 
+from pipeline.cache.join import cached_chunks
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest
-from pipeline.evaluate import predict_models, scores, top1
+from pipeline.evaluate import score_models
 from pipeline.models import load_model, state_dict_sha256
 from pipeline.runtime import resolve_device
 from report.plots import plot_curves
-from schemas import layout as L
 from schemas import metrics as M
 from schemas.base import ConfigError
 from schemas.config import DistillConfig, EvaluateConfig, TeacherConfig, load_stage
@@ -34,10 +33,6 @@ def run(params: Path) -> None:
     manifest = load_manifest(paths.shards)
     cache = open_cache(paths.cache, CacheExpectation(teacher_sha256=state_dict_sha256(teacher),
                                                      manifest_sha256=manifest.sha256))
-    fmt = cache.logits_format  # a compact cache's logits are made on the device
-    cached = cache.split("val").read_all((*fmt.fields, L.VIEWS))
-    teacher_logits = fmt.dense_on({f: cached[f][:, 0] for f in fmt.fields}, device)
-    clean = torch.from_numpy(cached[L.VIEWS][:, 0])  # (n, 5) the clean view the teacher saw
     students = {}
     for method in cfg.methods:
         path = Path(paths.students) / f"{method}.safetensors"
@@ -49,14 +44,14 @@ def run(params: Path) -> None:
         # The student's own input size and normalisation, on the box the teacher saw.
         students[method] = (student.to(device), Preprocess.from_spec(student_spec, source=str(path)))
     # One pass over the val shards for every student: memory holds a shard, not the split.
-    logits, labels = predict_models(students, manifest, "val", batch_size=cfg.batch_size, views=clean) \
-        if students else ({}, torch.from_numpy(cache.split("val").read_all((L.LABELS,))[L.LABELS]).to(device))
+    results, teacher_scores = score_models(students, cached_chunks(manifest, cache, "val", device),
+                                           batch_size=cfg.batch_size)
     table: dict[str, dict[str, float]] = {}
-    teacher_top1 = top1(teacher_logits, labels)
+    teacher_top1 = teacher_scores.top1
     table["teacher"] = {M.EVAL_TOP1: round(teacher_top1, 5), M.EVAL_AGREEMENT: 1.0, M.EVAL_KL: 0.0}
     curves = {}
     for method in cfg.methods:
-        result = scores(logits[method], labels, teacher_logits)
+        result = results[method]
         table[method] = {M.EVAL_TOP1: round(result.top1, 5), M.EVAL_AGREEMENT: round(result.agreement, 5),
                          M.EVAL_KL: round(result.kl, 5)}
         timing = Path(paths.metrics) / M.DISTILL_DIR / f"{method}.json"

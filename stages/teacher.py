@@ -10,7 +10,7 @@ import torch
 from pipeline.data.preprocess import PreprocessError, resolve_preprocess
 from pipeline.data.held import held_images
 from pipeline.data.shards import load_manifest, load_split
-from pipeline.evaluate import predict_split, top1
+from pipeline.evaluate import ShardChunks, evaluate_classifier
 from pipeline.models import build_model, file_sha256, save_model
 from pipeline.runtime import resolve_device
 from pipeline.train.supervised import EpochLog, TrainSettings, train_classifier
@@ -57,8 +57,9 @@ def run(params: Path) -> None:
                          val_images=held_images(val, manifest, device), val_labels=torch.from_numpy(val.labels).to(device),
                          settings=settings, on_epoch=on_epoch)
         del train, val
-    val_top1 = top1(*predict_split(model, manifest, "val", preprocess=preprocess, batch_size=cfg.eval_batch_size))
-    train_top1 = top1(*predict_split(model, manifest, "train", preprocess=preprocess, batch_size=cfg.eval_batch_size))
+    # Scored one shard at a time on the model's own clean views: memory does not grow with the split.
+    val_top1, train_top1 = (evaluate_classifier(model, ShardChunks(manifest, split, device), preprocess=preprocess,
+                                                batch_size=cfg.eval_batch_size).top1 for split in ("val", "train"))
     spec = {
         "name": cfg.model, "num_classes": len(manifest.classes), "in_chans": cfg.in_chans,
         "model_kwargs": dict(cfg.model_kwargs), "preprocess": preprocess.to_spec(), "preprocess_origin": origin,

@@ -20,7 +20,7 @@ import torch
 from pipeline.cache.reader import CacheExpectation, open_cache
 from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_manifest, load_split
-from pipeline.evaluate import evaluate_classifier
+from pipeline.evaluate import ValSet, evaluate_classifier
 from pipeline.models import load_model
 from pipeline.data.held import held_images
 from report.study import mean_std
@@ -49,8 +49,8 @@ def main() -> None:
         student, student_spec = load_model(path)
         # As `cifd evaluate`: the student's own input size and normalisation, on the box the teacher saw.
         preprocess = Preprocess.from_spec(student_spec, source=str(path))
-        result = evaluate_classifier(student, images, labels, teacher_logits, preprocess=preprocess,
-                                     batch_size=1000, views=clean)
+        result = evaluate_classifier(student, ValSet(images, clean, labels, teacher_logits), preprocess=preprocess,
+                                     batch_size=1000)
         seconds = json.loads((args.takd / f"metrics_takd_s{seed}/distill/kd.json").read_text())["seconds"]
         runs[f"takd-s{seed}"] = {"val_top1": round(result.top1, 5), "teacher_agreement": round(result.agreement, 5),
                                  "kl_teacher_student": round(result.kl, 5), "distill_seconds": seconds}

@@ -271,22 +271,34 @@ def test_a_timm_teachers_cache_records_timms_eval_preprocessing(varsize, tmp_pat
 
 
 def test_evaluation_reads_each_val_shard_once_for_every_student(varsize) -> None:
-    """`cifd evaluate`'s pass: every model's logits on the cache's clean boxes, shard by shard,
-    equal the same models on the whole split held in memory."""
-    from pipeline.evaluate import predict, predict_models
+    """`cifd evaluate`'s pass: every model's scores on the cache's clean boxes, streamed shard
+    by shard, equal a float64 computation over the whole split held in memory."""
+    from pipeline.cache.join import cached_chunks
+    from pipeline.evaluate import predict, score_models
 
     manifest, teacher_path, store = varsize
     teacher, spec = load_model(teacher_path)
     small = Preprocess(image_size=12, crop_pct=1.0, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
     models = {"teacher": (teacher.eval(), Preprocess.from_spec(spec, source="teacher")), "small": (teacher, small)}
-    clean = torch.from_numpy(open_cache(store).split("val").read_all((L.VIEWS,))[L.VIEWS][:, 0])
-    logits, labels = predict_models(models, manifest, "val", batch_size=4, views=clean)
+    cache = open_cache(store)
+    split = cache.split("val")
+    assert len(manifest.split("val")["shards"]) > 1  # streamed: more than one chunk
+    results, own = score_models(models, cached_chunks(manifest, cache, "val", torch.device("cpu")), batch_size=4)
+    cached = split.read_all((L.VIEWS, L.LOGITS))
+    clean = torch.from_numpy(cached[L.VIEWS][:, 0])
+    t = cached[L.LOGITS][:, 0].astype(np.float64)
     block = load_split(manifest, "val")
     images = [torch.from_numpy(im) for im in block.images]
-    assert torch.equal(labels, torch.from_numpy(block.labels))
+    assert own.top1 == pytest.approx(float(np.mean(t.argmax(1) == block.labels)))
     for name, (model, pre) in models.items():
-        torch.testing.assert_close(logits[name], predict(model, images, preprocess=pre, batch_size=64, views=clean),
-                                   atol=1e-5, rtol=1e-5)
+        s = predict(model, images, preprocess=pre, batch_size=64, views=clean).double().numpy()
+        log_s = s - s.max(1, keepdims=True) - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True))
+        log_t = t - t.max(1, keepdims=True) - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True))
+        kl = float(np.mean((np.exp(log_t) * (log_t - log_s)).sum(1)))
+        assert results[name].top1 == pytest.approx(float(np.mean(s.argmax(1) == block.labels)))
+        assert results[name].agreement == pytest.approx(float(np.mean(s.argmax(1) == t.argmax(1))))
+        assert results[name].kl == pytest.approx(kl, rel=1e-4, abs=1e-6)
+
 
 
 # The stated tolerance against timm's eval transform (PIL) on real photos, [0, 1] pixels:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipeline.data.preprocess import Preprocess
-from pipeline.evaluate import evaluate_classifier
+from pipeline.evaluate import ValSource, evaluate_classifier
 from pipeline.runtime import derived_seed
 from pipeline.train.batches import BatchSource
 from pipeline.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -41,7 +41,7 @@ from schemas.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistillRun", "EpochLog", "LoopSettings", "StepInfo", "TrainingDiverged", "ValSet", "train_student"]
+__all__ = ["DistillRun", "EpochLog", "LoopSettings", "StepInfo", "TrainingDiverged", "train_student"]
 
 
 DRAWS_STREAM = 2**32 + 1  # third part of the KD-dropout generator's seed: never a rank (IBM noise)
@@ -66,17 +66,6 @@ class StepInfo(NamedTuple):
     step: int
     rows: Tensor  # (B,) global row indices of the batch
     loss: Tensor  # scalar, detached
-
-
-class ValSet(NamedTuple):
-    """Clean-view evaluation data: uint8 images (a device batch of same-size images, or n
-    host images of any sizes), their clean view boxes (the cache's view 0), labels and
-    teacher logits on the device."""
-
-    images: Tensor | list[Tensor]  # (n, C, H, W) uint8, or n × (C, H_i, W_i)
-    views: Tensor  # (n, 5) clean view boxes
-    labels: Tensor  # (n,)
-    teacher_logits: Tensor  # (n, C) float32
 
 
 @dataclass(frozen=True)
@@ -127,7 +116,7 @@ def train_student(
     run: DistillRun,
     info: TargetInfo,
     batches: BatchSource,
-    val: ValSet,
+    val: ValSource,
     on_epoch: Callable[[EpochLog], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> list[EpochLog]:
@@ -216,9 +205,8 @@ def train_student(
                 f"the student diverged. Lower distill.optim.lr (now {loop.optim.lr:g}) or "
                 f"distill.feature_weight (now {run.weights.feature_weight:g}), or set distill.optim.grad_clip "
                 f"(now {loop.optim.grad_clip}); the checkpoint keeps epoch {epoch} and a changed config restarts")
-        scores = evaluate_classifier(student.backbone, val.images, val.labels, val.teacher_logits,
-                                     preprocess=run.preprocess, batch_size=loop.eval_batch_size, views=val.views,
-                                     channels_last=loop.channels_last)
+        scores = evaluate_classifier(student.backbone, val, preprocess=run.preprocess,
+                                     batch_size=loop.eval_batch_size, channels_last=loop.channels_last)
         epoch_log = EpochLog(epoch=epoch + 1, train_loss=float(total) / max(float(count), 1.0),
                              val_top1=scores.top1, val_agreement=scores.agreement)
         history.append(epoch_log)

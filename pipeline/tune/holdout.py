@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.train.batches import MemoryBatches
-from pipeline.train.distill import ValSet
+from pipeline.evaluate import ValSet
 from pipeline.train.targets import TargetInfo, Targets
 
 __all__ = ["Holdout", "carve_holdout", "holdout_rows"]

@@ -401,12 +401,14 @@ def test_stream_ranks_get_disjoint_shards_and_equal_steps(manifest, embedded_cac
 
 
 class _AlteredSplit:
-    """The session cache's train split, with one cached label changed or fewer rows."""
+    """A split of the session cache (train by default), with one cached label changed or fewer rows."""
 
-    def __init__(self, embedded_cache, *, label_row: int | None = None, num_rows: int | None = None) -> None:
+    def __init__(self, embedded_cache, *, label_row: int | None = None, num_rows: int | None = None,
+                 split: str = "train") -> None:
         from pipeline.cache.reader import open_cache
 
-        self.inner = open_cache(embedded_cache[0]).split("train")
+        self.inner = open_cache(embedded_cache[0]).split(split)
+        self.logits_format, self.name = self.inner.logits_format, split
         self.label_row = label_row
         self.shard_bounds = self.inner.shard_bounds
         self.num_rows = num_rows if num_rows is not None else self.inner.num_rows
@@ -666,6 +668,34 @@ def test_grad_clip_bounds_the_update(project, tmp_path: Path) -> None:
     moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in before
                 if before[k].is_floating_point() and "running" not in k)
     assert moved < 1e-2
+
+
+def test_stream_mode_validates_one_shard_at_a_time_with_the_held_scores(project, tmp_path: Path, manifest,
+                                                                       embedded_cache) -> None:
+    """Stream mode does not hold the val split: each epoch it reads it a shard at a time (images,
+    clean boxes, teacher logits), with the held split's top-1 and agreement and its KL to float
+    rounding; a row whose label the cache disagrees on is refused, naming the row."""
+    from pipeline.cache.join import CleanViewJoin
+    from pipeline.evaluate import ShardChunks, ValSet, evaluate_classifier
+
+    memory = _inputs(project, tmp_path / "memory", "kd")
+    stream = _inputs(project, tmp_path / "stream", "kd", data="stream")
+    assert isinstance(memory.val, ValSet) and isinstance(stream.val, ShardChunks)
+    chunks = list(stream.val.chunks())
+    assert len(chunks) == len(manifest.split("val")["shards"]) > 1
+    assert torch.equal(torch.cat([c.labels for c in chunks]), memory.val.labels)
+    assert torch.equal(torch.cat([c.views for c in chunks]), memory.val.views)
+    backbone, pre = memory.student.backbone, memory.run.preprocess
+    held = evaluate_classifier(backbone, memory.val, preprocess=pre, batch_size=5)
+    streamed = evaluate_classifier(backbone, stream.val, preprocess=pre, batch_size=5)
+    assert (streamed.top1, streamed.agreement) == (held.top1, held.agreement)
+    assert streamed.kl == pytest.approx(held.kl, rel=1e-5)
+    altered = _AlteredSplit(embedded_cache, label_row=6, split="val")
+    with pytest.raises(CacheError, match=r"disagree at val row 6: label \d in the shards, \d in the cache.*cifd embed"):
+        list(ShardChunks(manifest, "val", CPU, join=CleanViewJoin(altered, CPU, expected_rows=altered.num_rows)).chunks())
+    with pytest.raises(CacheError, match="val split has 5 rows but the shards have"):
+        CleanViewJoin(_AlteredSplit(embedded_cache, num_rows=5, split="val"), CPU,  # type: ignore[arg-type]
+                      expected_rows=len(memory.val.labels))
 
 
 def test_stream_mode_reads_the_same_targets_as_memory_mode_block_by_block(project, tmp_path: Path) -> None:
