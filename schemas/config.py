@@ -324,6 +324,10 @@ class RdmConfig(StrictConfig):
 METHODS = ("ce", "kd", "dgkd", "cifd")
 
 
+# Keys every method shares: ``per_method`` cannot set them.
+_SHARED_DISTILL_KEYS = ("methods", "per_method", "student", "student_kwargs")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig(StrictConfig):
     """Stage three (``cifd distill --method M``): a student from images + cached targets.
@@ -337,6 +341,11 @@ class DistillConfig(StrictConfig):
     mapping: its fields, the rest from the student's timm pretrained config, else from the
     teacher's. Either way the student sees the same crop box as the teacher, rendered at its
     own size and normalisation.
+
+    ``per_method``: each method's own settings, merged over the section for that method only
+    (nested like the section: ``per_method: {kd: {temperature: 4.0, optim: {lr: 0.02}}}``), so
+    every method can run with the settings validated for it (``cifd tune`` writes them in this
+    form). The stage for method M uses :meth:`for_method` (M).
     """
 
     methods: tuple[str, ...] = METHODS
@@ -370,8 +379,30 @@ class DistillConfig(StrictConfig):
     device: str = "auto"
     threads: int = 2
     seed: int = 0
+    per_method: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def for_method(self, method: str) -> DistillConfig:
+        """The settings method ``method`` trains with: ``per_method[method]`` merged over the
+        section (nested mappings merged key by key), checked, with ``per_method`` cleared."""
+        data = self.to_dict()
+        own = data.pop("per_method").get(method, {})
+
+        def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+            out = dict(base)
+            for key, value in over.items():
+                out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) \
+                    else value
+            return out
+
+        return DistillConfig.from_mapping(merge(data, own), section=f"distill.per_method.{method}")
 
     def check(self, section: str) -> None:
+        for method, own in self.per_method.items():
+            require(method in METHODS, section, "per_method", method, f"expected keys among {list(METHODS)}")
+            require(isinstance(own, Mapping) and not set(_SHARED_DISTILL_KEYS) & set(own), section,
+                    f"per_method.{method}", own, "expected a mapping of distill settings other than "
+                    f"{', '.join(_SHARED_DISTILL_KEYS)} (every method distills the same student)")
+            self.for_method(method)  # a bad key or value in it is reported now, as distill.per_method.<method>
         require(len(self.methods) >= 1 and all(m in METHODS for m in self.methods), section, "methods",
                 self.methods, f"expected a non-empty list of {list(METHODS)}")
         require(bool(self.student), section, "student", self.student, "expected a timm name or module:function")

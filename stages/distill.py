@@ -101,6 +101,7 @@ def run(params: Path, method: str) -> DistillResult:
     paths, cfg = load_stage(params, "distill", DistillConfig)
     if method not in cfg.methods:
         raise ConfigError(f"--method {method!r} is not in params 'distill.methods' = {list(cfg.methods)}")
+    cfg = cfg.for_method(method)  # its own settings (distill.per_method), if any
     teacher_model = load_stage(params, "teacher", TeacherConfig)[1].model  # the entrypoint trusted for paths.teacher
     torch.set_num_threads(cfg.threads)
     rank, world, device = _distributed(cfg.device)
@@ -137,6 +138,7 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     ``teacher_model``: the user's ``teacher.model`` param, the one entrypoint outside timm and
     ``pipeline.models`` the teacher file may name. ``started``: ``time.perf_counter()`` when the
     stage began (the run's wall seconds count from there)."""
+    cfg = cfg.for_method(method)  # idempotent: run() has applied it already
     device = device if device is not None else resolve_device(cfg.device)
     teacher, spec = load_model(paths.teacher, allow_entrypoint=teacher_model)
     manifest = load_manifest(paths.shards)

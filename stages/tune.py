@@ -78,6 +78,7 @@ def run(params: Path, method: str) -> dict[str, Any]:
     tune = load_stage(params, "tune", TuneConfig)[1]
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: expected one of {list(METHODS)}")
+    base = base.for_method(method)  # trials start from the method's own settings (distill.per_method)
     space = tune.specs(method)
     if tune.epochs is not None:
         base = dataclasses.replace(base, epochs=tune.epochs)
@@ -134,5 +135,5 @@ def run(params: Path, method: str) -> dict[str, Any]:
         (where / f"{method}.best.yaml").write_text(text)
         print(f"tune {method}: best trial {best['number']} carved-val top-1 {best['value']:.4f} "
               f"({summary['counts']['COMPLETE']} complete, {summary['counts']['PRUNED']} pruned); "
-              f"{where / f'{method}.best.yaml'}:\n  dvc exp run " + " ".join(set_param_flags(best["settings"])))
+              f"{where / f'{method}.best.yaml'}:\n  dvc exp run " + " ".join(set_param_flags(method, best["settings"])))
     return summary

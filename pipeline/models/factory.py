@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
-import torchvision
 from torch import nn
 
 from pipeline.models.classifier import ImageClassifier
@@ -72,6 +70,8 @@ _SPEC_REQUIRED = ("name", "num_classes", "in_chans")
 
 
 def _close_timm_names(name: str, limit: int = 8) -> list[str]:
+    import timm
+
     names = timm.list_models()
     close = difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
     stem = max(re.split(r"[^a-zA-Z]+", name), key=len, default="")
@@ -81,6 +81,8 @@ def _close_timm_names(name: str, limit: int = 8) -> list[str]:
 
 
 def _build_timm(name: str, num_classes: int, in_chans: int, kwargs: dict[str, Any]) -> nn.Module:
+    import timm  # only when a timm model is built: importing timm costs ≈ 7 s of CPU on these machines
+
     if not timm.is_model(name):
         close = _close_timm_names(name)
         raise ModelNotFoundError(
@@ -340,6 +342,9 @@ def logits_from_embedding_check(
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide what a model computes (for provenance)."""
+    import timm
+    import torchvision
+
     return {
         "torch": str(torch.__version__),  # a TorchVersion: a str subclass JSON would not give back
         "timm": str(timm.__version__),

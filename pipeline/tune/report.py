@@ -43,22 +43,23 @@ def _nested(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def best_params_yaml(method: str, settings: Mapping[str, Any], *, score: float, trial: int) -> str:
-    """A params override file: the best settings under ``distill``, with how to apply them."""
-    flags = " ".join(set_param_flags(settings))
+    """A params override file: the best settings as ``distill.per_method.<method>`` (they apply
+    to that method's stage only), with how to apply them."""
+    flags = " ".join(set_param_flags(method, settings))
     head = (f"# cifd tune --method {method}: best trial {trial}, carved-validation top-1 {score:.4f}.\n"
             f"# Apply with: dvc exp run {flags}\n"
             "# (or merge this distill section into params.yaml)\n")
-    return head + yaml.safe_dump({"distill": _nested(settings)}, sort_keys=True)
+    return head + yaml.safe_dump({"distill": {"per_method": {method: _nested(settings)}}}, sort_keys=True)
 
 
-def set_param_flags(settings: Mapping[str, Any]) -> list[str]:
-    """``--set-param ++distill.KEY=VALUE`` for each setting (``++``: add or override, as the key
-    may be absent from params.yaml; lists in YAML flow style)."""
+def set_param_flags(method: str, settings: Mapping[str, Any]) -> list[str]:
+    """``--set-param ++distill.per_method.METHOD.KEY=VALUE`` for each setting (``++``: add or
+    override, as the key may be absent from params.yaml; lists in YAML flow style)."""
     def show(value: Any) -> str:
         return json.dumps(value) if isinstance(value, (list, tuple)) else f"{value:.6g}" \
             if isinstance(value, float) else str(value)
 
-    return [f"--set-param ++distill.{k}={show(v)}" for k, v in sorted(settings.items())]
+    return [f"--set-param ++distill.per_method.{method}.{k}={show(v)}" for k, v in sorted(settings.items())]
 
 
 def study_summary(study: optuna.Study, *, method: str, identity: Mapping[str, Any]) -> dict[str, Any]:

@@ -198,15 +198,19 @@ def test_one_step_per_method(project, tmp_path: Path, method: str) -> None:
     ("dgkd", {"rdm_weights": [1.0, 3.0]}, {"lam": [1.0, 3.0]}),
     ("dgkd", {"rdm_weights": None}, {"lam": [1.0, 1.0]}),  # null: every RDM weighs 1
     ("cifd", {"rdm_weights": [0.0, 2.0]}, {"lam": [0.0, 2.0]}),
+    # distill.per_method: each method's own settings, over the section, for that method only
+    ("kd", {"kd_alpha": 0.5, "per_method": {"kd": {"kd_alpha": 0.3}, "dgkd": {"kd_alpha": 0.7}}}, {"kd_alpha": 0.3}),
+    ("dgkd", {"rdm_weights": [1.0, 1.0], "per_method": {"kd": {"rdm_weights": [5.0, 5.0]},
+                                                        "dgkd": {"rdm_weights": [2.0, 0.5]}}}, {"lam": [2.0, 0.5]}),
 ])
 def test_kd_alpha_and_rdm_weights_reach_the_loss_from_params(project, tmp_path: Path, method: str, distill: dict,
                                                             weights: dict) -> None:
     inputs = _inputs(project, tmp_path, method, kd_dropout=0.0, **distill)
     run, targets = inputs.run, inputs.info
-    if "kd_alpha" in distill:
-        assert run.weights.kd_alpha == distill["kd_alpha"]
+    if "kd_alpha" in weights:
+        assert run.weights.kd_alpha == weights["kd_alpha"]
     if "rdm_weights" in distill:
-        assert run.weights.rdm_weights == (None if distill["rdm_weights"] is None else tuple(distill["rdm_weights"]))
+        assert run.weights.rdm_weights == (None if distill["rdm_weights"] is None else tuple(weights["lam"]))
     _, x, batch = _first_batch(inputs)
     inputs.student.train()
     out = inputs.student(x, generator=torch.Generator().manual_seed(1))

@@ -149,12 +149,34 @@ def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(p
     saved = json.loads((where / "kd.json").read_text())
     assert saved["counts"] == summary["counts"] and (where / "kd.png").stat().st_size > 0
     best = (where / "kd.best.yaml").read_text()
-    assert "--set-param ++distill.optim.lr=" in best
+    assert "--set-param ++distill.per_method.kd.optim.lr=" in best
     import yaml
 
-    override = yaml.safe_load(best)["distill"]
-    assert override == {"optim": {"lr": summary["best"]["settings"]["optim.lr"]}}
-    DistillConfig.from_mapping({**project.base["distill"], "optim": override["optim"]}, section="distill")
+    override = yaml.safe_load(best)["distill"]["per_method"]
+    lr = summary["best"]["settings"]["optim.lr"]
+    assert override == {"kd": {"optim": {"lr": lr}}}
+    applied = DistillConfig.from_mapping({**project.base["distill"], "per_method": override}, section="distill")
+    assert applied.for_method("kd").optim.lr == lr and applied.for_method("cifd").optim.lr == applied.optim.lr
+
+
+def test_per_method_settings_merge_over_the_section_for_that_method_only() -> None:
+    cfg = DistillConfig.from_mapping({"temperature": 2.0, "optim": {"name": "sgd", "lr": 0.01},
+                                      "per_method": {"kd": {"temperature": 4.0, "optim": {"lr": 0.02}}}},
+                                     section="distill")
+    kd, cifd = cfg.for_method("kd"), cfg.for_method("cifd")
+    assert (kd.temperature, kd.optim.lr, kd.optim.name, dict(kd.per_method)) == (4.0, 0.02, "sgd", {})
+    assert (cifd.temperature, cifd.optim.lr, cifd.optim.name) == (2.0, 0.01, "sgd")
+    assert kd.for_method("kd") == kd  # idempotent
+    for per_method, message in [
+        ({"kdd": {}}, r"params 'distill\.per_method' = 'kdd': expected keys among \['ce', 'kd', 'dgkd', 'cifd'\]"),
+        ({"kd": {"student": "resnet18"}}, r"expected a mapping of distill settings other than methods, per_method, "
+                                          r"student, student_kwargs"),
+        ({"kd": {"temprature": 1.0}}, r"params 'distill\.per_method\.kd' has unknown key 'temprature' "
+                                      r"\(did you mean 'temperature'\?\)"),
+        ({"cifd": {"temperature": -1.0}}, r"'distill\.per_method\.cifd\.temperature' = -1\.0: expected > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            DistillConfig.from_mapping({"per_method": per_method}, section="distill")
 
 
 def test_tune_refuses_a_changed_space_and_unknown_keys(project, tmp_path: Path) -> None:
