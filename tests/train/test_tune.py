@@ -108,15 +108,23 @@ TUNE = {"trials": 2, "epochs": 2, "pruner": "median", "startup_trials": 1, "n_jo
 
 
 def _states(db: Path) -> list[str]:
+    """Trial states in number order; none while the study's tables are still being created."""
     with sqlite3.connect(db) as con:
-        return [row[0] for row in con.execute("SELECT state FROM trials ORDER BY number")]
+        try:
+            return [row[0] for row in con.execute("SELECT state FROM trials ORDER BY number")]
+        except sqlite3.OperationalError:  # "no such table": optuna has not created its schema yet
+            return []
 
 
 def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(project, tmp_path: Path) -> None:
     from stages import tune as stage
 
     where = tmp_path / "study"
-    params = project.params(tmp_path, tune={**TUNE, "trials": 3},
+    # 12 epochs per trial, and trial 2 nearly repeats trial 0's lr (an exact repeat would be
+    # skipped as a duplicate), so it is not pruned: it lasts long enough that the kill lands
+    # inside the study even when a loaded machine delays the polling.
+    queue = [*TUNE["enqueue"], {"optim.lr": 0.0300001}]
+    params = project.params(tmp_path, tune={**TUNE, "trials": 3, "epochs": 12, "enqueue": queue},
                             paths={**project.base["paths"], "tune": str(where)})
     # A real kill: `cifd tune` in a subprocess, SIGKILLed once its first trial is stored.
     proc = subprocess.Popen([sys.executable, "-c", "from stages.cli import main; main()", "tune", "--params",
@@ -138,13 +146,13 @@ def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(p
     states = [t["state"] for t in summary["trials"]]
     assert states[0] == "COMPLETE" and states[1] in ("PRUNED", "FAIL")  # the lr=1e-9 trial, or the killed one
     assert states.count("COMPLETE") + states.count("PRUNED") == 3
-    assert "PRUNED" in states  # lr = 1e-9 learns nothing: below the median after epoch 1
+    assert "PRUNED" in states  # lr = 1e-9 learns nothing: below the median within a few epochs
     # The enqueued lr = 1e-9 trial is pruned (or was the one killed); a sampled lr that also
     # learns nothing in an epoch may be pruned too, depending on when the kill landed.
     pruned = [t for t in summary["trials"] if t["state"] == "PRUNED"]
-    assert all(list(t["epochs"]) == ["1"] for t in pruned)
-    enqueued = next(t for t in summary["trials"] if t["settings"] == {"optim.lr": 1e-9})
-    assert enqueued["state"] in ("PRUNED", "FAIL")
+    assert all(len(t["epochs"]) < 12 for t in pruned)  # stopped before the last epoch
+    enqueued = summary["trials"][1]  # queued second: lr = 1e-9 (a trial the kill ended records no settings)
+    assert enqueued["state"] in ("PRUNED", "FAIL") and enqueued["settings"] in ({"optim.lr": 1e-9}, None)
     assert summary["best"]["number"] not in {t["number"] for t in pruned}
     saved = json.loads((where / "kd.json").read_text())
     assert saved["counts"] == summary["counts"] and (where / "kd.png").stat().st_size > 0
