@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.shards import channels_of, validate_samples, write_manifest, write_split
+from pipeline.data.shards import channels_of, write_manifest, write_split
+from pipeline.data.validate import validate_samples
 from pipeline.runtime import derived_seed
 from pipeline.data.sources import (
     RawSample,

@@ -99,13 +99,13 @@ def decode_image(data: bytes, *, mode: str, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            array = np.array(_eight_bit(img).convert(mode), dtype=np.uint8)  # writable: torch.from_numpy takes it
+            array = np.array(eight_bit(img).convert(mode), dtype=np.uint8)  # writable: torch.from_numpy takes it
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CorruptSampleError(f"{where}: cannot decode image ({exc})") from exc
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _eight_bit(img: Image.Image) -> Image.Image:
+def eight_bit(img: Image.Image) -> Image.Image:
     """16- and 32-bit integer images scaled to 8 bits (PIL's convert would clip them to 255)."""
     if img.mode.startswith("I;16") or img.mode == "I":
         values = np.asarray(img, dtype=np.float64)
@@ -117,85 +117,6 @@ def _eight_bit(img: Image.Image) -> Image.Image:
 def channels_of(mode: str) -> int:
     """Channels of a decoded image in colour ``mode``."""
     return len(Image.new(mode, (1, 1)).getbands())
-
-
-def _reencode(data: bytes, ext: str, *, max_side: int, mode: str, where: str) -> tuple[bytes, tuple[int, int]]:
-    """The image, decoded to ``mode`` as every reader decodes it, shrunk so that its longer
-    side is ``max_side`` (bicubic, antialiased), re-encoded in its format (JPEG quality 95,
-    lossless otherwise); its new (height, width)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img = _eight_bit(img).convert(mode)  # palette / bilevel images would otherwise shrink NEAREST
-            width, height = img.size
-            scale = max_side / max(width, height)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            small = img.resize(size, Image.Resampling.BICUBIC)
-            buffer = io.BytesIO()
-            if ext in ("jpg", "jpeg"):
-                small.save(buffer, format="JPEG", quality=95)
-            elif ext == "webp":
-                small.save(buffer, format="WEBP", lossless=True)
-            else:
-                small.save(buffer, format="PNG" if ext == "png" else "BMP")
-    except (OSError, ValueError) as exc:
-        raise CorruptSampleError(f"{where}: cannot shrink and re-encode the image for prepare.max_side ({exc})") from exc
-    return buffer.getvalue(), (size[1], size[0])
-
-
-@dataclass(frozen=True)
-class ValidatedSplit:
-    samples: list[RawSample]
-    skipped: list[dict[str, str]]
-    sizes: list[tuple[int, int]]  # (height, width) of every kept sample, in row order
-    reencoded: list[dict[str, Any]]  # the rows re-encoded because they were over max_side
-
-
-def validate_samples(
-    samples: Sequence[RawSample], *, on_corrupt: str, max_corrupt_fraction: float, split: str, mode: str,
-    max_side: int | None = None,
-) -> ValidatedSplit:
-    """Decode every image once: corrupt images fail (naming the sample) or are skipped and
-    counted; more skips than ``max_corrupt_fraction`` fail. Images keep their own size; one
-    whose longer side is over ``max_side`` is shrunk to it and re-encoded (recorded)."""
-    kept: list[RawSample] = []
-    skipped: list[dict[str, str]] = []
-    sizes: list[tuple[int, int]] = []
-    reencoded: list[dict[str, Any]] = []
-    for sample in samples:
-        where = f"{split} sample {sample.origin}"
-        try:
-            array = decode_image(sample.image, mode=mode, where=where)
-        except CorruptSampleError as exc:
-            if on_corrupt == "error":
-                raise CorruptSampleError(
-                    f"{exc}. Fix or remove the file, or set prepare.on_corrupt: skip to skip and "
-                    "count corrupt images"
-                ) from exc
-            skipped.append({"origin": sample.origin, "error": str(exc)})
-            continue
-        size = (int(array.shape[1]), int(array.shape[2]))
-        if max_side is not None and max(size) > max_side:
-            try:
-                data, new = _reencode(sample.image, sample.ext, max_side=max_side, mode=mode, where=where)
-            except CorruptSampleError as exc:
-                if on_corrupt == "error":
-                    raise CorruptSampleError(f"{exc}. Fix or remove the file, or set prepare.on_corrupt: skip") from exc
-                skipped.append({"origin": sample.origin, "error": str(exc)})
-                continue
-            reencoded.append({"row": len(kept), "origin": sample.origin, "from": list(size), "to": list(new)})
-            sample, size = RawSample(label=sample.label, image=data, ext=sample.ext, origin=sample.origin), new
-        kept.append(sample)
-        sizes.append(size)
-    total = len(samples)
-    if total and len(skipped) / total > max_corrupt_fraction:
-        raise CorruptSampleError(
-            f"{split}: {len(skipped)} of {total} images are corrupt, more than "
-            f"prepare.max_corrupt_fraction = {max_corrupt_fraction}; first: {skipped[0]['error']}"
-        )
-    if not kept:
-        raise CorruptSampleError(f"{split}: no readable images")
-    return ValidatedSplit(samples=kept, skipped=skipped, sizes=sizes, reencoded=reencoded)
 
 
 def write_split(
@@ -214,10 +135,11 @@ def write_split(
             writer = wds.TarWriter(handle, mtime=0, user="cifd", group="cifd", encoder=False)
             for row in range(start, stop):
                 sample = samples[row]
+                image = sample.image  # read (or re-encoded) now: one image in memory at a time
                 ext = "jpg" if sample.ext == "jpeg" else sample.ext
                 writer.write({"__key__": sample_key(row), LABEL_EXT: str(sample.label).encode(),
-                              ext: sample.image})
-                hashes.append(content_digest(sample.image))
+                              ext: image})
+                hashes.append(content_digest(image))
                 labels.append(sample.label)
             writer.close()
         shards.append({"file": name, "start": start, "stop": stop, "sha256": file_sha256(out_dir / name)})

@@ -3,16 +3,22 @@ or existing WebDataset shards. Each yields :class:`RawSample` records in a fixed
 
 Image bytes are passed through unchanged (no re-encoding), so shards are byte-stable and
 lossless; only digits, which are arrays, are encoded (PNG, deterministic).
+
+A file-backed sample holds where its bytes are (:class:`ImageRef`: a file, or a byte range of
+an uncompressed tar), not the bytes: ``prepare`` reads each image when it checks it and again
+when it writes it, so its memory is a small record per image, not the dataset's bytes.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -24,14 +30,53 @@ class SourceError(ValueError):
     """A data source cannot be read as configured."""
 
 
-@dataclass(frozen=True)
+class ByteSource(Protocol):
+    """Encoded image bytes read on demand."""
+
+    def read(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """Where one image's bytes are: the whole file ``path`` (``size`` < 0) or ``size`` bytes
+    at ``offset`` of an uncompressed tar. ``stamp`` (size, mtime in ns) of the file when it
+    was listed: a file changed since is refused rather than read half old, half new."""
+
+    path: str
+    stamp: tuple[int, int]
+    offset: int = 0
+    size: int = -1
+
+    @staticmethod
+    def stamp_of(path: str | Path) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+
+    def read(self) -> bytes:
+        if self.stamp_of(self.path) != self.stamp:
+            raise SourceError(f"'{self.path}' changed while `cifd prepare` was reading it; rerun prepare "
+                              "once the source is no longer being written")
+        with open(self.path, "rb") as handle:
+            if self.size < 0:
+                return handle.read()
+            handle.seek(self.offset)
+            return handle.read(self.size)
+
+
+@dataclass(frozen=True, slots=True)
 class RawSample:
-    """One source sample: label, encoded image bytes, image extension, and its origin."""
+    """One source sample: label, its encoded image (bytes, or a :class:`ByteSource` read on
+    demand), image extension, and its origin."""
 
     label: int
-    image: bytes
+    data: bytes | ByteSource
     ext: str
     origin: str
+
+    @property
+    def image(self) -> bytes:
+        """The encoded image bytes (read from the source each time for a file-backed sample)."""
+        return self.data if isinstance(self.data, bytes) else self.data.read()
 
 
 @dataclass(frozen=True)
@@ -61,7 +106,7 @@ def digits_source() -> SourceSplit:
     data = load_digits()
     images = np.rint(data.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     samples = [
-        RawSample(label=int(y), image=encode_png(img), ext="png", origin=f"digits[{i}]")
+        RawSample(label=int(y), data=encode_png(img), ext="png", origin=f"digits[{i}]")
         for i, (img, y) in enumerate(zip(images, data.target))
     ]
     return SourceSplit(samples=samples, classes=[str(c) for c in data.target_names])
@@ -102,6 +147,23 @@ def _check_complete(tar: tarfile.TarFile, path: str | Path) -> None:
                           "truncated (an interrupted copy or download?); copy it again")
 
 
+def _seekable(tar: tarfile.TarFile, path: str | Path) -> ImageRef | None:
+    """An :class:`ImageRef` of the tar file itself when its members can be read by offset (an
+    uncompressed tar), else None (a compressed tar: members are read into memory)."""
+    if not isinstance(tar.fileobj, io.BufferedReader):  # gzip/bz2/xz: offsets are in the decompressed stream
+        return None
+    return ImageRef(str(path), ImageRef.stamp_of(path))
+
+
+def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo, ranges: ImageRef | None) -> bytes | ByteSource:
+    """A regular member's bytes: where they are in an uncompressed tar, or read now."""
+    if ranges is not None:
+        return ImageRef(ranges.path, ranges.stamp, offset=member.offset_data, size=member.size)
+    handle = tar.extractfile(member)
+    assert handle is not None  # isfile() members always have a handle
+    return handle.read()
+
+
 def imagefolder_source(path: str | Path, classes: Sequence[str] | None = None) -> SourceSplit:
     """Images laid out as ``<class>/<file>`` in a directory, or as members of a tar.
 
@@ -109,22 +171,21 @@ def imagefolder_source(path: str | Path, classes: Sequence[str] | None = None) -
     torchvision ImageFolder convention; for CIFAR-10 this is the standard label order).
     """
     path = Path(path)
-    entries: list[tuple[str, str, bytes]] = []  # (member name, ext, bytes)
+    entries: list[tuple[str, str, bytes | ByteSource]] = []  # (member name, ext, bytes or where they are)
     if path.is_dir():
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             ext = _ext(file.name)
             if ext is not None:
-                entries.append((file.relative_to(path).as_posix(), ext, file.read_bytes()))
+                entries.append((file.relative_to(path).as_posix(), ext, ImageRef(str(file), ImageRef.stamp_of(file))))
     elif path.is_file() and tarfile.is_tarfile(path):
         with tarfile.open(path) as tar:
             members = tar.getmembers()  # reads to the end of the archive
             _check_complete(tar, path)
+            ranges = _seekable(tar, path)
             for member in sorted(members, key=lambda m: m.name):
                 ext = _ext(member.name)
                 if member.isfile() and ext is not None:
-                    handle = tar.extractfile(member)
-                    assert handle is not None  # isfile() members always have a handle
-                    entries.append((member.name, ext, handle.read()))
+                    entries.append((member.name, ext, _member_data(tar, member, ranges)))
     else:
         raise SourceError(f"imagefolder source '{path}' is neither a directory nor a tar file")
     if not entries:
@@ -132,17 +193,20 @@ def imagefolder_source(path: str | Path, classes: Sequence[str] | None = None) -
     names = _resolve_classes([_class_of(m) for m, _, _ in entries], classes, str(path))
     index = {name: i for i, name in enumerate(names)}
     samples = [
-        RawSample(label=index[_class_of(m)], image=data, ext=ext, origin=f"{path.name}:{m}")
+        RawSample(label=index[_class_of(m)], data=data, ext=ext, origin=f"{path.name}:{m}")
         for m, ext, data in entries
     ]
     samples.sort(key=lambda s: (s.label, s.origin))
     return SourceSplit(samples=samples, classes=names)
 
 
-def iter_tar_samples(path: str | Path) -> Iterator[dict[str, bytes | str]]:
-    """Group a WebDataset tar's members by key, in file order (``__key__`` + ext → bytes)."""
-    current: dict[str, bytes | str] = {}
+def iter_tar_samples(path: str | Path, *, lazy_exts: Sequence[str] = ()) -> Iterator[dict[str, bytes | str | ByteSource]]:
+    """Group a WebDataset tar's members by key, in file order (``__key__`` + ext → bytes).
+    Members whose ext is in ``lazy_exts`` come as an :class:`ImageRef` to their bytes instead
+    (read later), when the tar is uncompressed."""
+    current: dict[str, bytes | str | ByteSource] = {}
     with tarfile.open(path) as tar:
+        ranges = _seekable(tar, path) if lazy_exts else None
         for member in tar:
             if not member.isfile():
                 continue
@@ -152,10 +216,8 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict[str, bytes | str]]:
             if current and current["__key__"] != key:
                 yield current
                 current = {}
-            handle = tar.extractfile(member)
-            assert handle is not None  # isfile() members always have a handle
             current["__key__"] = key
-            current[ext.lower()] = handle.read()
+            current[ext.lower()] = _member_data(tar, member, ranges if ext.lower() in lazy_exts else None)
         _check_complete(tar, path)
     if current:
         yield current
@@ -174,7 +236,7 @@ def webdataset_source(pattern: str, classes: Sequence[str] | None = None) -> Sou
     samples: list[RawSample] = []
     max_label = -1
     for file in files:
-        for sample in iter_tar_samples(file):
+        for sample in iter_tar_samples(file, lazy_exts=IMAGE_EXTS):
             key = sample["__key__"]
             where = f"{Path(file).name}:{key}"
             raw_label = sample.get(LABEL_EXT)
@@ -189,12 +251,12 @@ def webdataset_source(pattern: str, classes: Sequence[str] | None = None) -> Sou
                 raise SourceError(f"sample {where} has image members {image_exts}; expected exactly one")
             ext = image_exts[0]
             image = sample[ext]
-            assert isinstance(image, bytes)
+            assert not isinstance(image, str)
             if label < 0 or (classes is not None and label >= len(classes)):
                 raise SourceError(
                     f"sample {where} label {label} is out of range for {len(classes or [])} classes"
                 )
             max_label = max(max_label, label)
-            samples.append(RawSample(label=label, image=image, ext=ext, origin=where))
+            samples.append(RawSample(label=label, data=image, ext=ext, origin=where))
     names = list(classes) if classes is not None else [str(i) for i in range(max_label + 1)]
     return SourceSplit(samples=samples, classes=names)

@@ -17,6 +17,7 @@ from pipeline.data.shards import (
     CorruptSampleError,
     ManifestError,
     content_hash,
+    decode_image,
     file_sha256,
     load_manifest,
     load_split,
@@ -448,7 +449,8 @@ def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
 def test_max_side_shrinks_palette_and_cmyk_images_as_the_decoded_image() -> None:
     """A palette image shrinks antialiased (PIL alone would use NEAREST for mode P), and a CMYK
     JPEG stored under a .png name is re-encoded instead of failing prepare."""
-    from pipeline.data.shards import decode_image, validate_samples
+    from pipeline.data.shards import decode_image
+    from pipeline.data.validate import validate_samples
     from pipeline.data.sources import RawSample
 
     stripes = np.zeros((64, 64, 3), np.uint8)
@@ -456,9 +458,59 @@ def test_max_side_shrinks_palette_and_cmyk_images_as_the_decoded_image() -> None
     pal, cmyk = io.BytesIO(), io.BytesIO()
     Image.fromarray(stripes).convert("P").save(pal, format="PNG")
     Image.fromarray(stripes).convert("CMYK").save(cmyk, format="JPEG")
-    samples = [RawSample(label=0, image=pal.getvalue(), ext="png", origin="pal"),
-               RawSample(label=0, image=cmyk.getvalue(), ext="png", origin="cmyk")]
+    samples = [RawSample(label=0, data=pal.getvalue(), ext="png", origin="pal"),
+               RawSample(label=0, data=cmyk.getvalue(), ext="png", origin="cmyk")]
     checked = validate_samples(samples, on_corrupt="error", max_corrupt_fraction=0.0, split="train", mode="RGB",
                                max_side=8)
     assert checked.sizes == [(8, 8), (8, 8)] and [r["origin"] for r in checked.reencoded] == ["pal", "cmyk"]
     assert abs(decode_image(checked.samples[0].image, mode="RGB", where="pal").mean() - 127.5) < 8  # averaged
+
+
+def test_file_backed_sources_hold_where_the_bytes_are_not_the_bytes(tiny, prepare_config, shards_dir,
+                                                                     tmp_path) -> None:
+    """Directory, uncompressed-tar and WebDataset sources list each image as a reference (file,
+    or offset and size in the tar) read on demand, so prepare's memory does not hold the
+    dataset; the bytes read back are the members' bytes, a gzip tar still works (read into
+    memory) and gives the same shards, and a file changed after listing is refused."""
+    import gzip
+    import shutil
+
+    from pipeline.data.sources import ImageRef, imagefolder_source, webdataset_source
+
+    members = tiny.members()
+    root = tmp_path / "images"
+    for name, data in members.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    tar = Path(prepare_config.train)
+    for source in (imagefolder_source(root), imagefolder_source(tar), webdataset_source(str(shards_dir / "train-*.tar"))):
+        assert all(isinstance(s.data, ImageRef) for s in source.samples)
+    by_origin = {s.origin.split(":", 1)[1]: s for s in imagefolder_source(tar).samples}
+    assert {name: by_origin[name].image for name in members} == members  # offsets and sizes are the members'
+    gz = tmp_path / "images.tar.gz"
+    with open(tar, "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert all(isinstance(s.data, bytes) for s in imagefolder_source(gz).samples)  # no offsets in a gzip stream
+    prepare_dataset(dataclasses.replace(prepare_config, train=str(gz)), tmp_path / "from_gz")
+    assert {k: v for k, v in shard_files(tmp_path / "from_gz").items() if k.endswith(".tar")} == \
+        {k: v for k, v in shard_files(shards_dir).items() if k.endswith(".tar")}
+    listed = imagefolder_source(root).samples[0]
+    path = Path(listed.data.path)  # type: ignore[union-attr]
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(SourceError, match=r"changed while `cifd prepare` was reading it"):
+        listed.image
+
+
+def test_max_side_images_are_re_encoded_when_written_not_held(tiny, make_imagefolder_tar, tmp_path) -> None:
+    """A shrunk image is kept as a recipe (source + max_side), and re-encoding is deterministic:
+    reading it twice gives the same bytes, the bytes the shard holds."""
+    from pipeline.data.sources import imagefolder_source
+    from pipeline.data.validate import Shrunk, validate_samples
+
+    big = tiny.encode_image((np.random.default_rng(1).random((60, 90, 3)) * 255).astype(np.uint8), "jpg")
+    tar = make_imagefolder_tar(tmp_path / "src.tar", overrides={BAD: big})
+    checked = validate_samples(imagefolder_source(tar).samples, on_corrupt="error", max_corrupt_fraction=0.0,
+                               split="train", mode="RGB", max_side=45)
+    shrunk = [s for s in checked.samples if isinstance(s.data, Shrunk)]
+    assert len(shrunk) == 1 and shrunk[0].image == shrunk[0].image
+    assert decode_image(shrunk[0].image, mode="RGB", where="x").shape == (3, 30, 45)
