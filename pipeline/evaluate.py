@@ -21,7 +21,7 @@ from pipeline.data.held import held_images
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import Manifest, read_shard
 
-__all__ = ["RowJoin", "ScoreSums", "Scores", "ShardChunks", "ValSet", "ValSource", "agreement", "agreement_hits",
+__all__ = ["RowJoin", "ScoreSums", "Scores", "ShardChunks", "ValSet", "ValSource", "agreement_hits",
            "evaluate_classifier", "predict", "score_models", "scores", "sizes_of", "top1", "top1_hits"]
 
 
@@ -41,11 +41,6 @@ def agreement_hits(logits: Tensor, teacher_logits: Tensor) -> Tensor:
 def top1(logits: Tensor, labels: Tensor) -> float:
     """Fraction of rows whose arg-max is the label (NaN for no rows)."""
     return float(top1_hits(logits, labels).mean()) if len(labels) else math.nan
-
-
-def agreement(logits: Tensor, teacher_logits: Tensor) -> float:
-    """Fraction of rows whose arg-max is the teacher's (NaN for no rows)."""
-    return float(agreement_hits(logits, teacher_logits).mean()) if len(teacher_logits) else math.nan
 
 
 def sizes_of(images: Tensor | Sequence[Tensor]) -> Tensor:

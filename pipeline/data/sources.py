@@ -53,14 +53,19 @@ class ImageRef:
         return st.st_size, st.st_mtime_ns
 
     def read(self) -> bytes:
-        if self.stamp_of(self.path) != self.stamp:
-            raise SourceError(f"'{self.path}' changed while `cifd prepare` was reading it; rerun prepare "
-                              "once the source is no longer being written")
-        with open(self.path, "rb") as handle:
-            if self.size < 0:
-                return handle.read()
-            handle.seek(self.offset)
-            return handle.read(self.size)
+        try:
+            changed = self.stamp_of(self.path) != self.stamp
+            if not changed:
+                with open(self.path, "rb") as handle:
+                    if self.size < 0:
+                        return handle.read()
+                    handle.seek(self.offset)
+                    return handle.read(self.size)
+        except OSError as exc:  # deleted or unreadable since it was listed
+            raise SourceError(f"'{self.path}' cannot be read any more ({exc.strerror}); rerun prepare once "
+                              "the source is complete") from exc
+        raise SourceError(f"'{self.path}' changed while `cifd prepare` was reading it; rerun prepare "
+                          "once the source is no longer being written")
 
 
 @dataclass(frozen=True, slots=True)

@@ -499,6 +499,9 @@ def test_file_backed_sources_hold_where_the_bytes_are_not_the_bytes(tiny, prepar
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(SourceError, match=r"changed while `cifd prepare` was reading it"):
         listed.image
+    path.unlink()
+    with pytest.raises(SourceError, match=r"cannot be read any more \(No such file or directory\)"):
+        listed.image
 
 
 def test_max_side_images_are_re_encoded_when_written_not_held(tiny, make_imagefolder_tar, tmp_path) -> None:
