@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.cache.join import cached_chunks
+from pipeline.cache.join import CleanViewJoin, cached_chunks
 from pipeline.cache.rdm_store import open_rdm_cache
 from pipeline.cache.reader import CacheExpectation, check_alignment, open_cache
 from pipeline.cache.store import CacheError
@@ -42,7 +42,6 @@ from pipeline.train.objective import LossWeights
 from pipeline.train.stream import StreamBatches
 from pipeline.train.student import Student, uses_features, uses_rdms
 from pipeline.train.targets import TargetInfo, Targets, load_targets, target_fields, target_info
-from schemas import layout as L
 from schemas import metrics as M
 from schemas.base import ConfigError
 from schemas.config import DistillConfig, Paths, TeacherConfig, load_stage
@@ -188,13 +187,11 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     if cfg.data == "stream":  # validated one shard at a time: memory does not grow with the val split
         val = cached_chunks(manifest, cache, "val", device)
     else:
-        val_block = load_split(manifest, "val")
-        fmt = cache.logits_format  # a compact cache's logits are made on the device
-        val_cached = cache.split("val").read_all((*fmt.fields, L.VIEWS))
-        val = ValSet(images=held_images(val_block, manifest, device),
-                     views=torch.from_numpy(val_cached[L.VIEWS][:, 0]),  # (n, 5) the clean view the teacher saw
-                     labels=torch.from_numpy(val_block.labels).to(device),
-                     teacher_logits=fmt.dense_on({f: val_cached[f][:, 0] for f in fmt.fields}, device))
+        val_block = load_split(manifest, "val")  # held on the device, joined to the cache as one chunk
+        views, teacher_logits = CleanViewJoin(cache.split("val"), device, expected_rows=len(val_block.labels))(
+            0, len(val_block.labels), val_block.labels)
+        val = ValSet(images=held_images(val_block, manifest, device), views=views,
+                     labels=torch.from_numpy(val_block.labels).to(device), teacher_logits=teacher_logits)
     student = Student(backbone, teacher_dim=train_split.embed_dim if uses_features(method) else None,
                       ibm=cfg.ibm and method == "cifd", ibm_init_scale=cfg.ibm_init_scale,
                       ibm_noise_scale=cfg.ibm_noise_scale).to(device)
