@@ -18,10 +18,15 @@ Claims checked in the JSON (``claims``):
   ≤ 1.2 × at 20k;
 - stream rows/s ≥ 0.9 × memory-mode rows/s at 20k, for ``rdm`` and ``distill``.
 
+The teacher fine-tune (``teacher.epochs > 0``; one epoch of the same teacher entrypoint, to
+its own file) runs in both modes too: in every full run, and alone with ``--teacher-only``,
+where the memory mode runs at every size for contrast (it holds both splits decoded).
+
 Run (this 2-core machine: 20k ≈ 3 min, 1M ≈ 50 min)::
 
     uv run python bench/scale.py --rows 20000 1000000     # writes bench/results/scale.json
     uv run python bench/scale.py --smoke                    # 20k, one process set; CI runs it
+    uv run python bench/scale.py --teacher-only --rows 20000 200000   # bench/results/scale_teacher.json
 
 Benchmarks measure; nothing here asserts (``tests/bench/test_scale.py`` runs ``--smoke``).
 """
@@ -191,10 +196,27 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def teacher_params(work: Path, params_file: Path, data: str) -> Path:
+    """A params file for one epoch of teacher fine-tuning in ``data`` mode, written to its own
+    teacher file and metrics folder (the frozen teacher the cache came from is left alone)."""
+    import yaml
+
+    params = yaml.safe_load(params_file.read_text())
+    params["paths"].update(teacher=str(work / f"teacher-ft-{data}.safetensors"),
+                           metrics=str(work / f"metrics-teacher-{data}"), plots=str(work / f"plots-teacher-{data}"))
+    params["teacher"].update(epochs=1, batch_size=256, optim={"lr": 0.003}, data=data,
+                             loader_workers=1 if data == "stream" else 0, augment={"kind": "rrc", "scale": [0.35, 1.0]})
+    out = work / f"params-teacher-{data}.yaml"
+    out.write_text(yaml.safe_dump(params, sort_keys=False))
+    return out
+
+
 def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: str,
-             methods: tuple[str, ...] = ("kd", "cifd"), repeats: int = 1) -> dict[str, Any]:
-    """Every stage at ``rows`` train rows; rdm and distill (each of ``methods``) in each of
-    ``modes``, ``repeats`` times."""
+             methods: tuple[str, ...] = ("kd", "cifd"), repeats: int = 1, teacher: bool = True,
+             teacher_only: bool = False) -> dict[str, Any]:
+    """Every stage at ``rows`` train rows; the teacher fine-tune (``teacher``: 1 epoch), rdm and
+    distill (each of ``methods``) in each of ``modes``, ``repeats`` times (``teacher_only``:
+    prepare and the teacher fine-tune only)."""
     import yaml
 
     cifd = [str(Path(sys.executable).parent / "cifd")]  # the installed CLI, as a user runs it
@@ -213,15 +235,25 @@ def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: s
                                               sort_keys=False))
     first = files[modes[0]]
     stages = result["stages"]
-    for name in ("prepare", "embed"):
+    for name in ("prepare",) if teacher_only else ("prepare", "embed"):
         stages[name] = run_stage([*cifd, name, "--params", str(first)], cwd=env_cwd, log=work / f"{name}.log")
         print(f"  {rows} {name}: {stages[name]}", flush=True)
     shutil.rmtree(work / "src")
-    result["bytes_on_disk"] = {"shards": du(work / "shards"), "teacher_cache": du(work / "teacher.zarr")}
-    embed_metrics = json.loads((work / f"metrics-{modes[0]}" / "embed.json").read_text())
-    result["embed_metrics"] = embed_metrics
+    result["bytes_on_disk"] = {"shards": du(work / "shards")}
+    if not teacher_only:
+        result["bytes_on_disk"]["teacher_cache"] = du(work / "teacher.zarr")
+        result["embed_metrics"] = json.loads((work / f"metrics-{modes[0]}" / "embed.json").read_text())
     runs: dict[str, list[dict[str, Any]]] = {}
-    for rep in range(repeats):  # modes alternate in order, so a change of load hits both alike
+    for rep in range(repeats if teacher else 0):  # the teacher fine-tune: 1 epoch, its own output file
+        for data in (modes if rep % 2 == 0 else modes[::-1]):
+            key = f"teacher_{data}"
+            run = run_stage([*cifd, "teacher", "--params", str(teacher_params(work, files[data], data))], cwd=env_cwd,
+                            log=work / f"{key}.log")
+            seconds = json.loads((work / f"metrics-teacher-{data}" / "teacher.json").read_text())["seconds"]
+            run.update(stage_seconds=seconds, rows_per_s=round(rows / seconds, 1), loadavg=os.getloadavg()[0])
+            runs.setdefault(key, []).append(run)
+            print(f"  {rows} {key}: {run}", flush=True)
+    for rep in range(0 if teacher_only else repeats):  # modes alternate in order: load changes hit both alike
         for data in (modes if rep % 2 == 0 else modes[::-1]):
             key = f"rdm_{data}"
             run = run_stage([*cifd, "rdm", "--params", str(files[data])], cwd=env_cwd, log=work / f"{key}.log")
@@ -246,6 +278,8 @@ def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: s
                        "peak_rss_mib": max(r["peak_rss_mib"] for r in done),
                        "peak_pss_mib": max(r["peak_pss_mib"] for r in done),
                        "processes": max(r["processes"] for r in done), "runs": done}
+    if teacher_only:
+        return result
     views = (rows + VAL_ROWS) * VIEWS
     disk = result["bytes_on_disk"]  # one pipeline's outputs (the memory-mode RDM store is the same again)
     disk["total"] = disk["shards"] + disk["teacher_cache"] + disk["rdm_cache_stream"]
@@ -259,16 +293,19 @@ def claims(sizes: list[dict[str, Any]]) -> dict[str, Any]:
     large = max(sizes, key=lambda s: s["rows"])
     assert small is not None
     out: dict[str, Any] = {}
-    keys = ["rdm_stream", "distill_kd_stream", "distill_cifd_stream"]
+    # Stream stages (the claim), and the memory-mode fine-tune where both sizes ran it (the contrast).
+    keys = [k for k in ("teacher_stream", "rdm_stream", "distill_kd_stream", "distill_cifd_stream", "teacher_memory")
+            if k in small["stages"] and k in large["stages"]]
     if large is not small:
         ratios = {k: round(large["stages"][k]["peak_rss_mib"] / small["stages"][k]["peak_rss_mib"], 3) for k in keys}
         pss = {k: round(large["stages"][k]["peak_pss_mib"] / small["stages"][k]["peak_pss_mib"], 3) for k in keys}
-        out["peak_rss_ratio_large_over_20k"] = {"rows": [small["rows"], large["rows"]], "rss": ratios, "pss": pss,
-                                                "holds (<= 1.2)": all(r <= 1.2 for r in ratios.values())}
-    if "rdm_memory" in small["stages"]:
+        out["peak_rss_ratio_large_over_20k"] = {
+            "rows": [small["rows"], large["rows"]], "rss": ratios, "pss": pss,
+            "holds (<= 1.2)": all(r <= 1.2 for k, r in ratios.items() if k.endswith("_stream"))}
+    if any(k.endswith("_memory") for k in small["stages"]):
         speed = {name: round(small["stages"][f"{name}_stream"]["rows_per_s"]
                              / small["stages"][f"{name}_memory"]["rows_per_s"], 3)
-                 for name in ("rdm", "distill_kd", "distill_cifd")}
+                 for name in ("teacher", "rdm", "distill_kd", "distill_cifd") if f"{name}_memory" in small["stages"]}
         out["stream_over_memory_rows_per_s_at_small"] = {"rows": small["rows"], "ratio": speed,
                                                          "holds (>= 0.9)": all(r >= 0.9 for r in speed.values())}
     return out
@@ -286,7 +323,12 @@ def main() -> None:
                         help="embed.logits (from_head: the teacher's head in the cache, no logits array)")
     parser.add_argument("--smoke", action="store_true",
                         help="the CI smoke test: 20k rows, stream mode, rdm and distill kd (no claims)")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="prepare and one epoch of teacher fine-tuning, stream and memory mode at every size "
+                             "(default out: bench/results/scale_teacher.json)")
     args = parser.parse_args()
+    if args.teacher_only and args.out == RESULTS / "scale.json":
+        args.out = RESULTS / "scale_teacher.json"
     if args.smoke:
         args.rows = [20000]
         if args.out == RESULTS / "scale.json":
@@ -300,12 +342,13 @@ def main() -> None:
                               "sizes": []}
     small = min(args.rows)
     for rows in sorted(args.rows):
-        modes = ["stream", "memory"] if rows == small and not args.smoke else ["stream"]
+        modes = ["stream", "memory"] if (rows == small or args.teacher_only) and not args.smoke else ["stream"]
         methods = ("kd",) if args.smoke else ("kd", "cifd")
         with tempfile.TemporaryDirectory(prefix=f"cifd-scale-{rows}-", dir=args.work) as tmp:
             print(f"N = {rows}: {modes}", flush=True)
             result["sizes"].append(run_size(rows, work=Path(tmp), threads=args.threads, modes=modes,
-                                            methods=methods, logits=args.logits,
+                                            methods=methods, logits=args.logits, teacher=not args.smoke,
+                                            teacher_only=args.teacher_only,
                                             repeats=args.repeats if len(modes) > 1 else 1))
         result["claims"] = claims(result["sizes"])
         write_result(args.out, result)  # after every size: a killed 1M run keeps the 20k figures

@@ -188,6 +188,12 @@ class TeacherConfig(StrictConfig):
 
     ``model`` is a timm model name or ``package.module:function`` (see README, "Your own
     teacher"). ``epochs: 0`` freezes the given weights without training.
+
+    ``data`` (fine-tune only): ``memory`` decodes both splits once and holds them (a device
+    batch when every image has one size); ``stream`` reads the train split's shards each
+    epoch through ``loader_workers`` processes and a ``shuffle_buffer``, and the val split one
+    shard at a time, so memory does not grow with the dataset. Both draw the same augmented
+    boxes per epoch; only the order of the rows differs.
     """
 
     model: str = "resnet10t"
@@ -201,11 +207,16 @@ class TeacherConfig(StrictConfig):
     eval_batch_size: int = 512
     label_smoothing: float = 0.0
     augment: ViewPolicyConfig = ViewPolicyConfig(kind="pad_crop", pad=2, flip=False)
+    data: Literal["memory", "stream"] = "memory"
+    loader_workers: int = 0
+    shuffle_buffer: int = 1000
     device: str = "auto"
     seed: int = 0
 
     def check(self, section: str) -> None:
         require(bool(self.model), section, "model", self.model, "expected a timm name or module:function")
+        require(self.loader_workers >= 0, section, "loader_workers", self.loader_workers, "expected >= 0")
+        require(self.shuffle_buffer >= 1, section, "shuffle_buffer", self.shuffle_buffer, "expected >= 1")
         require(self.in_chans in (1, 3) or self.in_chans > 0, section, "in_chans", self.in_chans, "expected > 0")
         for name in ("mean", "std"):
             value = getattr(self.preprocess, name)

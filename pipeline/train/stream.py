@@ -45,12 +45,13 @@ from pipeline.cache.rdm_store import RdmHead
 from pipeline.cache.reader import ShardedSplit
 from pipeline.cache.store import CacheError
 from pipeline.data.preprocess import Preprocess, render_inputs
-from pipeline.data.shards import CorruptSampleError, Manifest, decode_image
+from pipeline.data.shards import Manifest, decode_image
+from pipeline.data.streaming import check_rows_seen, exact_batches, sample_row, shard_stream
 from pipeline.runtime import derived_seed
 from pipeline.train.batches import steps_per_epoch
 from pipeline.train.targets import Batch
 from schemas import layout as L
-from schemas.layout import IMAGE_EXTS, KEY_DIGITS, LABEL_EXT
+from schemas.layout import LABEL_EXT
 
 __all__ = ["StreamBatches"]
 
@@ -86,19 +87,10 @@ class _Join:
             self.rdm_block = self.rdm.read(self.start, self.stop, self.rdm_fields)
 
     def __call__(self, sample: dict) -> Sample:
-        key = str(sample["__key__"])
-        shard = str(sample.get("__url__", "?")).rsplit("/", 1)[-1]
-        where = f"shard {shard} sample {key}"
-        if len(key) != KEY_DIGITS or not key.isdigit():
-            raise CorruptSampleError(f"{where}: key is not a {KEY_DIGITS}-digit row index; rerun `cifd prepare`")
-        row = int(key)
+        row, shard, where, ext = sample_row(sample)
         if row >= self.teacher.num_rows:
             raise CacheError(f"cache and shards disagree at row {row} ({shard}): the cache has only "
                              f"{self.teacher.num_rows} rows; rerun `cifd embed`")
-        exts = [e for e in IMAGE_EXTS if e in sample]
-        if len(exts) != 1 or LABEL_EXT not in sample:
-            raise CorruptSampleError(f"{where}: expected one image and a '.{LABEL_EXT}' member, got "
-                                     f"{sorted(k for k in sample if not k.startswith('__'))}")
         if not self.start <= row < self.stop:
             self._load(row)
         i, v = row - self.start, int(self.choice[row])
@@ -106,7 +98,7 @@ class _Join:
         if label != cached:
             raise CacheError(f"cache and shards disagree at row {row} ({shard}): label {label} in the tar, "
                              f"{cached} in the cache; rerun `cifd embed`")
-        image: np.ndarray | Tensor = decode_image(sample[exts[0]], mode=self.mode, where=where)
+        image: np.ndarray | Tensor = decode_image(sample[ext], mode=self.mode, where=where)
         box = self.block[L.VIEWS][i, v]
         if self.render is not None:  # images of many sizes: rendered here, one by one
             image = render_inputs([torch.from_numpy(image)], torch.from_numpy(box)[None], preprocess=self.render)[0]
@@ -120,29 +112,6 @@ class _Join:
         else:
             logits = self.logits.pack({f: self.block[f][i, v] for f in self.logits.fields})
         return row, image, box, label, logits, emb, rdm_logits, rdm_emb
-
-
-def _collate(samples: list[Sample]) -> list[Tensor | None]:
-    """Samples → one chunk: a list of batched tensors (None where the method reads nothing)."""
-    out: list[Tensor | None] = [torch.tensor([s[0] for s in samples], dtype=torch.int64)]
-    for k in range(1, len(samples[0])):
-        values = [s[k] for s in samples]
-        if values[0] is None:
-            out.append(None)
-        elif isinstance(values[0], Tensor):
-            out.append(torch.stack(values))  # type: ignore[arg-type]
-        else:
-            out.append(torch.from_numpy(np.stack(values)))  # type: ignore[arg-type]
-    return out
-
-
-def _cut(chunks: list[list[Tensor | None]], size: int) -> tuple[list[Tensor | None], list[list[Tensor | None]]]:
-    """The first ``size`` rows of the pending chunks, and what is left."""
-    joined = [None if parts[0] is None else torch.cat(parts)  # type: ignore[arg-type]
-              for parts in zip(*chunks, strict=True)]
-    head = [None if t is None else t[:size] for t in joined]
-    rest = [None if t is None else t[size:] for t in joined]
-    return head, ([rest] if rest[0] is not None and len(rest[0]) else [])
 
 
 class StreamBatches:
@@ -201,18 +170,10 @@ class StreamBatches:
             raise RuntimeError(f"webdataset sees rank {seen[0]} of {seen[1]} but training runs as rank {self.rank} "
                                f"of {self.world}; launch with torchrun (it sets RANK and WORLD_SIZE) or "
                                "initialise the process group before streaming")
-        seed = derived_seed(self.seed, epoch)
-        perm = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(seed)).tolist()
-        # The list is permuted here, before the node split, so that ranks get other shards each
-        # epoch; webdataset's own shard shuffle runs after the split (within a rank's share).
-        pipeline = wds.WebDataset([self.urls[i] for i in perm], shardshuffle=False, seed=seed,
-                                  nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                                  empty_check=False)
         join = _Join(self.teacher, self.rdm, self.fields, choice.cpu().to(torch.int16).numpy(), self.mode,
                      None if self.same_size else self.preprocess)
-        return (pipeline.map(join)
-                .shuffle(self.shuffle_buffer, seed=seed)
-                .batched(self.batch_size, collation_fn=_collate, partial=True))
+        return shard_stream(self.urls, seed=derived_seed(self.seed, epoch), join=join,
+                            shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size)
 
     def _yield(self, parts: Sequence[Tensor | None], choice: Tensor,
                seen: Tensor) -> tuple[Tensor, Tensor, Tensor, Batch]:
@@ -246,30 +207,10 @@ class StreamBatches:
         loader = wds.WebLoader(self.dataset(epoch, choice), batch_size=None, shuffle=False, num_workers=self.workers,
                                pin_memory=cuda, persistent_workers=False)
         seen = torch.zeros(self.num_rows, dtype=torch.int32)  # host bookkeeping: no device sync
-        pending: list[list[Tensor | None]] = []
-        count = done = 0
-        for chunk in loader:
-            pending.append(chunk)
-            count += len(chunk[0])
-            while count >= self.batch_size and done < self.steps:
-                parts, pending = _cut(pending, self.batch_size)
-                count -= self.batch_size
-                done += 1
-                yield self._yield(parts, choice, seen)
-            if done == self.steps:
-                break
-        if done < self.steps and count > 0 and self.world == 1:  # the last, partial batch
-            parts, pending = _cut(pending, count)
+        done = 0
+        for parts in exact_batches(loader, batch_size=self.batch_size, steps=self.steps,
+                                   partial_last=self.world == 1):
             done += 1
             yield self._yield(parts, choice, seen)
-        if done != self.steps:
-            raise CacheError(f"rank {self.rank} streamed {int(seen.sum())} rows in epoch {epoch + 1}, fewer than the "
-                             f"{self.steps} batches of {self.batch_size} expected; the shards do not match "
-                             "their manifest: rerun `cifd prepare`")
-        expected = "exactly once" if self.world == 1 else "at most once"
-        bad = (seen != 1) if self.world == 1 else (seen > 1)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise CacheError(f"row {row} was streamed {int(seen[row])} times in epoch {epoch + 1}, expected "
-                             f"{expected}; the shards do not match their manifest: rerun `cifd prepare`")
-
+        check_rows_seen(seen, batches=done, steps=self.steps, batch_size=self.batch_size, world=self.world,
+                        rank=self.rank, epoch=epoch)
