@@ -26,7 +26,7 @@ Run (this 2-core machine: 20k ≈ 3 min, 1M ≈ 50 min)::
 
     uv run python bench/scale.py --rows 20000 1000000     # writes bench/results/scale.json
     uv run python bench/scale.py --smoke                    # 20k, one process set; CI runs it
-    uv run python bench/scale.py --teacher-only --rows 20000 200000   # bench/results/scale_teacher.json
+    uv run python bench/scale.py --teacher-only --rows 10000 50000 --source-size 64 --repeats 1  # scale_teacher.json
 
 Benchmarks measure; nothing here asserts (``tests/bench/test_scale.py`` runs ``--smoke``).
 """
@@ -66,8 +66,9 @@ PREPROCESS = {"image_size": IMAGE_SIZE, "crop_pct": 1.0, "interpolation": "bilin
 # Data -------------------------------------------------------------------------------------
 
 
-def write_images(out: Path, *, rows: int, seed: int, split: str) -> int:
-    """``rows`` JPEGs as WebDataset tars of :data:`SHARD_ROWS` (key, ``cls``, ``jpg``); bytes."""
+def write_images(out: Path, *, rows: int, seed: int, split: str, side: int = IMAGE_SIZE) -> int:
+    """``rows`` JPEGs of ``side`` pixels as WebDataset tars of :data:`SHARD_ROWS` (key, ``cls``,
+    ``jpg``); bytes. Models see them at :data:`IMAGE_SIZE` whatever ``side`` is."""
     import webdataset as wds
     from PIL import Image
 
@@ -78,7 +79,7 @@ def write_images(out: Path, *, rows: int, seed: int, split: str) -> int:
     for shard, start in enumerate(range(0, rows, SHARD_ROWS)):
         n = min(SHARD_ROWS, rows - start)
         labels = rng.integers(0, NUM_CLASSES, size=n)
-        base = protos[labels].repeat(IMAGE_SIZE // 4, axis=1).repeat(IMAGE_SIZE // 4, axis=2)  # (n, S, S, 3)
+        base = protos[labels].repeat(side // 4, axis=1).repeat(side // 4, axis=2)  # (n, side, side, 3)
         pixels = np.clip(base + rng.normal(0, 24, size=base.shape), 0, 255).astype(np.uint8)
         with open(out / f"{split}-{shard:06d}.tar", "wb") as handle:
             writer = wds.TarWriter(handle, encoder=False)
@@ -213,7 +214,7 @@ def teacher_params(work: Path, params_file: Path, data: str) -> Path:
 
 def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: str,
              methods: tuple[str, ...] = ("kd", "cifd"), repeats: int = 1, teacher: bool = True,
-             teacher_only: bool = False) -> dict[str, Any]:
+             teacher_only: bool = False, side: int = IMAGE_SIZE) -> dict[str, Any]:
     """Every stage at ``rows`` train rows; the teacher fine-tune (``teacher``: 1 epoch), rdm and
     distill (each of ``methods``) in each of ``modes``, ``repeats`` times (``teacher_only``:
     prepare and the teacher fine-tune only)."""
@@ -223,8 +224,8 @@ def run_size(rows: int, *, work: Path, threads: int, modes: list[str], logits: s
     env_cwd = work  # every path in the params files is absolute
     result: dict[str, Any] = {"rows": rows, "val_rows": VAL_ROWS, "stages": {}}
     began = time.perf_counter()
-    src_bytes = write_images(work / "src", rows=rows, seed=1, split="train")
-    src_bytes += write_images(work / "src", rows=VAL_ROWS, seed=2, split="val")
+    src_bytes = write_images(work / "src", rows=rows, seed=1, split="train", side=side)
+    src_bytes += write_images(work / "src", rows=VAL_ROWS, seed=2, split="val", side=side)
     result["generate_s"] = round(time.perf_counter() - began, 1)
     result["source_image_bytes"] = src_bytes
     save_teacher(work / "teacher.safetensors")
@@ -326,6 +327,9 @@ def main() -> None:
     parser.add_argument("--teacher-only", action="store_true",
                         help="prepare and one epoch of teacher fine-tuning, stream and memory mode at every size "
                              "(default out: bench/results/scale_teacher.json)")
+    parser.add_argument("--source-size", type=int, default=IMAGE_SIZE,
+                        help=f"side of the generated JPEGs (models still see {IMAGE_SIZE} x {IMAGE_SIZE}): larger "
+                             "sources make a held split cost what photos cost")
     args = parser.parse_args()
     if args.teacher_only and args.out == RESULTS / "scale.json":
         args.out = RESULTS / "scale_teacher.json"
@@ -335,6 +339,7 @@ def main() -> None:
             args.out = Path(tempfile.gettempdir()) / "cifd-bench-smoke" / "scale.json"
     result: dict[str, Any] = {"benchmark": "scale", "machine": machine_info(args.threads),
                               "params": {"rows": args.rows, "val_rows": VAL_ROWS, "image_size": IMAGE_SIZE,
+                                         "source_size": args.source_size,
                                          "classes": NUM_CLASSES, "views": VIEWS, "teacher": TEACHER,
                                          "student": STUDENT, "shard_rows": SHARD_ROWS,
                                          "stage_params": params(Path("WORK"), data="stream", threads=args.threads,
@@ -348,7 +353,7 @@ def main() -> None:
             print(f"N = {rows}: {modes}", flush=True)
             result["sizes"].append(run_size(rows, work=Path(tmp), threads=args.threads, modes=modes,
                                             methods=methods, logits=args.logits, teacher=not args.smoke,
-                                            teacher_only=args.teacher_only,
+                                            teacher_only=args.teacher_only, side=args.source_size,
                                             repeats=args.repeats if len(modes) > 1 else 1))
         result["claims"] = claims(result["sizes"])
         write_result(args.out, result)  # after every size: a killed 1M run keeps the 20k figures
