@@ -408,12 +408,6 @@ class DistillConfig(StrictConfig):
         return DistillConfig.from_mapping(merge(data, own), section=f"distill.per_method.{method}")
 
     def check(self, section: str) -> None:
-        for method, own in self.per_method.items():
-            require(method in METHODS, section, "per_method", method, f"expected keys among {list(METHODS)}")
-            require(isinstance(own, Mapping) and not set(_SHARED_DISTILL_KEYS) & set(own), section,
-                    f"per_method.{method}", own, "expected a mapping of distill settings other than "
-                    f"{', '.join(_SHARED_DISTILL_KEYS)} (every method distills the same student)")
-            self.for_method(method)  # a bad key or value in it is reported now, as distill.per_method.<method>
         require(len(self.methods) >= 1 and all(m in METHODS for m in self.methods), section, "methods",
                 self.methods, f"expected a non-empty list of {list(METHODS)}")
         require(bool(self.student), section, "student", self.student, "expected a timm name or module:function")
@@ -436,6 +430,13 @@ class DistillConfig(StrictConfig):
         require(self.loader_workers >= 0, section, "loader_workers", self.loader_workers, "expected >= 0")
         require(self.threads >= 1, section, "threads", self.threads, "expected >= 1")
         _check_device(section, self.device)
+        # Last: a bad value of the section itself is reported as distill.<key>, not per method.
+        for method, own in self.per_method.items():
+            require(method in METHODS, section, "per_method", method, f"expected keys among {list(METHODS)}")
+            require(isinstance(own, Mapping) and not set(_SHARED_DISTILL_KEYS) & set(own), section,
+                    f"per_method.{method}", own, "expected a mapping of distill settings other than "
+                    f"{', '.join(_SHARED_DISTILL_KEYS)} (every method distills the same student)")
+            self.for_method(method)  # a bad key or value in it is reported now, as distill.per_method.<method>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,10 +505,13 @@ class TuneConfig(StrictConfig):
     of ``distill`` keys (``feature_weight``, ``optim.lr``, ...) to a :class:`ParamSpec`; a
     method absent from it searches ``DEFAULT_SPACE``. ``enqueue``: settings (mappings of
     space keys to values) tried first, in order, when the study is new, e.g. the current
-    defaults, so the study always scores them.
+    defaults, so the study always scores them. ``objective``: ``top1`` (the holdout top-1), or
+    ``top1_kl`` (the top-1, ties broken by the lower KL(teacher ‖ student) on the holdout:
+    ``top1 + 1e-6 · exp(-KL)``; an easy holdout that many settings saturate still ranks them).
     """
 
     trials: int = 30
+    objective: Literal["top1", "top1_kl"] = "top1_kl"
     epochs: int | None = None
     holdout_fraction: float = 0.2
     holdout_seed: int = 0

@@ -22,7 +22,7 @@ from pipeline.runtime import resolve_device
 from pipeline.train.distill import EpochLog, TrainingDiverged, train_student
 from pipeline.tune.holdout import carve_holdout
 from pipeline.tune.report import best_params_yaml, set_param_flags, study_summary, write_plot
-from pipeline.tune.search import StudyBusy, StudyMismatch, enqueue, open_study, run_study
+from pipeline.tune.search import StudyBusy, StudyMismatch, enqueue, objective_value, open_study, run_study
 from schemas.base import ConfigError
 from schemas.config import METHODS, DistillConfig, Paths, TuneConfig, load_stage
 from stages._io import write_json
@@ -90,6 +90,7 @@ def run(params: Path, method: str) -> dict[str, Any]:
     identity = {"method": method, "space": {k: s.to_dict() for k, s in space},
                 "distill": {k: v for k, v in base.to_dict().items() if k not in ("device", "threads")},
                 "holdout": [tune.holdout_fraction, tune.holdout_seed], "data_and_code": probe.run.fingerprint,
+                "objective": tune.objective,
                 "enqueue": [dict(e) for e in tune.enqueue]}
     del probe
     where = Path(paths.tune)
@@ -105,15 +106,18 @@ def run(params: Path, method: str) -> dict[str, Any]:
             raise ConfigError(f"params 'tune.enqueue': {exc}") from exc
     build = threading.Lock()  # build_inputs seeds the global RNG for the student's init
 
+    def score(log: EpochLog) -> float:
+        return objective_value(log.val_top1, log.val_kl, tune.objective)
+
     def trial_fn(settings: dict[str, Any], report: Callable[[int, float], None]) -> float:
         cfg = with_overrides(base, settings)
         try:
             history, _ = train_trial(paths, cfg, method, fraction=tune.holdout_fraction,
                                      split_seed=tune.holdout_seed, device=device, build_lock=build,
-                                     on_epoch=lambda h: report(h.epoch, h.val_top1))
+                                     on_epoch=lambda h: report(h.epoch, score(h)))
         except TrainingDiverged:
             return 0.0  # a setting that diverges scores as badly as a guess
-        return history[-1].val_top1
+        return score(history[-1])
 
     def on_trial(t: Any) -> None:
         print(f"tune {method}: trial {t.number} {t.state.name} "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class EpochLog:
     train_loss: float
     val_top1: float
     val_agreement: float
+    val_kl: float = math.nan  # KL(teacher ‖ student) at τ = 1, nats per image (checkpoints before it: NaN)
 
 
 class StepInfo(NamedTuple):
@@ -208,7 +210,7 @@ def train_student(
         scores = evaluate_classifier(student.backbone, val, preprocess=run.preprocess,
                                      batch_size=loop.eval_batch_size, channels_last=loop.channels_last)
         epoch_log = EpochLog(epoch=epoch + 1, train_loss=float(total) / max(float(count), 1.0),
-                             val_top1=scores.top1, val_agreement=scores.agreement)
+                             val_top1=scores.top1, val_agreement=scores.agreement, val_kl=scores.kl)
         history.append(epoch_log)
         if run.checkpoint is not None and run.rank == 0:
             save_checkpoint(run.checkpoint, Checkpoint(

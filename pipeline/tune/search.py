@@ -159,3 +159,19 @@ def run_study(study: optuna.Study, *, lock: Path, space: Sequence[tuple[str, Par
     except Timeout as exc:
         raise StudyBusy(f"another `cifd tune` holds {lock}; wait for it, or stop it (a killed run leaves "
                         "no lock: the file lock dies with its process)") from exc
+
+
+KL_TIEBREAK = 1e-6  # below one image's share of top-1 for any holdout under a million rows
+
+
+def objective_value(top1: float, kl: float, kind: str) -> float:
+    """A trial's score (higher is better). ``top1``: the holdout top-1. ``top1_kl``: the top-1,
+    ties broken by the KL(teacher ‖ student) on the holdout: ``top1 + 1e-6 · exp(-KL)``. The
+    tie-break term lies in (0, 1e-6], less than one image of a holdout of under 10⁶ rows, so it
+    never reorders different top-1s; among students with the same top-1 (an easy holdout that
+    many settings saturate) the one closer to the teacher wins. A NaN KL scores as no bonus."""
+    if kind == "top1":
+        return top1
+    if kind != "top1_kl":
+        raise ValueError(f"objective {kind!r}: expected 'top1' or 'top1_kl'")
+    return top1 + (0.0 if math.isnan(kl) else KL_TIEBREAK * math.exp(-kl))

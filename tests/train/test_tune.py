@@ -105,6 +105,7 @@ def test_median_pruner_stops_a_worse_trial_and_a_rerun_resumes(tmp_path: Path) -
 TUNE = {"trials": 2, "epochs": 2, "pruner": "median", "startup_trials": 1, "n_jobs": 1,
         "space": {"kd": {"optim.lr": {"low": 1e-9, "high": 0.1, "log": True}}},
         "enqueue": [{"optim.lr": 0.03}, {"optim.lr": 1e-9}]}
+TUNE_FRACTION = 0.2
 
 
 def _states(db: Path) -> list[str]:
@@ -200,3 +201,37 @@ def test_tune_refuses_a_changed_space_and_unknown_keys(project, tmp_path: Path) 
     changed = {**TUNE, "trials": 1, "epochs": 1, "space": {"kd": {"optim.lr": {"low": 1e-4, "high": 0.1}}}}
     with pytest.raises(ConfigError, match="other space"):
         stage.run(project.params(tmp_path / "b", tune=changed, paths=paths), "kd")
+
+
+def test_the_kl_tiebreak_ranks_equal_top1_by_kl_and_never_reorders_top1() -> None:
+    """``top1_kl`` = top1 + 1e-6 · exp(-KL), computed by hand; a holdout of 288 rows (the digits
+    carved split) moves top-1 in steps of 1/288, far above the bonus's range (0, 1e-6]."""
+    import math
+
+    from pipeline.tune.search import objective_value
+
+    assert objective_value(0.5, 0.2, "top1") == 0.5
+    assert objective_value(0.5, 0.2, "top1_kl") == pytest.approx(0.5 + 1e-6 * math.exp(-0.2), abs=1e-15)
+    assert objective_value(1.0, 0.01, "top1_kl") > objective_value(1.0, 0.02, "top1_kl") > 1.0
+    assert objective_value(1.0, 1e6, "top1_kl") > objective_value(287 / 288, 0.0, "top1_kl")
+    assert objective_value(0.75, math.nan, "top1_kl") == 0.75
+    with pytest.raises(ValueError, match="objective 'nll'"):
+        objective_value(0.5, 0.1, "nll")
+
+
+def test_tune_trials_are_scored_by_the_objective(project, tmp_path: Path) -> None:
+    """With ``top1_kl``, a trial's value is its last epoch's holdout top-1 plus the KL bonus: the
+    top-1 recomputed by scoring the trial's own history, and the bonus strictly positive."""
+    from stages import tune as stage
+
+    where = tmp_path / "study"
+    params = project.params(tmp_path, tune={**TUNE, "trials": 1, "epochs": 2, "enqueue": [{"optim.lr": 0.03}],
+                                            "objective": "top1_kl", "holdout_fraction": TUNE_FRACTION},
+                            paths={**project.base["paths"], "tune": str(where)})
+    summary = stage.run(params, "kd")
+    (trial,) = summary["trials"]
+    value = trial["value"]
+    assert trial["epochs"]["2"] == value  # the pruner saw the same score
+    n = len(holdout_rows(27, TUNE_FRACTION, 0)[1])  # the session shards' 27 train rows
+    top1 = round(value * n) / n  # the top-1 is a multiple of 1/n; the bonus is far below 1/(2n)
+    assert 0 < value - top1 <= 1e-6
