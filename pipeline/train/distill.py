@@ -60,6 +60,14 @@ class EpochLog:
     val_agreement: float
     val_kl: float = math.nan  # KL(teacher ‖ student) at τ = 1, nats per image (checkpoints before it: NaN)
 
+    def record(self) -> dict[str, float | None]:
+        """JSON-able, for a checkpoint's document (finite numbers only: NaN / inf become None)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_record(cls, record: dict[str, float | None]) -> EpochLog:
+        return cls(**{k: (math.nan if v is None else v) for k, v in record.items()})
+
 
 class StepInfo(NamedTuple):
     """What a per-step hook sees (after ``optimizer.step()``); tensors stay on the device."""
@@ -157,7 +165,7 @@ def train_student(
             opt.load_state_dict(state.optimizer)
             sched.load_state_dict(state.scheduler)
             generator.set_state(state.generator)
-            history = [EpochLog(**h) for h in state.history]
+            history = [EpochLog.from_record(h) for h in state.history]
             start_epoch = state.epoch
             previous_seconds = state.seconds
             log.info("resuming %s from %s after epoch %d", run.method, run.checkpoint, start_epoch)
@@ -216,7 +224,7 @@ def train_student(
             save_checkpoint(run.checkpoint, Checkpoint(
                 fingerprint=run.fingerprint, epoch=epoch + 1, seconds=previous_seconds + time.perf_counter() - started,
                 student=student.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                generator=generator.get_state(), history=[vars(h) for h in history]))
+                generator=generator.get_state(), history=[h.record() for h in history]))
         if run.world > 1:
             dist.barrier()
         if on_epoch is not None:

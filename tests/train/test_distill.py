@@ -742,3 +742,16 @@ def test_mobilenet_student_diverges_at_the_papers_weights_and_a_grad_clip_keeps_
     history = _train(_mobilenet_inputs(project, tmp_path / "clip", feature_weight=100.0,
                                        optim={"name": "sgd", "lr": 0.05, "weight_decay": 5e-4, "grad_clip": 5.0}))
     assert all(math.isfinite(h.train_loss) for h in history)
+
+
+def test_an_epoch_with_a_non_finite_score_is_checkpointed_as_null_and_read_back_as_nan() -> None:
+    """A checkpoint's document holds finite numbers only: a NaN KL (a student whose val logits
+    overflowed) is written as null and comes back as NaN; finite fields are untouched."""
+    import json
+    import math
+
+    log = EpochLog(epoch=3, train_loss=0.5, val_top1=0.25, val_agreement=0.5, val_kl=math.nan)
+    record = log.record()
+    assert record == {"epoch": 3, "train_loss": 0.5, "val_top1": 0.25, "val_agreement": 0.5, "val_kl": None}
+    back = EpochLog.from_record(json.loads(json.dumps(record)))
+    assert math.isnan(back.val_kl) and (back.epoch, back.train_loss, back.val_top1) == (3, 0.5, 0.25)
