@@ -66,6 +66,24 @@ class ViewPolicyConfig(StrictConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class MixupConfig(StrictConfig):
+    """Mixed views (Beyer et al.'s mixup "function matching"), cached and replayed exactly.
+
+    The last ``views`` of the V views of every train image are mixed: ``λ · view +
+    (1 − λ) · partner view`` in pixels, the partner another image of the same shard, ``λ ~
+    Beta(alpha, alpha)``; the teacher's outputs are those of the mixed image. ``views: 0``
+    (the default) mixes nothing. The val split is never mixed.
+    """
+
+    views: int = 0
+    alpha: float = 1.0
+
+    def check(self, section: str) -> None:
+        require(self.views >= 0, section, "views", self.views, "expected >= 0 (0: no mixed views)")
+        require(self.alpha > 0, section, "alpha", self.alpha, "expected > 0 (Beta(alpha, alpha))")
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepareConfig(StrictConfig):
     """Source → WebDataset shards (``cifd prepare``).
 
@@ -249,6 +267,7 @@ class EmbedConfig(StrictConfig):
 
     views: int = 4
     policy: ViewPolicyConfig = ViewPolicyConfig()
+    mixup: MixupConfig = MixupConfig()
     batch_size: int = 256
     logits: Literal["stored", "from_head"] = "stored"
     logits_dtype: Literal["float16", "bfloat16", "float32"] = "float32"
@@ -262,6 +281,8 @@ class EmbedConfig(StrictConfig):
 
     def check(self, section: str) -> None:
         require(self.views >= 1, section, "views", self.views, "expected >= 1 (view 0 is the clean view)")
+        require(self.mixup.views < self.views, f"{section}.mixup", "views", self.mixup.views,
+                f"expected < embed.views ({self.views}): view 0 stays the clean view")
         require(self.batch_size > 0, section, "batch_size", self.batch_size, "expected > 0")
         require(self.logits_topk is None or self.logits_topk >= 1, section, "logits_topk", self.logits_topk,
                 "expected null (all classes) or an int >= 1")

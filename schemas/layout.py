@@ -48,6 +48,12 @@ INDEX = "index"  # (N,) int64, the global row index (the WebDataset key as an in
 DONE = "done"  # (num_shards,) uint8, 1 once a shard's rows are fully written
 SHARD_SHA256 = "shard_sha256"  # (num_shards, 32) uint8, sha256 of a shard's row values (shard_digest)
 ROW_ARRAYS = (EMBEDDINGS, LOGITS, VIEWS, LABELS, INDEX)  # embed.logits = stored, no top-k
+# Mixed views (embed.mixup; pipeline.data.mixup): a cache with them is schema 4, one without
+# stays schema 3 (a reader of schema 3 only refuses a mixed cache instead of replaying it wrong).
+MIX_PARTNER = "mix_partner"  # (N, V) int64: the partner row of a mixed view (the row itself where unmixed)
+MIX = "mix"  # (N, V, 6) float32: lambda (1 where unmixed), then the partner's view box
+MIXUP_CACHE_SCHEMA_VERSION = 4
+READABLE_CACHE_SCHEMAS = (CACHE_SCHEMA_VERSION, MIXUP_CACHE_SCHEMA_VERSION)
 LOGITS_CHOICES = ("stored", "from_head")
 
 
@@ -59,9 +65,15 @@ def logits_arrays(logits: str, topk: int | None) -> tuple[str, ...]:
     return (TOPK_VALUES, TOPK_INDEX, TOPK_TAIL) if topk is not None else (LOGITS,)
 
 
-def teacher_row_arrays(logits: str, topk: int | None) -> tuple[str, ...]:
-    """Every row array of a teacher cache written with ``embed.logits`` / ``embed.logits_topk``."""
-    return (EMBEDDINGS, *logits_arrays(logits, topk), VIEWS, LABELS, INDEX)
+def teacher_row_arrays(logits: str, topk: int | None, mixed: bool = False) -> tuple[str, ...]:
+    """Every row array of a teacher cache written with ``embed.logits`` / ``embed.logits_topk``
+    (and mixed views when ``mixed``)."""
+    return (EMBEDDINGS, *logits_arrays(logits, topk), VIEWS, LABELS, INDEX) + ((MIX_PARTNER, MIX) if mixed else ())
+
+
+def cache_schema(mixed: bool) -> int:
+    """The schema version a teacher cache is written with."""
+    return MIXUP_CACHE_SCHEMA_VERSION if mixed else CACHE_SCHEMA_VERSION
 
 
 # Chunk compression of every cache array (Blosc): zstd level 3 with byte shuffle, then a

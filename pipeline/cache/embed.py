@@ -32,7 +32,7 @@ import zarr
 from pipeline.cache.lock import writer_lock
 from pipeline.cache.logits import LogitsFormat
 from pipeline.cache.provenance import build_provenance
-from pipeline.cache.reader import format_rows
+from pipeline.cache.outputs import TeacherOutputError, checked_rows  # noqa: F401 (re-exported)
 from pipeline.cache.store import (
     CacheError,
     SplitSpec,
@@ -49,6 +49,7 @@ from pipeline.cache.store import (
 )
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import Manifest, read_shard
+from pipeline.data.mixup import MIXUP_SEED_TAG, sample_mixup, unmixed
 from pipeline.data.views import sample_views
 from pipeline.models import (
     ImageClassifier,
@@ -57,16 +58,12 @@ from pipeline.models import (
     logits_from_embedding_check,
     state_dict_sha256,
 )
-from pipeline.runtime import resolve_device
+from pipeline.runtime import derived_seed, resolve_device
 from schemas import layout as L
 from schemas.base import ConfigError
 from schemas.config import EmbedConfig
 
 log = logging.getLogger(__name__)
-
-
-class TeacherOutputError(CacheError):
-    """The teacher produced values the cache cannot hold (NaN / inf, or beyond the dtype)."""
 
 
 @torch.inference_mode()
@@ -77,22 +74,29 @@ def teacher_outputs(
     *,
     preprocess: Preprocess,
     batch_size: int,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (n, V, D) and logits (n, V, C), float32, of uint8 ``images`` under ``views``
     (n, V, 5): a batch (n, C, H, W) of same-size images, rendered on its device, or n images
-    (C, H_i, W_i) of any sizes, rendered one by one on the host. Runs on the model's device."""
+    (C, H_i, W_i) of any sizes, rendered one by one on the host. ``mix``: the partner of every
+    (row, view) as an index into ``images`` (n, V) and its mix params (n, V, 6)
+    (:mod:`pipeline.data.mixup`). Runs on the model's device."""
     n, v = views.shape[:2]
     device = next(model.parameters()).device
     rows = torch.arange(n).repeat_interleave(v)  # (n*V,)
     flat_views = views.reshape(n * v, -1)
+    if mix is not None:
+        partners, flat_mix = mix[0].reshape(n * v), mix[1].reshape(n * v, -1)
     batched = isinstance(images, torch.Tensor)
+
+    def pick(index: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return images[index.to(images.device)] if batched else [images[r] for r in index.tolist()]  # type: ignore[index]
+
     embs, logits = [], []
     for start in range(0, n * v, batch_size):
         sel = slice(start, start + batch_size)
-        if batched:
-            x = render_inputs(images[rows[sel].to(images.device)], flat_views[sel], preprocess=preprocess)
-        else:
-            x = render_inputs([images[r] for r in rows[sel].tolist()], flat_views[sel], preprocess=preprocess)
+        x = render_inputs(pick(rows[sel]), flat_views[sel], preprocess=preprocess,
+                          mix=None if mix is None else (pick(partners[sel]), flat_mix[sel]))
         e = model.embed(x.to(device, non_blocking=True))
         embs.append(e.float())
         logits.append(model.classify(e).float())
@@ -143,6 +147,8 @@ class ShardTask:
     threads: int
     fingerprint: str  # of the store this task writes into
     token: str  # of the run holding the store's writer lock
+    partner: np.ndarray | None = None  # (n, V) int64 global partner rows (-1: unmixed), a mixed-view cache only
+    mix: np.ndarray | None = None  # (n, V, 6) float32 (lambda, partner box)
 
 
 @dataclass(frozen=True)
@@ -151,44 +157,6 @@ class ShardResult:
     start: int
     stop: int
     seconds: float
-
-
-def _stored(values: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
-    """``values`` cast to ``dtype`` as float (bfloat16 through torch) and that dtype's largest value."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(values).to(torch.bfloat16).float().numpy(), float(torch.finfo(torch.bfloat16).max)
-    with np.errstate(over="ignore"):
-        return values.astype(dtype), float(np.finfo(dtype).max)
-
-
-def checked_rows(emb: np.ndarray, logits: np.ndarray, *, fmt: LogitsFormat, where: str,
-                 start: int) -> dict[str, np.ndarray]:
-    """The stored embeddings (float16) and logits arrays of one shard (``fmt.encode``:
-    none for from_head), from the teacher's float32 (n, V, ·) outputs; a NaN / inf output or
-    a value beyond the stored dtype's range is a :class:`TeacherOutputError` naming
-    ``where``, the row and the view."""
-    logits_dtype = fmt.dtype if fmt.kind == "stored" else "float32"
-    out = {}
-    for name, values, dtype in ((L.EMBEDDINGS, emb, "float16"), (L.LOGITS, logits, logits_dtype)):
-        bad = ~np.isfinite(values)
-        if bad.any():
-            r, v = (int(i) for i in np.argwhere(bad)[0][:2])
-            raise TeacherOutputError(
-                f"{where}: the teacher's {name} are NaN or inf at row {start + r} view {v} (rows "
-                f"{format_rows(np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1)) + start)}); nothing of this "
-                "shard is written. Check the teacher's weights (`cifd teacher`) and this shard's images")
-        stored, largest = _stored(values, dtype)
-        over = ~np.isfinite(stored)
-        if over.any():
-            r, v, k = (int(i) for i in np.argwhere(over)[0])
-            fix = ("the cache keeps embeddings in float16: normalise the teacher's embeddings (e.g. a norm layer "
-                   "before the head)" if name == L.EMBEDDINGS else "set embed.logits_dtype: float32")
-            raise TeacherOutputError(
-                f"{where}: the teacher's {name} value {float(values[r, v, k]):.4g} at row {start + r} view {v} "
-                f"overflows {dtype} (largest {largest:g}); nothing of this shard is written: {fix}")
-        if name == L.EMBEDDINGS:
-            out[name] = stored
-    return {**out, **fmt.encode(logits)}
 
 
 def embed_shard(task: ShardTask) -> ShardResult:
@@ -203,7 +171,15 @@ def embed_shard(task: ShardTask) -> ShardResult:
     if task.same_size:
         images = torch.from_numpy(block.stacked()).to(device, non_blocking=True)
     views = torch.from_numpy(task.views)
-    emb, logits = teacher_outputs(model, images, views, preprocess=task.preprocess, batch_size=task.batch_size)
+    mix = None
+    if task.partner is not None and task.mix is not None:  # partners are rows of this shard
+        local = task.partner - task.start
+        if local.min(initial=0) < 0 or local.max(initial=0) >= task.stop - task.start:
+            raise CacheError(f"embed {task.split}: a mixed view's partner lies outside its shard "
+                             f"{task.start}:{task.stop}; rerun `cifd embed`")
+        mix = (torch.from_numpy(local), torch.from_numpy(task.mix))
+    emb, logits = teacher_outputs(model, images, views, preprocess=task.preprocess, batch_size=task.batch_size,
+                                  mix=mix)
     where = f"embed {task.split} shard {Path(task.shard_file).name} (rows {task.start}:{task.stop})"
     rows = {
         **checked_rows(emb.cpu().numpy(), logits.cpu().numpy(), fmt=task.logits, where=where, start=task.start),
@@ -211,6 +187,8 @@ def embed_shard(task: ShardTask) -> ShardResult:
         L.LABELS: block.labels,
         L.INDEX: block.index,
     }
+    if task.partner is not None and task.mix is not None:
+        rows.update({L.MIX_PARTNER: task.partner, L.MIX: task.mix})
     root = zarr.open_group(task.store, mode="r+", use_consolidated=False)
     write_rows(root, task.split, task.start, task.stop, rows, fingerprint_=task.fingerprint, token=task.token)
     return ShardResult(task.split, task.start, task.stop, time.perf_counter() - began)
@@ -350,9 +328,17 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
     for split in splits:
         entry = manifest.split(split)
         hashes = manifest.sample_hashes(split)
-        views = sample_views(sizes=torch.from_numpy(manifest.sizes(split)), num_views=settings.views,
+        sizes = torch.from_numpy(manifest.sizes(split))
+        views = sample_views(sizes=sizes, num_views=settings.views,
                              policy=settings.policy, image_size=preprocess.image_size, crop_pct=preprocess.crop_pct,
                              generator=generator).numpy()
+        partner, mix = None, None
+        if settings.mixup.views:  # train views only: the val split is scored on clean views, never mixed
+            bounds = [(e["start"], e["stop"]) for e in entry["shards"]]
+            partner, mix = (unmixed(len(sizes), settings.views) if split != "train" else sample_mixup(
+                sizes=sizes, shard_bounds=bounds, num_views=settings.views, mixed=settings.mixup.views,
+                alpha=settings.mixup.alpha, policy=settings.policy, image_size=preprocess.image_size,
+                crop_pct=preprocess.crop_pct, seed=derived_seed(settings.seed, MIXUP_SEED_TAG)))
         done = np.asarray(root[split][L.DONE][:])
         report.per_split_rows[split] = entry["num_samples"]
         for i, shard in enumerate(entry["shards"]):
@@ -367,6 +353,7 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
                 preprocess=preprocess,
                 batch_size=settings.batch_size, logits=logits_format, device=str(device),
                 threads=settings.threads_per_worker, fingerprint=store_fingerprint, token=token,
+                partner=None if partner is None else partner[a:b], mix=None if mix is None else mix[a:b],
             ))
     total = sum(t.stop - t.start for t in tasks)
     if progress is not None:

@@ -57,6 +57,11 @@ def build_provenance(
             "view0": "clean: shorter side to floor(image_size / crop_pct), centre crop image_size, no flip",
             "sampler": "torchvision RandomResizedCrop.get_params (10 tries, centre fallback), per image size",
             "replay": "pipeline.data.resample: box resized as torch interpolate(antialias=True) computes weights",
+            # Only a cache with mixed views records them: an unmixed cache's inputs stay as they were.
+            **({"mixup": {"views": settings.mixup.views, "alpha": settings.mixup.alpha,
+                          "partner": "another row of the same shard, uniform", "draw": "numpy default_rng(seed)",
+                          "render": "lambda * pixels(view) + (1 - lambda) * pixels(partner view), then normalised"}}
+               if settings.mixup.views else {}),
         },
         "dataset": {
             "manifest_sha256": manifest.sha256,

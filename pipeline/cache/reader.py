@@ -31,6 +31,7 @@ from pipeline.cache.store import (
     fingerprint,
     head_digest,
     logits_choice,
+    mixup_of,
     shard_digest,
 )
 from pipeline.data.shards import Manifest
@@ -298,7 +299,12 @@ class TeacherCache:
 
     @property
     def row_arrays(self) -> tuple[str, ...]:
-        return L.teacher_row_arrays(self.logits_format.kind, self.logits_format.topk)
+        return L.teacher_row_arrays(self.logits_format.kind, self.logits_format.topk, mixed=self.mixup is not None)
+
+    @property
+    def mixup(self) -> dict[str, Any] | None:
+        """The mixed views' record (views, alpha, ...) of a cache that has them, else None."""
+        return mixup_of(self.provenance)
 
     def split(self, name: str) -> CacheSplit:
         if name not in self.root:
@@ -319,8 +325,8 @@ def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> Teac
     attrs = dict(root.attrs)
     if attrs.get(L.ATTR_KIND) != L.CACHE_KIND:
         raise _mismatch(path, "kind", attrs.get(L.ATTR_KIND), L.CACHE_KIND, "Point paths.cache at a teacher cache.")
-    if attrs.get(L.ATTR_SCHEMA) != L.CACHE_SCHEMA_VERSION:
-        raise _mismatch(path, "schema version", attrs.get(L.ATTR_SCHEMA), L.CACHE_SCHEMA_VERSION,
+    if attrs.get(L.ATTR_SCHEMA) not in L.READABLE_CACHE_SCHEMAS:
+        raise _mismatch(path, "schema version", attrs.get(L.ATTR_SCHEMA), L.READABLE_CACHE_SCHEMAS,
                         "It was written by another version of cifd: rebuild it (`cifd embed`).")
     recorded = attrs.get(L.ATTR_FINGERPRINT)
     provenance = attrs.get(L.ATTR_PROVENANCE)
@@ -331,6 +337,9 @@ def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> Teac
             f"{str(recorded)[:16]}…: its attributes were edited after it was written, so it cannot be trusted. "
             f"{TEACHER_FIX}")
     cache = TeacherCache(path, root)
+    if attrs.get(L.ATTR_SCHEMA) != L.cache_schema(cache.mixup is not None):  # the version says what is in it
+        raise _mismatch(path, "schema version", attrs.get(L.ATTR_SCHEMA), L.cache_schema(cache.mixup is not None),
+                        "Its provenance and its schema disagree on mixed views: rebuild it (`cifd embed`).")
     if not attrs.get(L.ATTR_COMPLETE):
         done = {s: int(np.asarray(root[s][L.DONE][:]).sum()) for s in cache.splits}
         total = {s: len(root[s].attrs["shard_bounds"]) for s in cache.splits}

@@ -32,6 +32,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from pipeline.cache.logits import LogitsFormat
+from pipeline.data.mixup import MIX_FIELDS
 from schemas import layout as L
 
 # Provenance keys recorded but not hashed: the classifier check (measured) and the origin
@@ -107,10 +108,16 @@ def logits_choice(provenance: Mapping[str, Any]) -> dict[str, Any]:
     return {**choice, "dtype": provenance.get("dtypes", {}).get(L.LOGITS, "float32")}
 
 
+def mixup_of(provenance: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The provenance's mixed-view record (views, alpha), or None for a cache without them."""
+    views = provenance.get("views")
+    return views.get("mixup") if isinstance(views, Mapping) else None
+
+
 def row_arrays_of(provenance: Mapping[str, Any]) -> tuple[str, ...]:
-    """The row arrays of a teacher cache with this provenance (its logits choice)."""
+    """The row arrays of a teacher cache with this provenance (its logits choice, mixed views)."""
     choice = logits_choice(provenance)
-    return L.teacher_row_arrays(choice["kind"], choice["topk"])
+    return L.teacher_row_arrays(choice["kind"], choice["topk"], mixed=mixup_of(provenance) is not None)
 
 
 def head_digest(weight: np.ndarray, bias: np.ndarray) -> str:
@@ -177,6 +184,10 @@ def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any]) -> 
         L.LABELS: ((), "int64"),
         L.INDEX: ((), "int64"),
     }
+    mixed = mixup_of(provenance) is not None
+    if mixed:
+        arrays[L.MIX_PARTNER] = ((v,), "int64")
+        arrays[L.MIX] = ((v, len(MIX_FIELDS)), "float32")
     if head is not None:
         for name, values in ((L.HEAD_WEIGHT, head[0]), (L.HEAD_BIAS, head[1])):
             array = root.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape,
@@ -190,7 +201,7 @@ def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any]) -> 
         create_shard_arrays(group, split.shard_bounds)
     root.attrs.update({
         L.ATTR_KIND: L.CACHE_KIND,
-        L.ATTR_SCHEMA: L.CACHE_SCHEMA_VERSION,
+        L.ATTR_SCHEMA: L.cache_schema(mixed),
         L.ATTR_PROVENANCE: provenance,
         L.ATTR_FINGERPRINT: fingerprint(provenance),
         L.ATTR_COMPLETE: False,
@@ -254,8 +265,9 @@ def existing_store(path: Path, provenance: dict[str, Any]) -> tuple[zarr.Group |
     if attrs.get(L.ATTR_KIND) != L.CACHE_KIND:
         raise CacheError(f"{path} is a Zarr store of kind {attrs.get(L.ATTR_KIND)!r}, not a teacher cache; it is "
                          "left as it is: fix paths.cache or move it away")
-    if attrs.get(L.ATTR_SCHEMA) != L.CACHE_SCHEMA_VERSION:
-        return None, [f"schema_version: {attrs.get(L.ATTR_SCHEMA)} → {L.CACHE_SCHEMA_VERSION}"]
+    want = L.cache_schema(mixup_of(provenance) is not None)
+    if attrs.get(L.ATTR_SCHEMA) != want:
+        return None, [f"schema_version: {attrs.get(L.ATTR_SCHEMA)} → {want}"]
     recorded = attrs.get(L.ATTR_PROVENANCE)
     if not isinstance(recorded, dict) or fingerprint(recorded) != attrs.get(L.ATTR_FINGERPRINT):
         raise CacheError(f"the existing teacher cache at {path} has attributes that do not hash to its recorded "

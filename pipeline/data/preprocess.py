@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data.resample import INTERPOLATIONS
-from pipeline.data.views import clean_views, render_views
+from pipeline.data.mixup import is_mixed
+from pipeline.data.views import clean_views, normalize, render_pixels, render_views
 from pipeline.models.errors import ModelFileError
 
 __all__ = ["Preprocess", "PreprocessError", "render_inputs", "resolve_preprocess"]
@@ -73,11 +74,34 @@ class Preprocess:
 
 
 def render_inputs(images: Tensor | Sequence[Tensor], views: Tensor, *, preprocess: Preprocess,
-                  channels_last: bool = False) -> Tensor:
+                  channels_last: bool = False, mix: tuple[Tensor | Sequence[Tensor], Tensor] | None = None) -> Tensor:
     """uint8 images (B, C, H, W), or B images (C, H_i, W_i) of any sizes, + their view
-    parameters (B, 5) → model inputs (B, C, S, S)."""
-    x = render_views(images, views, out_size=preprocess.image_size, mean=preprocess.mean, std=preprocess.std,
-                     interpolation=preprocess.interpolation)
+    parameters (B, 5) → model inputs (B, C, S, S).
+
+    ``mix``: ``(partners, params)``, the partner image of every row (same form as ``images``)
+    and its mix params (B, 6): ``(λ, partner box)`` (:mod:`pipeline.data.mixup`). A row with
+    λ < 1 is ``normalise(λ · pixels(image, view) + (1 − λ) · pixels(partner, box))``; the others
+    render as without ``mix`` (their partner is not read). Each row's result depends on that
+    row alone, so any batching of the same (row, view) gives the same input."""
+    if mix is None:
+        x = render_views(images, views, out_size=preprocess.image_size, mean=preprocess.mean, std=preprocess.std,
+                         interpolation=preprocess.interpolation)
+    else:
+        partners, params = mix
+        size, filt, channels = preprocess.image_size, preprocess.interpolation, len(preprocess.mean)
+        pixels = render_pixels(images, views, out_size=size, interpolation=filt, channels=channels)
+        params = params.to(torch.float32)
+        rows = is_mixed(params).nonzero().squeeze(1)  # decided where the params are (host: no sync)
+        if len(rows):
+            if isinstance(partners, Tensor):
+                chosen: Tensor | list[Tensor] = partners[rows.to(partners.device)]
+            else:
+                chosen = [partners[i] for i in rows.tolist()]
+            other = render_pixels(chosen, params[rows, 1:], out_size=size, interpolation=filt, channels=channels)
+            at = rows.to(pixels.device)
+            lam = params[rows, 0].to(pixels.device).view(-1, 1, 1, 1)
+            pixels[at] = lam * pixels[at] + (1.0 - lam) * other.to(pixels.device)
+        x = normalize(pixels, mean=preprocess.mean, std=preprocess.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

@@ -267,6 +267,14 @@ def render_views(
     stacked). The single preprocessing path shared by teacher training, ``embed``, ``cache
     verify``, student training and evaluation.
     """
+    return normalize(render_pixels(images_u8, params, out_size=out_size, interpolation=interpolation,
+                                   channels=len(mean)), mean=mean, std=std)
+
+
+def render_pixels(images_u8: Tensor | Sequence[Tensor], params: Tensor, *, out_size: int, interpolation: str,
+                  channels: int) -> Tensor:
+    """uint8 images + (B, 5) views → float32 (B, C, S, S) pixels in [0, 1], before
+    normalisation (what :func:`render_views` normalises; mixed views mix these)."""
     if isinstance(images_u8, Tensor):
         images = replay_views(images_u8.float().div_(255.0), params, out_size=out_size,
                               interpolation=interpolation)
@@ -278,7 +286,7 @@ def render_views(
             image, box = _window(image, box, out_size=out_size, interpolation=interpolation)
             parts.append(replay_views(image[None].float().div_(255.0), box[None], out_size=out_size,
                                       interpolation=interpolation))
-        images = torch.cat(parts) if parts else torch.zeros(0, len(mean), out_size, out_size)
+        images = torch.cat(parts) if parts else torch.zeros(0, channels, out_size, out_size)
     # A bicubic filter overshoots near sharp edges; image loaders clip to the pixel range
     # (PIL, torchvision on uint8), and so does the replay: the eval view is theirs.
-    return normalize(images.clamp_(0.0, 1.0), mean=mean, std=std)
+    return images.clamp_(0.0, 1.0)
