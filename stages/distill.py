@@ -161,6 +161,9 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     preprocess = student_preprocess(cfg, backbone, teacher=teacher_preprocess, in_chans=manifest.channels)
     batches: BatchSource
     targets: Targets | None = None
+    if cfg.data == "stream" and cache.mixup is not None:
+        raise ConfigError(f"distill.data = 'stream' does not replay mixed views yet, and the cache {paths.cache} has "
+                          f"{cache.mixup['views']} per image (embed.mixup); set distill.data: memory")
     if cfg.data == "stream":  # targets are read block by block and labels checked as they stream
         info = target_info(cache, rdm, method=method)
         batches = StreamBatches(manifest, "train", teacher=cache.split("train"),

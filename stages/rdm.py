@@ -61,7 +61,11 @@ def _train_and_publish(paths: Paths, cfg: RdmConfig, writer: RdmWriter, allow_en
     began = time.perf_counter()
     train_split, val_split = cache.split("train"), cache.split("val")
     n, v, d, c = train_split.num_rows, train_split.num_views, train_split.embed_dim, train_split.num_classes
-    train_set = pair_source(train_split, views=slice(None), device=device, data=cfg.data,  # every view of every image
+    # Every view of every image, but mixed ones (embed.mixup: the last views): an RDM learns the
+    # teacher's embeddings of images, and its CE term has no single label for a mix. The RDM
+    # cache still holds its outputs on every view, mixed ones included.
+    mixed = int(cache.mixup["views"]) if cache.mixup else 0
+    train_set = pair_source(train_split, views=slice(0, v - mixed), device=device, data=cfg.data,
                             hold_blocks=cfg.shuffle_blocks)
     val_set = pair_source(val_split, views=slice(0, 1), device=device, data=cfg.data,  # the clean view
                           hold_blocks=cfg.shuffle_blocks)

@@ -87,6 +87,10 @@ def run(params: Path, method: str) -> dict[str, Any]:
     torch.set_num_threads(base.threads)
     # The cache's identity, checked once here (every trial reopens and rechecks it).
     probe = build_inputs(paths, base, method, device=torch.device("cpu"))
+    if probe.targets is not None and probe.targets.mix is not None:
+        raise ConfigError(f"cifd tune cannot carve a holdout from the cache {paths.cache}: it has mixed views "
+                          "(embed.mixup), and a training row's mixed view can hold a held-out image; tune on a "
+                          "cache made with embed.mixup.views: 0")
     identity = {"method": method, "space": {k: s.to_dict() for k, s in space},
                 "distill": {k: v for k, v in base.to_dict().items() if k not in ("device", "threads")},
                 "holdout": [tune.holdout_fraction, tune.holdout_seed], "data_and_code": probe.run.fingerprint,

@@ -151,10 +151,19 @@ def _compare_split(
         block = read_shard(manifest.root / shard["file"], mode=manifest.mode, start=a, stop=b)
         r, v = rows[sel] - a, views[sel]
         params = torch.from_numpy(cached[L.VIEWS][r, v])[:, None]  # (k, 1, 5)
-        images: torch.Tensor | list[torch.Tensor] = [torch.from_numpy(block.images[k]) for k in r.tolist()]
+        chosen = r.tolist()
+        mix = None
+        if L.MIX in cached:  # mixed views: each pair's partner image follows the k sampled images
+            partner = cached[L.MIX_PARTNER][r, v] - a
+            if partner.min(initial=0) < 0 or partner.max(initial=0) >= b - a:
+                problems.append(f"{split} shard {i}: a mixed view's partner row lies outside its shard")
+                continue
+            chosen += partner.tolist()
+            mix = (torch.arange(len(r), 2 * len(r))[:, None], torch.from_numpy(cached[L.MIX][r, v])[:, None])
+        images: torch.Tensor | list[torch.Tensor] = [torch.from_numpy(block.images[k]) for k in chosen]
         if manifest.image_shape is not None:  # same size: one batch on the device, as embed renders it
             images = torch.stack(images).to(device)
-        emb, logits = teacher_outputs(model, images, params, preprocess=preprocess, batch_size=256)
+        emb, logits = teacher_outputs(model, images, params, preprocess=preprocess, batch_size=256, mix=mix)
         emb, logits = emb[:, 0].cpu(), logits[:, 0].cpu()
         c_emb = torch.from_numpy(cached[L.EMBEDDINGS][r, v].astype(np.float32))
         fmt = part.logits_format  # the cache's logits as readers get them (from_head: head(float16 embedding))

@@ -222,9 +222,9 @@ class CacheSplit(ShardedSplit):
     host from the embeddings (from_head) or rebuilt dense from the top-k arrays. Readers on a
     device read :attr:`logits_format`'s fields instead and call its ``dense`` there."""
 
-    def __init__(self, group: zarr.Group, name: str, *, path: Path, logits: LogitsFormat) -> None:
+    def __init__(self, group: zarr.Group, name: str, *, path: Path, logits: LogitsFormat, mixed: bool = False) -> None:
         super().__init__(group, name, label=f"teacher cache {path}", fix=TEACHER_FIX,
-                         row_arrays=L.teacher_row_arrays(logits.kind, logits.topk))
+                         row_arrays=L.teacher_row_arrays(logits.kind, logits.topk, mixed=mixed))
         self.logits_format = logits
         emb = group[L.EMBEDDINGS]
         self.num_rows, self.num_views, self.embed_dim = emb.shape  # type: ignore[misc]
@@ -309,7 +309,8 @@ class TeacherCache:
     def split(self, name: str) -> CacheSplit:
         if name not in self.root:
             raise CacheError(f"teacher cache {self.path} has no split '{name}'; it has {self.splits}")
-        return CacheSplit(self.root[name], name, path=self.path, logits=self.logits_format)  # type: ignore[arg-type]
+        return CacheSplit(self.root[name], name, path=self.path, logits=self.logits_format,  # type: ignore[arg-type]
+                          mixed=self.mixup is not None)
 
 
 def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> TeacherCache:

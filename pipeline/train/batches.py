@@ -60,9 +60,17 @@ class MemoryBatches:
         self.images, self.targets, self.preprocess = images, targets, preprocess
         self.device = targets.views.device
         self.host_boxes = targets.views.cpu()  # views are looked up on the host: no device sync per batch
+        self.host_partner = None if targets.mix_partner is None else targets.mix_partner.cpu()
+        self.host_mix = None if targets.mix is None else targets.mix.cpu()
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.per_rank = len(images) // world if world > 1 else len(images)
         self.steps = steps_per_epoch(self.per_rank, batch_size, world)
+
+    def _images(self, rows: Tensor) -> Tensor | list[Tensor]:
+        """The images of host ``rows``: one batch on their device (same size), else a list."""
+        if isinstance(self.images, Tensor):
+            return self.images[rows.to(self.images.device, non_blocking=True)]
+        return [self.images[r] for r in rows.tolist()]
 
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Batch]]:
         mine = order.cpu()[self.rank::self.world][:self.per_rank]
@@ -71,10 +79,9 @@ class MemoryBatches:
             rows = mine[step * self.batch_size:(step + 1) * self.batch_size]  # host
             views = choice[rows]
             boxes = self.host_boxes[rows, views]  # (B, 5), host
-            if isinstance(self.images, Tensor):  # same size: one batch, rendered on its device
-                images: Tensor | list[Tensor] = self.images[rows.to(self.images.device, non_blocking=True)]
-            else:
-                images = [self.images[r] for r in rows.tolist()]
-            x = render_inputs(images, boxes, preprocess=self.preprocess)
+            mix = None
+            if self.host_partner is not None and self.host_mix is not None:  # mixed views: the partners too
+                mix = (self._images(self.host_partner[rows, views]), self.host_mix[rows, views])
+            x = render_inputs(self._images(rows), boxes, preprocess=self.preprocess, mix=mix)
             rows_d, views_d = rows.to(self.device, non_blocking=True), views.to(self.device, non_blocking=True)
             yield rows_d, views_d, x.to(self.device, non_blocking=True), gather_targets(self.targets, rows_d, views_d)

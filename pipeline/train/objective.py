@@ -81,10 +81,16 @@ def method_loss(
     """
     logits = out.logits.float()
     w = weights
+    labels = batch.labels
+    if batch.mix_labels is not None:  # mixed views: λ · one-hot(label) + (1 − λ) · one-hot(partner's label)
+        partner_labels, lam = batch.mix_labels
+        c = logits.shape[-1]
+        lam = lam.float()[:, None]
+        labels = lam * F.one_hot(batch.labels, c).float() + (1.0 - lam) * F.one_hot(partner_labels, c).float()
     if method == "ce":
-        loss = F.cross_entropy(logits, batch.labels)
+        loss = F.cross_entropy(logits, labels)
     elif method == "kd":
-        loss = hinton_kd(student_logits=logits, teacher_logits=batch.teacher_logits, labels=batch.labels,
+        loss = hinton_kd(student_logits=logits, teacher_logits=batch.teacher_logits, labels=labels,
                          temperature=w.temperature, alpha=w.kd_alpha, teacher_kept=batch.teacher_kept).total
     elif method in ("dgkd", "cifd"):
         m = 0 if batch.rdm_logits is None else batch.rdm_logits.shape[0]
@@ -93,7 +99,7 @@ def method_loss(
         keep = kd_dropout_mask(num_targets=1 + m, rate=w.kd_dropout, generator=generator, device=logits.device)
         rdm_logits = batch.rdm_logits if batch.rdm_logits is not None else logits.new_zeros(0, *logits.shape)
         if method == "dgkd":
-            loss = dgkd_loss(student_logits=logits, labels=batch.labels, teacher_logits=batch.teacher_logits,
+            loss = dgkd_loss(student_logits=logits, labels=labels, teacher_logits=batch.teacher_logits,
                              assistant_logits=rdm_logits, assistant_weights=rdm_weights, ce_weight=w.ce_weight,
                              kl_weight=w.kl_weight, temperature=w.temperature, keep=keep).total
         else:
@@ -105,7 +111,7 @@ def method_loss(
             projected = out.projected.float()
             if w.feature_norm == "sample":
                 x, xr, projected = _unit_rms(x), _unit_rms(xr), _unit_rms(projected)
-            loss = cifd_loss(student_logits=logits, labels=batch.labels, teacher_logits=batch.teacher_logits,
+            loss = cifd_loss(student_logits=logits, labels=labels, teacher_logits=batch.teacher_logits,
                              rdm_logits=rdm_logits, student_embedding_proj=projected,
                              teacher_embedding=x, rdm_embeddings=xr, student_bits=out.bits, rdm_weights=rdm_weights,
                              ce_weight=w.ce_weight, kl_weight=w.kl_weight, temperature=w.temperature,

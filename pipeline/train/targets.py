@@ -33,14 +33,17 @@ class TargetInfo:
     emb_scale: float  # embeddings are compared divided by this (the teacher embedding RMS)
 
 
-def target_fields(method: str, logits: LogitsFormat | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def target_fields(method: str, logits: LogitsFormat | None = None,
+                  mixed: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The teacher-cache and RDM-cache arrays ``method`` learns from (views and labels are
     always read: the boxes to render and the join check). With the cache's ``logits``
     format, the arrays that hold its logits (packed, turned into logits on the device);
-    without, ``L.LOGITS`` (dense logits, computed on the host when not stored)."""
+    without, ``L.LOGITS`` (dense logits, computed on the host when not stored). ``mixed``: a
+    cache with mixed views (their partners and mix params are read too)."""
     held = (L.LOGITS,) if logits is None else tuple(f for f in logits.fields if f != L.EMBEDDINGS)
     wants_emb = uses_features(method) or (logits is not None and L.EMBEDDINGS in logits.fields)
-    teacher = (L.VIEWS, L.LABELS, *held) + ((L.EMBEDDINGS,) if wants_emb else ())
+    teacher = (L.VIEWS, L.LABELS, *held) + ((L.EMBEDDINGS,) if wants_emb else ()) + (
+        (L.MIX_PARTNER, L.MIX) if mixed else ())
     rdm = (L.RDM_X_HAT,) if uses_rdms(method) else ()  # the RDMs' logits are made from x̂ (RdmHead)
     return teacher, rdm
 
@@ -70,6 +73,8 @@ class Targets:
     rdm_head: RdmHead | None  # makes the RDMs' (M, B, C) logits from their x̂, on the targets' device
     emb_scale: float  # embeddings are compared divided by this (the teacher embedding RMS)
     logits: LogitsFormat | None = None  # set when teacher_logits are packed (from_head, top-k)
+    mix_partner: Tensor | None = None  # (N, V) int64: a mixed-view cache's partner rows
+    mix: Tensor | None = None  # (N, V, 6) float32: (λ, partner box); λ = 1 where unmixed
 
     @property
     def num_rows(self) -> int:
@@ -99,6 +104,7 @@ class Batch:
     rdm_logits: Tensor | None  # (M, B, C)
     rdm_emb: Tensor | None  # (M, B, D)
     teacher_kept: Tensor | None = None  # (B, k) int64: a top-k cache's kept classes (the KD terms run over them)
+    mix_labels: tuple[Tensor, Tensor] | None = None  # mixed views: (partner labels (B,), λ (B,)); CE on the mix
 
 
 def gather_targets(targets: Targets, rows: Tensor, views: Tensor) -> Batch:
@@ -109,8 +115,11 @@ def gather_targets(targets: Targets, rows: Tensor, views: Tensor) -> Batch:
     logits, kept = targets.teacher_logits[rows, views], None
     if targets.logits is not None:  # packed: logits made here, on the targets' device
         logits, kept = targets.logits.unpack(logits)
+    mix_labels = None
+    if targets.mix_partner is not None and targets.mix is not None:
+        mix_labels = (targets.labels[targets.mix_partner[rows, views]], targets.mix[rows, views, 0])
     return Batch(labels=targets.labels[rows], teacher_logits=logits, teacher_emb=teacher_emb, rdm_logits=rdm_logits,
-                 rdm_emb=rdm_emb, teacher_kept=kept)
+                 rdm_emb=rdm_emb, teacher_kept=kept, mix_labels=mix_labels)
 
 
 def load_targets(cache: TeacherCache, rdm: RdmCache | None, *, method: str, device: torch.device) -> Targets:
@@ -118,7 +127,8 @@ def load_targets(cache: TeacherCache, rdm: RdmCache | None, *, method: str, devi
     to ``device`` (for CIFAR-sized data; stream mode reads blocks in its loader instead)."""
     info = target_info(cache, rdm, method=method)
     fmt = cache.logits_format
-    teacher_fields, rdm_fields = target_fields(method, fmt)
+    mixed = cache.mixup is not None
+    teacher_fields, rdm_fields = target_fields(method, fmt, mixed=mixed)
     train = cache.split("train").read_all(teacher_fields)
     block = rdm.split("train").read_all(rdm_fields) if rdm is not None and rdm_fields else {}
 
@@ -137,4 +147,5 @@ def load_targets(cache: TeacherCache, rdm: RdmCache | None, *, method: str, devi
     return Targets(views=views, labels=labels, teacher_logits=logits, teacher_emb=emb,
                    rdm_emb=held(block.get(L.RDM_X_HAT)),
                    rdm_head=rdm.head.to(device) if rdm is not None and rdm_fields else None,
-                   emb_scale=info.emb_scale, logits=fmt.to(device) if fmt.packed else None)
+                   emb_scale=info.emb_scale, logits=fmt.to(device) if fmt.packed else None,
+                   mix_partner=held(train[L.MIX_PARTNER]) if mixed else None, mix=held(train[L.MIX]) if mixed else None)

@@ -82,3 +82,88 @@ def test_mixed_views_must_leave_the_clean_view(embed_settings) -> None:
 
     with pytest.raises(ConfigError, match=r"embed.mixup.views' = 3: expected < embed.views \(3\)"):
         EmbedConfig.from_mapping({**embed_settings.to_dict(), "mixup": {"views": 3}}, section="embed")
+
+
+def test_stage_three_replays_the_mixed_pixels_embed_fed_the_teacher(mixed_cache, manifest, teacher_file) -> None:
+    """Memory mode, every (row, view) of one epoch: the student's input is the mixed image
+    (the teacher on it gives the cached logits), and its CE target is (partner label, λ)."""
+    from pipeline.train.batches import MemoryBatches
+    from pipeline.train.targets import load_targets
+
+    model, spec = load_model(teacher_file)
+    pre = Preprocess.from_spec(spec, source="teacher")
+    cache = open_cache(mixed_cache)
+    targets = load_targets(cache, None, method="kd", device=torch.device("cpu"))
+    images = torch.from_numpy(load_split(manifest, "train").stacked())
+    source = MemoryBatches(images, targets, preprocess=pre, batch_size=5, rank=0, world=1)
+    n = targets.num_rows
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    choice = torch.tensor([2, 3, 0, 1] * n)[:n]  # mixed and plain views alike
+    raw = cache.split("train").read_all((L.MIX_PARTNER, L.MIX, L.LABELS, L.LOGITS, L.VIEWS))
+    seen = 0
+    for rows, views, x, batch in source(0, order, choice):
+        with torch.inference_mode():
+            logits = model.eval()(x)
+        assert batch.mix_labels is not None
+        partner_labels, lam = batch.mix_labels
+        for i, (r, v) in enumerate(zip(rows.tolist(), views.tolist(), strict=True)):
+            p = int(raw[L.MIX_PARTNER][r, v])
+            expected = render_inputs(images[r:r + 1], torch.from_numpy(raw[L.VIEWS][r, v])[None], preprocess=pre,
+                                     mix=(images[p:p + 1], torch.from_numpy(raw[L.MIX][r, v])[None]))[0]
+            assert torch.equal(x[i], expected)
+            np.testing.assert_allclose(logits[i].numpy(), raw[L.LOGITS][r, v], rtol=0, atol=1e-4)
+            assert int(partner_labels[i]) == int(raw[L.LABELS][p]) and float(lam[i]) == float(raw[L.MIX][r, v, 0])
+            seen += 1
+    assert seen == n
+
+
+def test_a_mixed_views_ce_target_is_lambda_of_each_label() -> None:
+    """CE on a mixed view = λ · CE(label) + (1 − λ) · CE(partner's label), by hand."""
+    import torch.nn.functional as F
+
+    from pipeline.train.objective import LossWeights, method_loss
+    from pipeline.train.student import StudentOutput
+    from pipeline.train.targets import Batch
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
+    labels, partners, lam = torch.tensor([0, 2]), torch.tensor([1, 2]), torch.tensor([0.25, 1.0])
+    batch = Batch(labels=labels, teacher_logits=torch.zeros(2, 3), teacher_emb=None, rdm_logits=None, rdm_emb=None,
+                  mix_labels=(partners, lam))
+    weights = LossWeights(temperature=1.0, kd_alpha=0.5, ce_weight=1.0, kl_weight=1.0, rdm_weights=None,
+                          feature_weight=0.0, rate_weight=0.0, kd_dropout=0.0, distortion="mse", ckd_weight=0.0)
+    loss = method_loss("ce", out=StudentOutput(logits, None, None), batch=batch, weights=weights,
+                       rdm_weights=torch.zeros(0), emb_scale=1.0, generator=torch.Generator())
+    logp = F.log_softmax(logits, -1)
+    by_hand = -(0.25 * logp[0, 0] + 0.75 * logp[0, 1] + 1.0 * logp[1, 2]) / 2
+    assert float(loss) == pytest.approx(float(by_hand), abs=1e-6)
+
+
+def test_cache_verify_replays_mixed_views_and_catches_a_wrong_partner(mixed_cache, manifest, teacher_file,
+                                                                       tmp_path) -> None:
+    """Every pair sampled (all 27 × 4 train pairs): the mixed ones re-run on the mixed image.
+    A cache whose recorded partners were swapped (edited, then its digests rewritten, so only
+    the replay can tell) is caught."""
+    import shutil
+
+    from pipeline.cache.inspect import verify_cache
+    from pipeline.cache.store import shard_digest
+
+    report = verify_cache(mixed_cache, teacher=teacher_file, shards=manifest.root, samples=1000, seed=0,
+                          tolerance=1e-3, full=True)
+    assert report.ok, report.problems
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(mixed_cache, bad)
+    root = zarr.open_group(bad, mode="r+", use_consolidated=False)
+    group = root["train"]
+    names = open_cache(mixed_cache).split("train").row_arrays
+    a, b = group.attrs["shard_bounds"][0]
+    partner = np.asarray(group[L.MIX_PARTNER][a:b])
+    partner[:, 2:] = partner[::-1, 2:]  # other rows of the same shard
+    group[L.MIX_PARTNER][a:b] = partner
+    rows = {n: np.asarray(group[n][a:b]) for n in names}
+    group[L.SHARD_SHA256][0] = np.frombuffer(shard_digest(rows, names), dtype=np.uint8)
+    zarr.consolidate_metadata(str(bad))
+    report = verify_cache(bad, teacher=teacher_file, shards=manifest.root, samples=1000, seed=0, tolerance=1e-3,
+                          full=True)
+    assert not report.ok and not any("checksum" in p or "digest" in p for p in report.problems), report.problems
+    assert any("train" in p and ("logits" in p or "embedding" in p) for p in report.problems), report.problems
