@@ -161,14 +161,12 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
     preprocess = student_preprocess(cfg, backbone, teacher=teacher_preprocess, in_chans=manifest.channels)
     batches: BatchSource
     targets: Targets | None = None
-    if cfg.data == "stream" and cache.mixup is not None:
-        raise ConfigError(f"distill.data = 'stream' does not replay mixed views yet, and the cache {paths.cache} has "
-                          f"{cache.mixup['views']} per image (embed.mixup); set distill.data: memory")
     if cfg.data == "stream":  # targets are read block by block and labels checked as they stream
         info = target_info(cache, rdm, method=method)
         batches = StreamBatches(manifest, "train", teacher=cache.split("train"),
                                 rdm=rdm.split("train") if rdm is not None else None,
-                                fields=target_fields(method, cache.logits_format), preprocess=preprocess,
+                                fields=target_fields(method, cache.logits_format, mixed=cache.mixup is not None),
+                                preprocess=preprocess,
                                 batch_size=cfg.batch_size, workers=cfg.loader_workers, device=device,
                                 rank=rank, world=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                                 rdm_head=rdm.head if rdm is not None else None)

@@ -45,7 +45,7 @@ from pipeline.cache.rdm_store import RdmHead
 from pipeline.cache.reader import ShardedSplit
 from pipeline.cache.store import CacheError
 from pipeline.data.preprocess import Preprocess, render_inputs
-from pipeline.data.shards import Manifest, decode_image
+from pipeline.data.shards import Manifest, decode_image, read_shard
 from pipeline.data.streaming import check_rows_seen, exact_batches, sample_row, shard_stream
 from pipeline.runtime import derived_seed
 from pipeline.train.batches import steps_per_epoch
@@ -58,9 +58,11 @@ __all__ = ["StreamBatches"]
 # One streamed sample: row, image (uint8 (C, H, W), or rendered float (C, S, S)), view box
 # (5,), label, teacher logits (C,) or their packed arrays (top-k) | None (from_head: made from
 # the embedding), teacher embedding (D,) | None, RDM logits (always None: made from x̂ on the
-# device by RdmHead), RDM x̂ (M, D) | None.
+# device by RdmHead), RDM x̂ (M, D) | None; then for a cache with mixed views (else None):
+# the partner's uint8 image (None when the worker rendered the mix), the mix params (6,)
+# and the partner's label.
 Sample = tuple[int, np.ndarray | Tensor, np.ndarray, int, np.ndarray | None, np.ndarray | None, np.ndarray | None,
-               np.ndarray | None]
+               np.ndarray | None, np.ndarray | None, np.ndarray | None, int | None]
 
 
 class _Join:
@@ -68,9 +70,11 @@ class _Join:
     is reading (one read per tar and array) and picks each row's chosen view."""
 
     def __init__(self, teacher: ShardedSplit, rdm: ShardedSplit | None, fields: tuple[tuple[str, ...], tuple[str, ...]],
-                 choice: np.ndarray, mode: str, render: Preprocess | None) -> None:
+                 choice: np.ndarray, mode: str, render: Preprocess | None, urls: Sequence[str]) -> None:
         self.teacher, self.rdm, (self.fields, self.rdm_fields) = teacher, rdm, fields
-        self.choice, self.mode, self.render = choice, mode, render
+        self.choice, self.mode, self.render, self.urls = choice, mode, render, list(urls)
+        self.mixed = L.MIX in self.fields  # mixed views: the partners are rows of the same tar
+        self.partners: list[np.ndarray] = []
         self.logits: LogitsFormat | None = getattr(teacher, "logits_format", None)
         if self.logits is not None and L.LOGITS in fields[0]:  # dense logits asked for: the reader makes them
             self.logits = None
@@ -83,6 +87,8 @@ class _Join:
         shard = bisect.bisect_right(self.starts, row) - 1
         self.start, self.stop = self.teacher.shard_bounds[shard]
         self.block = self.teacher.read(self.start, self.stop, self.fields)
+        if self.mixed:  # the tar's images, decoded once more: a mixed view's partner may come later in it
+            self.partners = read_shard(self.urls[shard], mode=self.mode, start=self.start, stop=self.stop).images
         if self.rdm is not None and self.rdm_fields:
             self.rdm_block = self.rdm.read(self.start, self.stop, self.rdm_fields)
 
@@ -100,8 +106,20 @@ class _Join:
                              f"{cached} in the cache; rerun `cifd embed`")
         image: np.ndarray | Tensor = decode_image(sample[ext], mode=self.mode, where=where)
         box = self.block[L.VIEWS][i, v]
+        partner: np.ndarray | None = None
+        params: np.ndarray | None = None
+        partner_label: int | None = None
+        if self.mixed:
+            p = int(self.block[L.MIX_PARTNER][i, v]) - self.start
+            if not 0 <= p < self.stop - self.start:
+                raise CacheError(f"cache row {row} view {v}: its mixed view's partner lies outside its shard "
+                                 f"({shard}); rerun `cifd embed`")
+            partner, params, partner_label = self.partners[p], self.block[L.MIX][i, v], int(self.block[L.LABELS][p])
         if self.render is not None:  # images of many sizes: rendered here, one by one
-            image = render_inputs([torch.from_numpy(image)], torch.from_numpy(box)[None], preprocess=self.render)[0]
+            mix = None if partner is None else ([torch.from_numpy(partner)], torch.from_numpy(params)[None])
+            image = render_inputs([torch.from_numpy(image)], torch.from_numpy(box)[None], preprocess=self.render,
+                                  mix=mix)[0]
+            partner = None
         emb = self.block[L.EMBEDDINGS][i, v] if L.EMBEDDINGS in self.block else None
         rdm_logits = None  # made from x̂ on the device (RdmHead), not read
         rdm_emb = self.rdm_block[L.RDM_X_HAT][i, v] if L.RDM_X_HAT in self.rdm_block else None
@@ -111,7 +129,7 @@ class _Join:
             logits = None
         else:
             logits = self.logits.pack({f: self.block[f][i, v] for f in self.logits.fields})
-        return row, image, box, label, logits, emb, rdm_logits, rdm_emb
+        return row, image, box, label, logits, emb, rdm_logits, rdm_emb, partner, params, partner_label
 
 
 class StreamBatches:
@@ -171,7 +189,7 @@ class StreamBatches:
                                f"of {self.world}; launch with torchrun (it sets RANK and WORLD_SIZE) or "
                                "initialise the process group before streaming")
         join = _Join(self.teacher, self.rdm, self.fields, choice.cpu().to(torch.int16).numpy(), self.mode,
-                     None if self.same_size else self.preprocess)
+                     None if self.same_size else self.preprocess, self.urls)
         return shard_stream(self.urls, seed=derived_seed(self.seed, epoch), join=join,
                             shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size)
 
@@ -180,7 +198,7 @@ class StreamBatches:
         """One batch on the device from a host chunk: same-size uint8 images are rendered here,
         on the device, from host view boxes (no device synchronisation); images of many sizes
         arrive rendered."""
-        rows, images, boxes, labels, logits, emb, rdm_logits, rdm_emb = parts
+        rows, images, boxes, labels, logits, emb, rdm_logits, rdm_emb, partners, params, partner_labels = parts
         assert rows is not None and images is not None and boxes is not None and labels is not None
         seen[rows] += 1
 
@@ -188,7 +206,11 @@ class StreamBatches:
             return None if t is None else t.to(self.device, non_blocking=True)
 
         images = images.to(self.device, non_blocking=True)
-        x = images if not self.same_size else render_inputs(images, boxes, preprocess=self.preprocess)
+        mix = None if partners is None or params is None else (partners.to(self.device, non_blocking=True), params)
+        x = images if not self.same_size else render_inputs(images, boxes, preprocess=self.preprocess, mix=mix)
+        mix_labels = None
+        if params is not None and partner_labels is not None:
+            mix_labels = (partner_labels.to(self.device, non_blocking=True), params[:, 0].to(self.device))
         rdm_emb = None if rdm_emb is None else dev(rdm_emb).transpose(0, 1)  # type: ignore[union-attr]  # (M, B, D)
         rdm_logits = None if rdm_emb is None or self.rdm_head is None else self.rdm_head(rdm_emb)  # (M, B, C)
         if self.logits is None:
@@ -198,7 +220,7 @@ class StreamBatches:
             teacher_logits, kept = self.logits.unpack(packed)  # type: ignore[arg-type]
         batch = Batch(labels=dev(labels), teacher_logits=teacher_logits, teacher_emb=dev(emb),  # type: ignore[arg-type]
                       rdm_logits=rdm_logits, rdm_emb=rdm_emb,
-                      teacher_kept=kept)
+                      teacher_kept=kept, mix_labels=mix_labels)
         return dev(rows), dev(choice[rows]), x, batch  # type: ignore[return-value]
 
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Batch]]:

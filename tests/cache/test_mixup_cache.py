@@ -167,3 +167,78 @@ def test_cache_verify_replays_mixed_views_and_catches_a_wrong_partner(mixed_cach
                           full=True)
     assert not report.ok and not any("checksum" in p or "digest" in p for p in report.problems), report.problems
     assert any("train" in p and ("logits" in p or "embedding" in p) for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_stream_replays_the_same_mixed_inputs_and_targets_as_memory_mode(mixed_cache, manifest, teacher_file,
+                                                                             workers: int) -> None:
+    from pipeline.train.batches import MemoryBatches
+    from pipeline.train.stream import StreamBatches
+    from pipeline.train.targets import load_targets, target_fields
+
+    _, spec = load_model(teacher_file)
+    pre = Preprocess.from_spec(spec, source="teacher")
+    cache = open_cache(mixed_cache)
+    targets = load_targets(cache, None, method="kd", device=torch.device("cpu"))
+    images = torch.from_numpy(load_split(manifest, "train").stacked())
+    n = targets.num_rows
+    choice = torch.tensor([3, 2, 1, 0] * n)[:n]
+    memory = MemoryBatches(images, targets, preprocess=pre, batch_size=6, rank=0, world=1)
+    stream = StreamBatches(manifest, "train", teacher=cache.split("train"), rdm=None,
+                           fields=target_fields("kd", cache.logits_format, mixed=True), preprocess=pre, batch_size=6,
+                           workers=workers, device=torch.device("cpu"), rank=0, world=1, seed=0, shuffle_buffer=4)
+
+    def by_row(source) -> dict[int, tuple]:
+        out = {}
+        for rows, _, x, batch in source(0, torch.arange(n), choice):
+            partner_labels, lam = batch.mix_labels
+            for i, r in enumerate(rows.tolist()):
+                out[r] = (x[i], int(batch.labels[i]), int(partner_labels[i]), float(lam[i]), batch.teacher_logits[i])
+        return out
+
+    held, streamed = by_row(memory), by_row(stream)
+    assert sorted(held) == sorted(streamed) == list(range(n))
+    for r in range(n):
+        a, b = held[r], streamed[r]
+        assert torch.equal(a[0], b[0]) and a[1:4] == b[1:4] and torch.equal(a[4], b[4]), r
+
+
+def test_images_of_many_sizes_mix_in_the_stream_worker_as_in_memory(tmp_path, tiny, teacher_file, embed_settings) -> None:
+    """Images of many sizes: the stream's worker renders the mix itself; memory mode renders
+    one by one on the host; both give the pixels embed fed the teacher."""
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.shards import load_manifest
+    from pipeline.train.batches import MemoryBatches
+    from pipeline.train.stream import StreamBatches
+    from pipeline.train.targets import load_targets, target_fields
+    from schemas.config import PrepareConfig
+
+    rng = np.random.default_rng(0)
+    members = {f"train/{c}/{i:04d}.png": tiny.encode_image(
+        rng.integers(0, 256, (int(rng.integers(10, 30)), int(rng.integers(10, 30)), 3), dtype=np.uint8), "png")
+        for c in ("cat", "dog", "frog") for i in range(6)}
+    tar = tiny.write_tar(tmp_path / "src.tar", members)
+    prepare_dataset(PrepareConfig(source="imagefolder", train=str(tar), val_fraction=0.25, samples_per_shard=4),
+                    tmp_path / "shards")
+    manifest = load_manifest(tmp_path / "shards")
+    settings = dataclasses.replace(embed_settings, views=3, mixup=MixupConfig(views=1, alpha=1.0))
+    run_embed(settings=settings, manifest=manifest, teacher_path=teacher_file, store_path=tmp_path / "c.zarr")
+    model, spec = load_model(teacher_file)
+    pre = Preprocess.from_spec(spec, source="teacher")
+    cache = open_cache(tmp_path / "c.zarr")
+    targets = load_targets(cache, None, method="kd", device=torch.device("cpu"))
+    images = [torch.from_numpy(im) for im in load_split(manifest, "train").images]
+    n = len(images)
+    choice = torch.full((n,), 2)
+    memory = MemoryBatches(images, targets, preprocess=pre, batch_size=5, rank=0, world=1)
+    stream = StreamBatches(manifest, "train", teacher=cache.split("train"), rdm=None,
+                           fields=target_fields("kd", cache.logits_format, mixed=True), preprocess=pre, batch_size=5,
+                           workers=1, device=torch.device("cpu"), rank=0, world=1, seed=0, shuffle_buffer=3)
+    held = {r: x for rows, _, xs, _ in memory(0, torch.arange(n), choice) for r, x in zip(rows.tolist(), xs)}
+    streamed = {r: x for rows, _, xs, _ in stream(0, torch.arange(n), choice) for r, x in zip(rows.tolist(), xs)}
+    assert sorted(held) == sorted(streamed) == list(range(n))
+    logits = open_cache(tmp_path / "c.zarr").split("train").read_all((L.LOGITS,))[L.LOGITS]
+    for r in range(n):
+        assert torch.equal(held[r], streamed[r])
+        with torch.inference_mode():
+            np.testing.assert_allclose(model.eval()(held[r][None])[0].numpy(), logits[r, 2], rtol=0, atol=1e-4)
