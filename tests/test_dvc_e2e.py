@@ -1,6 +1,6 @@
 """End to end: ``dvc repro`` in a temporary git + DVC repo on a tiny digits configuration.
 
-Checks the whole DAG runs, a second ``dvc repro`` does nothing, that editing one params
+Checks the whole DAG runs (on a cache with a mixed view per image), a second ``dvc repro`` does nothing, that editing one params
 section marks its own stage changed and nothing upstream of it (``dvc status``, one section
 at a time, params restored in between), and that a changed ``embed.views`` reaches ``embed``.
 """
@@ -19,7 +19,8 @@ from dvc_project import run as _run
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_producer(tmp_path_factory.mktemp("e2e"), tiny_params())
+    # One of the two cached views is a mixed view (embed.mixup): the whole DAG runs on a mixed cache.
+    return make_producer(tmp_path_factory.mktemp("e2e"), tiny_params({"embed": {"mixup": {"views": 1, "alpha": 1.0}}}))
 
 
 METHODS = ("ce", "kd", "dgkd", "cifd")
@@ -56,6 +57,9 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
     assert set(table) == {"teacher", "ce", "kd", "dgkd", "cifd"}
     embed = json.loads((repo / "metrics/embed.json").read_text())
     assert embed["views"] == 2 and embed["teacher_forwards"] == (160 + 60) * 2
+    from pipeline.cache.reader import open_cache
+
+    assert open_cache(repo / "cache/teacher.zarr").mixup["views"] == 1  # the students learnt from mixed views
 
     # A second repro has nothing to do.
     assert _status(repo) == {}
