@@ -249,6 +249,10 @@ def cache_info_cmd(path: Path, as_json: bool, topk: int | None) -> None:
         pre, origin = info["preprocess"], info["preprocess_origin"]
         click.echo("preprocess " + ", ".join(f"{k}={pre[k]}" + (f" ({origin[k]})" if k in origin else "") for k in pre))
         click.echo(f"views      {info['views']['num_views']} per image, policy {info['views']['policy']}")
+        if "mixup" in info["views"]:
+            mix = info["views"]["mixup"]
+            click.echo(f"mixup      the last {mix['views']} views of every train image mixed, lambda ~ Beta({mix['alpha']}, "
+                       f"{mix['alpha']}), partner in the same shard")
         click.echo(f"dtypes     {info['dtypes']}")
         lg = info["logits"]
         click.echo(f"logits     {lg['kind']}" + (f", top-{lg['topk']}" if lg["topk"] else "")

@@ -242,3 +242,15 @@ def test_images_of_many_sizes_mix_in_the_stream_worker_as_in_memory(tmp_path, ti
         assert torch.equal(held[r], streamed[r])
         with torch.inference_mode():
             np.testing.assert_allclose(model.eval()(held[r][None])[0].numpy(), logits[r, 2], rtol=0, atol=1e-4)
+
+
+def test_cache_info_names_the_mixed_views(mixed_cache, embedded_cache) -> None:
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    result = CliRunner().invoke(main, ["cache", "info", str(mixed_cache)])
+    assert result.exit_code == 0, result.output
+    assert "mixup      the last 2 views of every train image mixed, lambda ~ Beta(0.5, 0.5)" in result.output
+    plain = CliRunner().invoke(main, ["cache", "info", str(embedded_cache[0])])
+    assert plain.exit_code == 0 and "mixup" not in plain.output
