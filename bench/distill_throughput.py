@@ -115,6 +115,7 @@ class TimedBatches:
         self.inner, self.warmup, self.state = inner, warmup, state
         self.timed_steps = inner.steps if limit is None else min(limit, inner.steps)
         self.steps = warmup + self.timed_steps
+        self.rows = inner.rows
 
     def __call__(self, epoch: int, order: torch.Tensor, choice: torch.Tensor) -> Iterator[Any]:
         st = self.state
@@ -169,6 +170,7 @@ class OnlineTeacher:
         self.inner, self.teacher, self.run, self.state = inner, teacher, run, state
         self.cached = cached  # (N, V, C) the cached logits, as read: the check's reference
         self.steps = inner.steps
+        self.rows = inner.rows
 
     def __call__(self, epoch: int, order: torch.Tensor, choice: torch.Tensor) -> Iterator[Any]:
         run = self.run

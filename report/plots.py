@@ -131,6 +131,53 @@ def study_figure(rows: Sequence[Any], *, teacher_top1: Mapping[str, float]) -> A
     return fig
 
 
+def plot_budget(rows: Sequence[Any], *, path: Path) -> bool:
+    """:func:`budget_figure`, saved as a PNG at ``path`` when the rows span at least two
+    teacher budgets (False: nothing to draw, no file)."""
+    if len({r.teacher_forwards for r in rows if r.teacher_forwards is not None}) < 2:
+        return False
+    _save(budget_figure(rows), path)
+    return True
+
+
+def budget_figure(rows: Sequence[Any]) -> Any:
+    """Top-1 mean ± std against the teacher forwards behind each student's targets (log
+    axis), each point labelled with its variant: what a teacher call buys ("few teacher
+    calls"). One line per method and series, a variant's series being its name up to the
+    first "_" (``ckd_v4`` is the point ``v4`` of series ``ckd``; ``v4`` has none), so KD with
+    and without an extra term are two lines. Rows without a recorded budget, and rows whose
+    every seed diverged, are not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = [r for r in rows if r.teacher_forwards is not None and not r.failed]
+    order = ("ce", "kd", "dgkd", "cifd")
+
+    def series(row: Any) -> str:
+        return row.variant.split("_", 1)[0] if "_" in row.variant else ""
+
+    lines = sorted(dict.fromkeys((series(r), r.method) for r in drawn),
+                   key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 9, k[1]))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for j, (name, method) in enumerate(lines):
+        mine = sorted((r for r in drawn if r.method == method and series(r) == name), key=lambda r: r.teacher_forwards)
+        ax.errorbar([r.teacher_forwards for r in mine], [100 * r.top1[0] for r in mine],
+                    yerr=[100 * r.top1[1] for r in mine], fmt="o-", ms=4, capsize=3, color=f"C{j}",
+                    label=f"{method} ({name})" if name else method)
+        for r in mine:
+            ax.annotate(r.variant.split("_", 1)[-1], (r.teacher_forwards, 100 * r.top1[0]),
+                        textcoords="offset points", xytext=(4, -10 - 7 * j), fontsize=7, color=f"C{j}")
+    ax.set_xscale("log")
+    ax.set_xlabel("teacher forwards behind the targets (rows × views)")
+    ax.set_ylabel("top-1 (%), mean ± std over seeds")
+    ax.set_title("what a teacher call buys")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 

@@ -58,6 +58,7 @@ class Summary:
     seconds: tuple[float, float] | None  # distill wall time, when recorded
     kl: tuple[float, float] = (math.nan, math.nan)  # KL(teacher ‖ student)
     diverged: int = 0  # seeds left out because a figure is NaN / inf
+    teacher_forwards: float | None = None  # behind the targets learned from (mean over seeds), when recorded
 
     @property
     def failed(self) -> bool:
@@ -148,6 +149,7 @@ def summary(variant: str, method: str, rows: list[tuple[int, Mapping[str, float]
     good = [row for _, row in rows if not diverged(row)]
     nan = (math.nan, math.nan)
     times = [row[M.EVAL_SECONDS] for _, row in rows if M.EVAL_SECONDS in row]
+    forwards = [row[M.EVAL_TEACHER_FORWARDS] for _, row in rows if M.EVAL_TEACHER_FORWARDS in row]
     return Summary(
         variant=variant, method=method, seeds=seeds,
         top1=mean_std(row[M.EVAL_TOP1] for row in good) if good else nan,
@@ -155,6 +157,7 @@ def summary(variant: str, method: str, rows: list[tuple[int, Mapping[str, float]
         seconds=mean_std(times) if len(times) == len(rows) else None,
         kl=mean_std(row[M.EVAL_KL] for row in good) if good else nan,
         diverged=len(rows) - len(good),
+        teacher_forwards=sum(forwards) / len(forwards) if len(forwards) == len(rows) else None,
     )
 
 

@@ -374,6 +374,12 @@ class DistillConfig(StrictConfig):
     teacher's. Either way the student sees the same crop box as the teacher, rendered at its
     own size and normalisation.
 
+    ``views``: the cached views the student draws from (indices into the cache's V; null:
+    all). ``rows_fraction``: train on a seeded subset (``rows_seed``) of that fraction of the
+    train rows (memory mode). Together they set the teacher forwards behind the student's
+    targets, rows × views (the metrics report it): the naive one-output cache is ``views:
+    [0]``, a single random view ``views: [1]``.
+
     ``per_method``: each method's own settings, merged over the section for that method only
     (nested like the section: ``per_method: {kd: {temperature: 4.0, optim: {lr: 0.02}}}``), so
     every method can run with the settings validated for it (``cifd tune`` writes them in this
@@ -403,6 +409,9 @@ class DistillConfig(StrictConfig):
     feature_norm: Literal["global", "sample"] = "global"
     distortion: Literal["mse", "smooth_l1"] = "mse"
     ckd_weight: float = 0.0
+    views: tuple[int, ...] | None = None
+    rows_fraction: float = 1.0
+    rows_seed: int = 0
     data: Literal["memory", "stream"] = "memory"
     loader_workers: int = 0
     shuffle_buffer: int = 1000
@@ -448,6 +457,13 @@ class DistillConfig(StrictConfig):
             require(getattr(self, name) >= 0, section, name, getattr(self, name), "expected >= 0")
         require(self.rdm_weights is None or all(w >= 0 for w in self.rdm_weights), section, "rdm_weights",
                 self.rdm_weights, "expected null (all 1) or one weight >= 0 per RDM")
+        require(self.views is None or (len(self.views) >= 1 and len(set(self.views)) == len(self.views)
+                                       and all(isinstance(v, int) and v >= 0 for v in self.views)),
+                section, "views", self.views, "expected null (every cached view) or a list of distinct view indices >= 0")
+        require(0.0 < self.rows_fraction <= 1.0, section, "rows_fraction", self.rows_fraction,
+                "expected 0 < fraction <= 1 (1: every train row)")
+        require(self.rows_fraction == 1.0 or self.data == "memory", section, "rows_fraction", self.rows_fraction,
+                "a subset of the train rows needs distill.data: memory (the stream reads whole shards)")
         require(self.loader_workers >= 0, section, "loader_workers", self.loader_workers, "expected >= 0")
         require(self.threads >= 1, section, "threads", self.threads, "expected >= 1")
         _check_device(section, self.device)

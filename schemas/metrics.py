@@ -45,6 +45,7 @@ SECONDS = "seconds"  # wall time of the whole stage, cache loading to saved stud
 DEVICE = "device"
 WORLD = "world_size"
 THREADS = "torch_threads"
+# and TEACHER_FORWARDS: the teacher forwards behind the targets it learned from (rows × views drawn)
 
 # evaluate.json: one entry per method plus "teacher"
 EVALUATE = "evaluate.json"
@@ -52,4 +53,5 @@ EVAL_TOP1 = "val_top1"
 EVAL_AGREEMENT = "teacher_agreement"
 EVAL_KL = "kl_teacher_student"
 EVAL_SECONDS = "distill_seconds"  # copied from distill/<method>.json when present
+EVAL_TEACHER_FORWARDS = "teacher_forwards"  # likewise
 EVAL_PLOT = "distill_accuracy.png"

@@ -79,7 +79,21 @@ def loss_weights(cfg: DistillConfig) -> LossWeights:
 def loop_settings(cfg: DistillConfig) -> LoopSettings:
     """The loop's settings, from the stage config."""
     return LoopSettings(epochs=cfg.epochs, seed=cfg.seed, optim=cfg.optim, amp=cfg.amp,
-                        channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size)
+                        channels_last=cfg.channels_last, eval_batch_size=cfg.eval_batch_size, views=cfg.views)
+
+
+def train_rows(num_rows: int, fraction: float, seed: int) -> torch.Tensor | None:
+    """The seeded subset of the train rows a student trains on (``distill.rows_fraction``),
+    ascending; None for every row. The same seed gives every method the same rows."""
+    if fraction >= 1.0:
+        return None
+    keep = max(1, int(round(num_rows * fraction)))
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
+
+
+def teacher_forwards(cfg: DistillConfig, info: TargetInfo, rows: torch.Tensor | None) -> int:
+    """The teacher forwards behind the targets a student learns from: rows × views drawn."""
+    return (info.num_rows if rows is None else len(rows)) * (info.num_views if cfg.views is None else len(cfg.views))
 
 
 def student_preprocess(cfg: DistillConfig, backbone: torch.nn.Module, *, teacher: Preprocess,
@@ -180,7 +194,11 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
             raise CacheError(f"cache and shards disagree at row {row}: label {int(block.labels[row])} in the "
                              f"shards, {int(labels[row])} in the cache; rerun `cifd embed`")
         batches = MemoryBatches(held_images(block, manifest, device), targets, preprocess=preprocess,
-                                batch_size=cfg.batch_size, rank=rank, world=world)
+                                batch_size=cfg.batch_size, rank=rank, world=world,
+                                rows=train_rows(info.num_rows, cfg.rows_fraction, cfg.rows_seed))
+    if cfg.views is not None and max(cfg.views) >= info.num_views:
+        raise ConfigError(f"distill.views = {list(cfg.views)}: the cache {paths.cache} holds {info.num_views} views "
+                          f"per row (indices 0..{info.num_views - 1}); list views it holds, or null for all")
     if batches.steps < 1:
         raise ConfigError(f"distill.batch_size = {cfg.batch_size} leaves no full batch per rank "
                           f"({info.num_rows} rows, {world} ranks, data: {cfg.data}); lower it")
@@ -243,6 +261,7 @@ def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world:
             M.VAL_TOP1: round(last.val_top1, 5), M.EVAL_AGREEMENT: round(last.val_agreement, 5),
             M.EPOCHS: cfg.epochs, M.SECONDS: round(seconds, 2), M.DEVICE: device.type, M.WORLD: world,
             M.THREADS: torch.get_num_threads(),
+            M.TEACHER_FORWARDS: teacher_forwards(cfg, inputs.info, inputs.batches.rows),
         })
         print(f"distill {method}: val top-1 {last.val_top1:.4f}, agreement {last.val_agreement:.4f} "
               f"after {cfg.epochs} epochs ({seconds:.1f}s, {world} rank(s), data: {cfg.data})")

@@ -56,7 +56,10 @@ def run(params: Path) -> None:
                          M.EVAL_KL: round(result.kl, 5)}
         timing = Path(paths.metrics) / M.DISTILL_DIR / f"{method}.json"
         if timing.is_file():
-            table[method][M.EVAL_SECONDS] = json.loads(timing.read_text())[M.SECONDS]
+            record = json.loads(timing.read_text())
+            table[method][M.EVAL_SECONDS] = record[M.SECONDS]
+            if M.TEACHER_FORWARDS in record:
+                table[method][M.EVAL_TEACHER_FORWARDS] = record[M.TEACHER_FORWARDS]
         curve = Path(paths.plots) / "distill" / f"{method}.csv"
         if curve.is_file():
             with open(curve) as handle:

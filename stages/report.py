@@ -1,6 +1,8 @@
 """``cifd report``: the method table. Without listings, of this workspace (``evaluate.json``
 under ``paths.metrics``); with ``dvc exp show --json`` listings, of the experiments (mean ± std
-over seeds), also written to ``--out`` as study.json, study.md and study_top1.png."""
+over seeds), also written to ``--out`` as study.json, study.md and study_top1.png (and
+study_budget.png, top-1 against teacher forwards, when the experiments span several
+budgets: ``distill.views`` / ``distill.rows_fraction``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from report.plots import plot_study
+from report.plots import plot_budget, plot_study
 from report.study import (
     StudyError,
     cost_vs_kd,
@@ -88,5 +90,7 @@ def run(listings: Sequence[Path], out: Path) -> None:
     })
     (out / "study.md").write_text(markdown_table(rows))
     plot_study(rows, teacher_top1=teachers, path=out / "study_top1.png")
+    budget = plot_budget(rows, path=out / "study_budget.png")
     print(text_table(rows), end="")
-    print(f"report: {len(experiments)} experiments, {len(rows)} rows -> {out} (study.md, study.json, study_top1.png)")
+    plots = "study_top1.png" + (", study_budget.png" if budget else "")
+    print(f"report: {len(experiments)} experiments, {len(rows)} rows -> {out} (study.md, study.json, {plots})")

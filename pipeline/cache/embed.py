@@ -47,6 +47,7 @@ from pipeline.cache.store import (
     swap_in,
     write_rows,
 )
+from pipeline.data.held import held_rows
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import Manifest, read_shard
 from pipeline.data.mixup import MIXUP_SEED_TAG, sample_mixup, unmixed
@@ -87,16 +88,11 @@ def teacher_outputs(
     flat_views = views.reshape(n * v, -1)
     if mix is not None:
         partners, flat_mix = mix[0].reshape(n * v), mix[1].reshape(n * v, -1)
-    batched = isinstance(images, torch.Tensor)
-
-    def pick(index: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        return images[index.to(images.device)] if batched else [images[r] for r in index.tolist()]  # type: ignore[index]
-
     embs, logits = [], []
     for start in range(0, n * v, batch_size):
         sel = slice(start, start + batch_size)
-        x = render_inputs(pick(rows[sel]), flat_views[sel], preprocess=preprocess,
-                          mix=None if mix is None else (pick(partners[sel]), flat_mix[sel]))
+        x = render_inputs(held_rows(images, rows[sel]), flat_views[sel], preprocess=preprocess,
+                          mix=None if mix is None else (held_rows(images, partners[sel]), flat_mix[sel]))
         e = model.embed(x.to(device, non_blocking=True))
         embs.append(e.float())
         logits.append(model.classify(e).float())

@@ -4,12 +4,14 @@ size, else a list of host images of any sizes (rendered one by one)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from pipeline.data.shards import Manifest, ShardBlock
 
-__all__ = ["held_images"]
+__all__ = ["held_images", "held_rows"]
 
 
 def held_images(block: ShardBlock, manifest: Manifest, device: torch.device) -> Tensor | list[Tensor]:
@@ -18,3 +20,11 @@ def held_images(block: ShardBlock, manifest: Manifest, device: torch.device) -> 
     if manifest.image_shape is not None:
         return torch.from_numpy(block.stacked()).to(device)
     return [torch.from_numpy(image) for image in block.images]
+
+
+def held_rows(images: Tensor | Sequence[Tensor], rows: Tensor) -> Tensor | list[Tensor]:
+    """The held images of global ``rows`` (host or device int64): a batch on the images'
+    device when they are one batch, else the list of those host images."""
+    if isinstance(images, Tensor):
+        return images[rows.to(images.device, non_blocking=True)]
+    return [images[r] for r in rows.tolist()]

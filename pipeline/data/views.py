@@ -276,17 +276,19 @@ def render_pixels(images_u8: Tensor | Sequence[Tensor], params: Tensor, *, out_s
     """uint8 images + (B, 5) views → float32 (B, C, S, S) pixels in [0, 1], before
     normalisation (what :func:`render_views` normalises; mixed views mix these)."""
     if isinstance(images_u8, Tensor):
-        images = replay_views(images_u8.float().div_(255.0), params, out_size=out_size,
-                              interpolation=interpolation)
+        images = replay_views(images_u8.double(), params, out_size=out_size, interpolation=interpolation)
     else:
         if len(images_u8) != len(params):
             raise ValueError(f"{len(images_u8)} images but {len(params)} view params; expected one view per image")
         parts = []
         for image, box in zip(images_u8, params.to(torch.float32), strict=True):
             image, box = _window(image, box, out_size=out_size, interpolation=interpolation)
-            parts.append(replay_views(image[None].float().div_(255.0), box[None], out_size=out_size,
+            parts.append(replay_views(image[None].double(), box[None], out_size=out_size,
                                       interpolation=interpolation))
-        images = torch.cat(parts) if parts else torch.zeros(0, channels, out_size, out_size)
+        images = torch.cat(parts) if parts else torch.zeros(0, channels, out_size, out_size, dtype=torch.float64)
+    # Rendered on the 0..255 values in float64 (exact: the same bits in any batch), then
+    # scaled; k / 255 rounds to the float32 that float32(k) / 255 gives (checked for every k).
+    images = images.div_(255.0).float()
     # A bicubic filter overshoots near sharp edges; image loaders clip to the pixel range
     # (PIL, torchvision on uint8), and so does the replay: the eval view is theirs.
     return images.clamp_(0.0, 1.0)

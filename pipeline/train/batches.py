@@ -17,6 +17,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from pipeline.data.held import held_rows
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.train.targets import Batch, Targets, gather_targets
 
@@ -30,10 +31,12 @@ class BatchSource(Protocol):
     ``batch`` the cached targets of those (row, view) pairs.
 
     ``steps`` is the number of batches every call yields: the same on every rank (DDP needs
-    equal step counts, and the LR schedule is built from it).
+    equal step counts, and the LR schedule is built from it). ``rows``: the global rows the
+    source trains on, ascending (the loop permutes them each epoch), or None for every row.
     """
 
     steps: int
+    rows: Tensor | None
 
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Batch]]: ...
 
@@ -48,29 +51,34 @@ class MemoryBatches:
     same-size images (no host work in the loop), or N images (C, H_i, W_i) of any sizes
     (rendered one by one on the host, then moved).
 
-    ``targets``: every row's cached targets and view boxes, on the device. Rank ``r`` of
-    ``world`` takes ``order[r::world]`` cut to ``N // world`` rows, so every rank has the same
-    number of full batches.
+    ``targets``: every row's cached targets and view boxes, on the device. ``rows``: train on
+    these global rows only (ascending; None: every row); images and targets stay whole, so a
+    mixed view's partner outside ``rows`` is still there. Rank ``r`` of ``world`` takes
+    ``order[r::world]`` cut to ``n // world`` rows, so every rank has the same number of full
+    batches.
     """
 
     def __init__(self, images: Tensor | Sequence[Tensor], targets: Targets, *, preprocess: Preprocess,
-                 batch_size: int, rank: int, world: int) -> None:
+                 batch_size: int, rank: int, world: int, rows: Tensor | None = None) -> None:
         if len(images) != targets.num_rows:
             raise ValueError(f"{len(images)} images but targets for {targets.num_rows} rows")
+        if rows is not None and (rows.ndim != 1 or len(rows) < 1 or int(rows.min()) < 0
+                                 or int(rows.max()) >= targets.num_rows or bool((rows[1:] <= rows[:-1]).any())):
+            raise ValueError(f"rows must be distinct ascending row indices in [0, {targets.num_rows})")
         self.images, self.targets, self.preprocess = images, targets, preprocess
         self.device = targets.views.device
         self.host_boxes = targets.views.cpu()  # views are looked up on the host: no device sync per batch
         self.host_partner = None if targets.mix_partner is None else targets.mix_partner.cpu()
         self.host_mix = None if targets.mix is None else targets.mix.cpu()
         self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.per_rank = len(images) // world if world > 1 else len(images)
+        self.rows = None if rows is None else rows.cpu().long()
+        n = len(images) if self.rows is None else len(self.rows)
+        self.per_rank = n // world if world > 1 else n
         self.steps = steps_per_epoch(self.per_rank, batch_size, world)
 
     def _images(self, rows: Tensor) -> Tensor | list[Tensor]:
         """The images of host ``rows``: one batch on their device (same size), else a list."""
-        if isinstance(self.images, Tensor):
-            return self.images[rows.to(self.images.device, non_blocking=True)]
-        return [self.images[r] for r in rows.tolist()]
+        return held_rows(self.images, rows)
 
     def __call__(self, epoch: int, order: Tensor, choice: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Batch]]:
         mine = order.cpu()[self.rank::self.world][:self.per_rank]

@@ -88,6 +88,7 @@ class LoopSettings:
     amp: bool  # bf16 autocast on CUDA
     channels_last: bool
     eval_batch_size: int
+    views: tuple[int, ...] | None = None  # the cached views drawn from (None: all)
 
 
 @dataclass
@@ -139,6 +140,10 @@ def train_student(
     started = run.started if run.started is not None else time.perf_counter()
     loop, device = run.loop, run.device
     num_rows = info.num_rows
+    pool = batches.rows  # the rows trained on (None: all); views are drawn for every row, by global index
+    allowed = None if loop.views is None else torch.tensor(loop.views, dtype=torch.int64)
+    if allowed is not None and int(allowed.max()) >= info.num_views:
+        raise ValueError(f"views {list(loop.views or ())} asked for, but the cache holds {info.num_views} per row")
     if batches.steps < 1:
         raise ValueError(f"the batch source yields no batch per epoch ({num_rows} rows, {run.world} rank(s)); "
                          "lower distill.batch_size")
@@ -176,8 +181,10 @@ def train_student(
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext())
     for epoch in range(start_epoch, loop.epochs):
         model.train()
-        order = torch.randperm(num_rows, generator=generator)
-        choice = torch.randint(info.num_views, (num_rows,), generator=generator)
+        order = (torch.randperm(num_rows, generator=generator) if pool is None
+                 else pool[torch.randperm(len(pool), generator=generator)])
+        choice = (torch.randint(info.num_views, (num_rows,), generator=generator) if allowed is None
+                  else allowed[torch.randint(len(allowed), (num_rows,), generator=generator)])
         noise.manual_seed(derived_seed(loop.seed, epoch, run.rank))
         draws.manual_seed(derived_seed(loop.seed, epoch, DRAWS_STREAM))
         total = torch.zeros((), device=device)

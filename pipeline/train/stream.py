@@ -168,6 +168,7 @@ class StreamBatches:
             raise ValueError(f"stream mode gives each of the {world} ranks whole shards, but the {split} split has "
                              f"only {len(self.urls)}; use distill.data: memory, or prepare smaller shards")
         self.num_rows = teacher.num_rows
+        self.rows: Tensor | None = None  # every row: the stream reads whole shards
         self.teacher, self.rdm, self.fields = teacher, rdm, fields
         self.rdm_head = rdm_head.to(device) if rdm_head is not None else None  # RDM logits: made in _yield
         fmt: LogitsFormat | None = getattr(teacher, "logits_format", None)

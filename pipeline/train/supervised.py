@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch import Tensor
 
+from pipeline.data.held import held_rows
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import CorruptSampleError, Manifest, decode_image
 from pipeline.data.views import ViewPolicy, sample_views
@@ -88,11 +89,7 @@ class HeldLabelled:
         device = self.labels.device
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            if isinstance(self.images, Tensor):
-                images: Tensor | list[Tensor] = self.images[idx.to(self.images.device)]
-            else:
-                images = [self.images[i] for i in idx.tolist()]
-            x = render_inputs(images, boxes[idx], preprocess=self.preprocess).to(device)
+            x = render_inputs(held_rows(self.images, idx), boxes[idx], preprocess=self.preprocess).to(device)
             yield idx, x, self.labels[idx.to(device)]
 
 

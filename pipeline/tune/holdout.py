@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from pipeline.data.held import held_rows
 from pipeline.train.batches import MemoryBatches
 from pipeline.evaluate import ValSet
 from pipeline.train.targets import TargetInfo, Targets
@@ -69,9 +70,7 @@ def carve_holdout(batches: MemoryBatches, *, fraction: float, seed: int, batch_s
     images = batches.images
 
     def pick(rows: Tensor) -> Tensor | list[Tensor]:
-        if isinstance(images, Tensor):
-            return images[rows.to(images.device)]
-        return [images[r] for r in rows.tolist()]
+        return held_rows(images, rows)
 
     train_targets = _subset_targets(targets, train_rows)
     val_targets = _subset_targets(targets, val_rows)

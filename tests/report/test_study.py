@@ -129,6 +129,7 @@ def test_cli_report_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert any(line.split()[:3] == ["main", "cifd", "3"] and "61.00 ± 1.00" in line  # the terminal table
                for line in result.output.splitlines())
     assert (out / "study_top1.png").stat().st_size > 1000
+    assert not (out / "study_budget.png").exists()  # one teacher budget: nothing to plot against
 
     # The same listing twice would double-count seeds: refused with a clear line.
     result = CliRunner().invoke(main, ["report", str(path), str(path), "--out", str(out)])
@@ -198,3 +199,23 @@ def test_report_of_the_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert lines[1].split() == ["kd", "1", "67.34", "70.00", "0.1000", "12", "1.00"]
     assert lines[2].split() == ["cifd", "1", "71.00", "75.00", "0.2500", "18", "1.50"]
     assert "teacher top-1 90.00 %" in lines[3] and "distill.seed 3" in lines[3]
+
+
+def test_teacher_budgets_give_a_budget_plot(tmp_path: Path) -> None:
+    """Variants that differ in the teacher forwards behind their targets (distill.views,
+    distill.rows_fraction) are drawn against them; the figure per row is the seeds' mean."""
+    def row(top1: float, forwards: int) -> dict[str, float]:
+        return _row(top1, top1) | {M.EVAL_TEACHER_FORWARDS: forwards}
+
+    listing = _listing(*[_rev(f"{name}-s{s}", s, {"teacher": TEACHER, "kd": row(0.5 + k / 10 + s / 100, f),
+                                                   "cifd": row(0.52 + k / 10, f)})
+                         for k, (name, f) in enumerate([("v1", 1000), ("v4", 4000), ("v8", 8000)]) for s in range(2)])
+    rows = {(r.variant, r.method): r for r in summarize(parse_exp_show(listing))}
+    assert rows[("v4", "kd")].teacher_forwards == 4000 and math.isclose(rows[("v4", "kd")].top1[0], 0.605)
+    path = tmp_path / "exps.json"
+    path.write_text(json.dumps(listing))
+    result = CliRunner().invoke(main, ["report", str(path), "--out", str(tmp_path / "study")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "study" / "study_budget.png").stat().st_size > 1000 and "study_budget.png" in result.output
+    saved = {(r["variant"], r["method"]): r for r in json.loads((tmp_path / "study" / "study.json").read_text())["rows"]}
+    assert saved[("v8", "cifd")]["teacher_forwards"] == 8000

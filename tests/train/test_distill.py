@@ -437,7 +437,7 @@ class _Recording:
     """A batch source that records the (row, view) pairs it yields, per epoch."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.steps = inner, inner.steps
+        self.inner, self.steps, self.rows = inner, inner.steps, inner.rows
         self.pairs: dict[int, set[tuple[int, int]]] = {}
 
     def __call__(self, epoch, order, choice):
