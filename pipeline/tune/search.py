@@ -153,8 +153,16 @@ def run_study(study: optuna.Study, *, lock: Path, space: Sequence[tuple[str, Par
                     if finished(study) >= trials:
                         study.stop()
 
-            study.optimize(objective, n_trials=todo, n_jobs=n_jobs, callbacks=[callback],
-                           catch=(), gc_after_trial=False)
+            # Enqueued trials one at a time: two threads on one SQLite study can both take the
+            # same waiting trial (no row lock), and the second then cannot report it.
+            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            if waiting and n_jobs > 1:
+                study.optimize(objective, n_trials=min(waiting, todo), n_jobs=1, callbacks=[callback],
+                               catch=(), gc_after_trial=False)
+                todo = trials - finished(study)
+            if todo > 0:
+                study.optimize(objective, n_trials=todo, n_jobs=n_jobs, callbacks=[callback],
+                               catch=(), gc_after_trial=False)
             return ran
     except Timeout as exc:
         raise StudyBusy(f"another `cifd tune` holds {lock}; wait for it, or stop it (a killed run leaves "

@@ -117,6 +117,27 @@ def _states(db: Path) -> list[str]:
             return []
 
 
+def test_enqueued_trials_run_once_each_with_two_jobs(tmp_path: Path) -> None:
+    """Two threads on one SQLite study both took the first enqueued trial and the second
+    crashed the study ("Cannot tell a COMPLETE trial"), seen on CIFAR with n_jobs 2: the
+    enqueued trials now run one at a time, then the rest two at a time."""
+    space = _space()
+    seen: list[float] = []
+
+    def trial_fn(settings, report):
+        seen.append(settings["optim.lr"])
+        time.sleep(0.2)  # both threads are inside a trial at once
+        report(1, settings["optim.lr"])
+        return settings["optim.lr"]
+
+    study = open_study(tmp_path / "kd.db", name="kd", identity={"space": "x"}, seed=0, pruner="none",
+                       startup_trials=1)
+    enqueue(study, space, [{"optim.lr": 0.05}, {"optim.lr": 0.01}])
+    assert run_study(study, lock=tmp_path / "kd.lock", space=space, trial_fn=trial_fn, trials=6, n_jobs=2) == 6
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 6
+    assert seen[:2] == [0.05, 0.01] and seen.count(0.05) == 1 and seen.count(0.01) == 1 and len(seen) == 6
+
+
 def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(project, tmp_path: Path) -> None:
     from stages import tune as stage
 
