@@ -18,6 +18,9 @@
 set -euo pipefail
 
 preset=${PRESET:-presets/cifar10.yaml}
+snapshot=$(mktemp)  # the preset as it was (PRESET=params.yaml: dvc exp run leaves params.yaml changed)
+cp "$preset" "$snapshot"
+trap 'rm -f "$snapshot"' EXIT
 cache=(-S embed.views=12 -S '++embed.mixup.views=4' -S '++embed.mixup.alpha=1.0')
 kd_cifd=(-S 'distill.methods=[kd,cifd]' -S 'evaluate.methods=[kd,cifd]')
 only_kd=(-S 'distill.methods=[kd]' -S 'evaluate.methods=[kd]')
@@ -25,9 +28,9 @@ only_kd=(-S 'distill.methods=[kd]' -S 'evaluate.methods=[kd]')
 exp() {  # exp NAME [-S key=value ...]: one experiment from the preset on the 12-view cache
     local name=$1
     shift
-    [ "$preset" -ef params.yaml ] || cp "$preset" params.yaml
+    cp "$snapshot" params.yaml
     uv run dvc exp run -n "$name" "${cache[@]}" "$@"  # an existing name fails: `dvc exp remove NAME` first
-    [ "$preset" -ef params.yaml ] || cp "$preset" params.yaml
+    cp "$snapshot" params.yaml  # leave the workspace on the preset for the next piece
 }
 
 views() {  # the distill.views list of a consistency variant
@@ -45,8 +48,9 @@ shift || true
 seeds=${*:-0 1 2}
 case $piece in
     base)
-        [ "$preset" -ef params.yaml ] || cp "$preset" params.yaml
+        cp "$snapshot" params.yaml
         uv run dvc exp run -n claims-base "${cache[@]}" rdm
+        cp "$snapshot" params.yaml
         ;;
     consistency)
         for s in $seeds; do
@@ -76,7 +80,7 @@ case $piece in
             uv run dvc exp run -n "patience_e$e-s0" -S "distill.epochs=$e" \
                 -S 'distill.methods=[kd,dgkd,cifd]' -S 'evaluate.methods=[kd,dgkd,cifd]'
         done
-        [ "$preset" -ef params.yaml ] || cp "$preset" params.yaml
+        cp "$snapshot" params.yaml
         ;;
     report)
         uv run dvc exp show --json > "${EXPS:-exps_claims.json}"
