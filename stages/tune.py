@@ -82,6 +82,10 @@ def run(params: Path, method: str) -> dict[str, Any]:
     space = tune.specs(method)
     if tune.epochs is not None:
         base = dataclasses.replace(base, epochs=tune.epochs)
+    if base.rows_fraction < 1.0:  # the holdout is carved from every train row
+        raise ConfigError(f"cifd tune carves its holdout from every train row, but distill.rows_fraction is "
+                          f"{base.rows_fraction:g}; tune with rows_fraction: 1 (the held-out rows are a fraction "
+                          "of their own: tune.holdout_fraction)")
     base = dataclasses.replace(base, data="memory")
     device = resolve_device(base.device)
     torch.set_num_threads(base.threads)

@@ -115,3 +115,13 @@ def test_a_view_the_cache_does_not_hold_is_refused_before_training(project, tmp_
     with pytest.raises(ConfigError, match=rf"distill\.views = \[{num_views}\].*holds {num_views} views") as err:
         _inputs(project, tmp_path, views=[num_views])
     assert "\n" not in str(err.value)
+
+
+def test_tune_refuses_a_row_subset_in_one_line(project, tmp_path: Path) -> None:
+    from stages import tune as tune_stage
+
+    params = project.params(tmp_path, distill={"rows_fraction": 0.5},
+                            tune={"trials": 1, "space": {"kd": {"optim.lr": {"low": 0.001, "high": 0.01}}}})
+    with pytest.raises(ConfigError, match=r"distill\.rows_fraction is 0\.5") as err:
+        tune_stage.run(params, "kd")
+    assert "\n" not in str(err.value)
