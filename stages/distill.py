@@ -91,8 +91,11 @@ def train_rows(num_rows: int, fraction: float, seed: int) -> torch.Tensor | None
     return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
 
 
-def teacher_forwards(cfg: DistillConfig, info: TargetInfo, rows: torch.Tensor | None) -> int:
-    """The teacher forwards behind the targets a student learns from: rows × views drawn."""
+def teacher_forwards(cfg: DistillConfig, info: TargetInfo, rows: torch.Tensor | None, method: str) -> int:
+    """The teacher forwards behind the targets a student learns from: rows × views drawn (0
+    for ``ce``, which learns from the labels alone)."""
+    if method == "ce":
+        return 0
     return (info.num_rows if rows is None else len(rows)) * (info.num_views if cfg.views is None else len(cfg.views))
 
 
@@ -261,7 +264,7 @@ def _distill(paths: Paths, cfg: DistillConfig, method: str, *, rank: int, world:
             M.VAL_TOP1: round(last.val_top1, 5), M.EVAL_AGREEMENT: round(last.val_agreement, 5),
             M.EPOCHS: cfg.epochs, M.SECONDS: round(seconds, 2), M.DEVICE: device.type, M.WORLD: world,
             M.THREADS: torch.get_num_threads(),
-            M.TEACHER_FORWARDS: teacher_forwards(cfg, inputs.info, inputs.batches.rows),
+            M.TEACHER_FORWARDS: teacher_forwards(cfg, inputs.info, inputs.batches.rows, method),
         })
         print(f"distill {method}: val top-1 {last.val_top1:.4f}, agreement {last.val_agreement:.4f} "
               f"after {cfg.epochs} epochs ({seconds:.1f}s, {world} rank(s), data: {cfg.data})")

@@ -90,6 +90,9 @@ def test_the_metrics_report_the_teacher_forwards_behind_the_targets(project, tmp
     distill_stage.run(params, "kd")
     record = json.loads((tmp_path / "metrics" / "distill" / "kd.json").read_text())
     assert record["teacher_forwards"] == round(n * 0.4) * 2
+    ce = project.params(tmp_path / "ce", distill={"views": [1, 2], "methods": ["ce"]})
+    distill_stage.run(ce, "ce")  # labels only: no teacher forward behind its targets
+    assert json.loads((tmp_path / "ce" / "metrics" / "distill" / "ce.json").read_text())["teacher_forwards"] == 0
     plain = project.params(tmp_path / "plain", distill={"methods": ["kd"]})
     distill_stage.run(plain, "kd")
     assert json.loads((tmp_path / "plain" / "metrics" / "distill" / "kd.json").read_text())["teacher_forwards"] \
