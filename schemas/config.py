@@ -73,14 +73,21 @@ class MixupConfig(StrictConfig):
     (1 − λ) · partner view`` in pixels, the partner another image of the same shard, ``λ ~
     Beta(alpha, alpha)``; the teacher's outputs are those of the mixed image. ``views: 0``
     (the default) mixes nothing. The val split is never mixed.
+
+    ``cutmix``: of those mixed views, the last ``cutmix`` are CutMix views instead (Yun et
+    al.): a box of the partner's view, its side ``floor(S · sqrt(1 − λ₀))`` with ``λ₀ ~
+    Beta(alpha, alpha)``, pasted at a uniform centre; λ is the own pixels' fraction left.
     """
 
     views: int = 0
     alpha: float = 1.0
+    cutmix: int = 0
 
     def check(self, section: str) -> None:
         require(self.views >= 0, section, "views", self.views, "expected >= 0 (0: no mixed views)")
         require(self.alpha > 0, section, "alpha", self.alpha, "expected > 0 (Beta(alpha, alpha))")
+        require(0 <= self.cutmix <= self.views, section, "cutmix", self.cutmix,
+                f"expected 0 <= cutmix <= {section}.views ({self.views}): CutMix views are some of the mixed views")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,10 @@ ROW_ARRAYS = (EMBEDDINGS, LOGITS, VIEWS, LABELS, INDEX)  # embed.logits = stored
 MIX_PARTNER = "mix_partner"  # (N, V) int64: the partner row of a mixed view (the row itself where unmixed)
 MIX = "mix"  # (N, V, 6) float32: lambda (1 where unmixed), then the partner's view box
 MIXUP_CACHE_SCHEMA_VERSION = 4
-READABLE_CACHE_SCHEMAS = (CACHE_SCHEMA_VERSION, MIXUP_CACHE_SCHEMA_VERSION)
+# With CutMix views (embed.mixup.cutmix), MIX is (N, V, 10): the pasted box follows, and the
+# schema is 5 (a schema-4 reader would blend what it must paste, so it refuses the cache).
+CUTMIX_CACHE_SCHEMA_VERSION = 5
+READABLE_CACHE_SCHEMAS = (CACHE_SCHEMA_VERSION, MIXUP_CACHE_SCHEMA_VERSION, CUTMIX_CACHE_SCHEMA_VERSION)
 LOGITS_CHOICES = ("stored", "from_head")
 
 
@@ -71,9 +74,9 @@ def teacher_row_arrays(logits: str, topk: int | None, mixed: bool = False) -> tu
     return (EMBEDDINGS, *logits_arrays(logits, topk), VIEWS, LABELS, INDEX) + ((MIX_PARTNER, MIX) if mixed else ())
 
 
-def cache_schema(mixed: bool) -> int:
-    """The schema version a teacher cache is written with."""
-    return MIXUP_CACHE_SCHEMA_VERSION if mixed else CACHE_SCHEMA_VERSION
+def cache_schema(mixed: bool, cutmix: bool = False) -> int:
+    """The schema version a teacher cache is written with (``cutmix``: it has CutMix views)."""
+    return CUTMIX_CACHE_SCHEMA_VERSION if cutmix else MIXUP_CACHE_SCHEMA_VERSION if mixed else CACHE_SCHEMA_VERSION
 
 
 # Chunk compression of every cache array (Blosc): zstd level 3 with byte shuffle, then a

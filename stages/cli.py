@@ -253,6 +253,9 @@ def cache_info_cmd(path: Path, as_json: bool, topk: int | None) -> None:
             mix = info["views"]["mixup"]
             click.echo(f"mixup      the last {mix['views']} views of every train image mixed, lambda ~ Beta({mix['alpha']}, "
                        f"{mix['alpha']}), partner in the same shard")
+            if mix.get("cutmix"):
+                click.echo(f"cutmix     the last {mix['cutmix']} of those paste a box of the partner (CutMix) instead of "
+                           "blending")
         click.echo(f"dtypes     {info['dtypes']}")
         lg = info["logits"]
         click.echo(f"logits     {lg['kind']}" + (f", top-{lg['topk']}" if lg["topk"] else "")

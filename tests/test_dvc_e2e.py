@@ -1,6 +1,6 @@
 """End to end: ``dvc repro`` in a temporary git + DVC repo on a tiny digits configuration.
 
-Checks the whole DAG runs (on a cache with a mixed view per image), a second ``dvc repro`` does nothing, that editing one params
+Checks the whole DAG runs (on a cache with a mixup and a CutMix view per image), a second ``dvc repro`` does nothing, that editing one params
 section marks its own stage changed and nothing upstream of it (``dvc status``, one section
 at a time, params restored in between), and that a changed ``embed.views`` reaches ``embed``.
 """
@@ -19,8 +19,10 @@ from dvc_project import run as _run
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # One of the two cached views is a mixed view (embed.mixup): the whole DAG runs on a mixed cache.
-    return make_producer(tmp_path_factory.mktemp("e2e"), tiny_params({"embed": {"mixup": {"views": 1, "alpha": 1.0}}}))
+    # Two of the three cached views are mixed (embed.mixup): a blend, then a CutMix view; the
+    # whole DAG runs on that cache.
+    return make_producer(tmp_path_factory.mktemp("e2e"), tiny_params(
+        {"embed": {"views": 3, "mixup": {"views": 2, "alpha": 1.0, "cutmix": 1}}}))
 
 
 METHODS = ("ce", "kd", "dgkd", "cifd")
@@ -38,7 +40,7 @@ DOWNSTREAM = {
     "evaluate": set(),
 }
 # One edit per section (a value the stage would accept).
-EDITS = {"prepare": ("seed", 1), "teacher": ("seed", 1), "embed": ("views", 3), "rdm": ("seed", 1),
+EDITS = {"prepare": ("seed", 1), "teacher": ("seed", 1), "embed": ("views", 4), "rdm": ("seed", 1),
          "distill": ("seed", 1), "evaluate": ("batch_size", 32)}
 
 
@@ -56,10 +58,11 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
     table = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(table) == {"teacher", "ce", "kd", "dgkd", "cifd"}
     embed = json.loads((repo / "metrics/embed.json").read_text())
-    assert embed["views"] == 2 and embed["teacher_forwards"] == (160 + 60) * 2
+    assert embed["views"] == 3 and embed["teacher_forwards"] == (160 + 60) * 3
     from pipeline.cache.reader import open_cache
 
-    assert open_cache(repo / "cache/teacher.zarr").mixup["views"] == 1  # the students learnt from mixed views
+    mixup = open_cache(repo / "cache/teacher.zarr").mixup
+    assert mixup["views"] == 2 and mixup["cutmix"] == 1  # the students learnt from both kinds of mixed views
 
     # A second repro has nothing to do.
     assert _status(repo) == {}
@@ -102,8 +105,8 @@ def test_dvc_repro_end_to_end(repo: Path) -> None:
 
     # A changed embed.views reaches the embed stage.
     params = yaml.safe_load(original)
-    params["embed"]["views"] = 3
+    params["embed"]["views"] = 4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run([sys.executable, "-m", "dvc", "repro", "-s", "embed"], repo)
     embed = json.loads((repo / "metrics/embed.json").read_text())
-    assert embed["views"] == 3
+    assert embed["views"] == 4

@@ -80,7 +80,7 @@ def teacher_outputs(
     """Embeddings (n, V, D) and logits (n, V, C), float32, of uint8 ``images`` under ``views``
     (n, V, 5): a batch (n, C, H, W) of same-size images, rendered on its device, or n images
     (C, H_i, W_i) of any sizes, rendered one by one on the host. ``mix``: the partner of every
-    (row, view) as an index into ``images`` (n, V) and its mix params (n, V, 6)
+    (row, view) as an index into ``images`` (n, V) and its mix params (n, V, 6 or 10)
     (:mod:`pipeline.data.mixup`). Runs on the model's device."""
     n, v = views.shape[:2]
     device = next(model.parameters()).device
@@ -144,7 +144,7 @@ class ShardTask:
     fingerprint: str  # of the store this task writes into
     token: str  # of the run holding the store's writer lock
     partner: np.ndarray | None = None  # (n, V) int64 global partner rows (-1: unmixed), a mixed-view cache only
-    mix: np.ndarray | None = None  # (n, V, 6) float32 (lambda, partner box)
+    mix: np.ndarray | None = None  # (n, V, 6 or 10) float32 (lambda, partner box[, CutMix box])
 
 
 @dataclass(frozen=True)
@@ -331,10 +331,11 @@ def _fill(*, settings: EmbedConfig, manifest: Manifest, teacher_path: Path, stor
         partner, mix = None, None
         if settings.mixup.views:  # train views only: the val split is scored on clean views, never mixed
             bounds = [(e["start"], e["stop"]) for e in entry["shards"]]
-            partner, mix = (unmixed(len(sizes), settings.views) if split != "train" else sample_mixup(
+            cutmix = settings.mixup.cutmix
+            partner, mix = (unmixed(len(sizes), settings.views, cutmix=cutmix > 0) if split != "train" else sample_mixup(
                 sizes=sizes, shard_bounds=bounds, num_views=settings.views, mixed=settings.mixup.views,
                 alpha=settings.mixup.alpha, policy=settings.policy, image_size=preprocess.image_size,
-                crop_pct=preprocess.crop_pct, seed=derived_seed(settings.seed, MIXUP_SEED_TAG)))
+                crop_pct=preprocess.crop_pct, seed=derived_seed(settings.seed, MIXUP_SEED_TAG), cutmix=cutmix))
         done = np.asarray(root[split][L.DONE][:])
         report.per_split_rows[split] = entry["num_samples"]
         for i, shard in enumerate(entry["shards"]):

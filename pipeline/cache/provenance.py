@@ -60,7 +60,13 @@ def build_provenance(
             # Only a cache with mixed views records them: an unmixed cache's inputs stay as they were.
             **({"mixup": {"views": settings.mixup.views, "alpha": settings.mixup.alpha,
                           "partner": "another row of the same shard, uniform", "draw": "numpy default_rng(seed)",
-                          "render": "lambda * pixels(view) + (1 - lambda) * pixels(partner view), then normalised"}}
+                          "render": "lambda * pixels(view) + (1 - lambda) * pixels(partner view), then normalised",
+                          # Only a cache with CutMix views records them (a mixup cache's record stays as it was).
+                          **({"cutmix": settings.mixup.cutmix,
+                              "cutmix_render": "the last cutmix mixed views: pixels(view) with the box (fields cut_*, "
+                                               "fractions of the side) copied from pixels(partner view); lambda = the "
+                                               "own pixels' fraction (timm rand_bbox + correct_lam)"}
+                             if settings.mixup.cutmix else {})}}
                if settings.mixup.views else {}),
         },
         "dataset": {

@@ -27,6 +27,7 @@ from pipeline.cache.logits import LogitsFormat, bf16_bits
 from pipeline.cache.store import (
     CacheCorruptError,
     CacheError,
+    cache_schema_of,
     fill_value,
     fingerprint,
     head_digest,
@@ -34,6 +35,7 @@ from pipeline.cache.store import (
     mixup_of,
     shard_digest,
 )
+from pipeline.data.mixup import mix_fields
 from pipeline.data.shards import Manifest
 from schemas import layout as L
 
@@ -338,9 +340,15 @@ def open_cache(path: str | Path, expect: CacheExpectation | None = None) -> Teac
             f"{str(recorded)[:16]}…: its attributes were edited after it was written, so it cannot be trusted. "
             f"{TEACHER_FIX}")
     cache = TeacherCache(path, root)
-    if attrs.get(L.ATTR_SCHEMA) != L.cache_schema(cache.mixup is not None):  # the version says what is in it
-        raise _mismatch(path, "schema version", attrs.get(L.ATTR_SCHEMA), L.cache_schema(cache.mixup is not None),
+    if attrs.get(L.ATTR_SCHEMA) != cache_schema_of(cache.provenance):  # the version says what is in it
+        raise _mismatch(path, "schema version", attrs.get(L.ATTR_SCHEMA), cache_schema_of(cache.provenance),
                         "Its provenance and its schema disagree on mixed views: rebuild it (`cifd embed`).")
+    for split in cache.splits if cache.mixup is not None else ():  # the mix width decides how a view renders
+        found, want = (tuple(root[split][L.MIX].shape[2:]) if L.MIX in root[split] else None,  # type: ignore[union-attr]
+                       (len(mix_fields(bool(cache.mixup.get("cutmix")))),))  # type: ignore[union-attr]
+        if found != want:
+            raise _mismatch(path, f"split {split}'s {L.MIX} fields", found, want, "Its mix array does not hold the "
+                            "mixed views its provenance records: rebuild it (`cifd embed`).")
     if not attrs.get(L.ATTR_COMPLETE):
         done = {s: int(np.asarray(root[s][L.DONE][:]).sum()) for s in cache.splits}
         total = {s: len(root[s].attrs["shard_bounds"]) for s in cache.splits}

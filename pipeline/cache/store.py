@@ -32,7 +32,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from pipeline.cache.logits import LogitsFormat
-from pipeline.data.mixup import MIX_FIELDS
+from pipeline.data.mixup import mix_fields
 from schemas import layout as L
 
 # Provenance keys recorded but not hashed: the classifier check (measured) and the origin
@@ -114,6 +114,12 @@ def mixup_of(provenance: Mapping[str, Any]) -> dict[str, Any] | None:
     return views.get("mixup") if isinstance(views, Mapping) else None
 
 
+def cache_schema_of(provenance: Mapping[str, Any]) -> int:
+    """The schema version of a teacher cache with this provenance (mixed views, CutMix ones)."""
+    mix = mixup_of(provenance)
+    return L.cache_schema(mix is not None, bool(mix and mix.get("cutmix")))
+
+
 def row_arrays_of(provenance: Mapping[str, Any]) -> tuple[str, ...]:
     """The row arrays of a teacher cache with this provenance (its logits choice, mixed views)."""
     choice = logits_choice(provenance)
@@ -184,10 +190,10 @@ def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any]) -> 
         L.LABELS: ((), "int64"),
         L.INDEX: ((), "int64"),
     }
-    mixed = mixup_of(provenance) is not None
-    if mixed:
+    mix = mixup_of(provenance)
+    if mix is not None:
         arrays[L.MIX_PARTNER] = ((v,), "int64")
-        arrays[L.MIX] = ((v, len(MIX_FIELDS)), "float32")
+        arrays[L.MIX] = ((v, len(mix_fields(bool(mix.get("cutmix"))))), "float32")
     if head is not None:
         for name, values in ((L.HEAD_WEIGHT, head[0]), (L.HEAD_BIAS, head[1])):
             array = root.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape,
@@ -201,7 +207,7 @@ def create_store(path: Path, spec: StoreSpec, *, provenance: dict[str, Any]) -> 
         create_shard_arrays(group, split.shard_bounds)
     root.attrs.update({
         L.ATTR_KIND: L.CACHE_KIND,
-        L.ATTR_SCHEMA: L.cache_schema(mixed),
+        L.ATTR_SCHEMA: cache_schema_of(provenance),
         L.ATTR_PROVENANCE: provenance,
         L.ATTR_FINGERPRINT: fingerprint(provenance),
         L.ATTR_COMPLETE: False,
@@ -265,7 +271,7 @@ def existing_store(path: Path, provenance: dict[str, Any]) -> tuple[zarr.Group |
     if attrs.get(L.ATTR_KIND) != L.CACHE_KIND:
         raise CacheError(f"{path} is a Zarr store of kind {attrs.get(L.ATTR_KIND)!r}, not a teacher cache; it is "
                          "left as it is: fix paths.cache or move it away")
-    want = L.cache_schema(mixup_of(provenance) is not None)
+    want = cache_schema_of(provenance)
     if attrs.get(L.ATTR_SCHEMA) != want:
         return None, [f"schema_version: {attrs.get(L.ATTR_SCHEMA)} → {want}"]
     recorded = attrs.get(L.ATTR_PROVENANCE)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data.resample import INTERPOLATIONS
-from pipeline.data.mixup import is_mixed
+from pipeline.data.mixup import MIX_FIELDS, cut_boxes, is_mixed
 from pipeline.data.views import clean_views, normalize, render_pixels, render_views
 from pipeline.models.errors import ModelFileError
 
@@ -79,10 +79,12 @@ def render_inputs(images: Tensor | Sequence[Tensor], views: Tensor, *, preproces
     parameters (B, 5) → model inputs (B, C, S, S).
 
     ``mix``: ``(partners, params)``, the partner image of every row (same form as ``images``)
-    and its mix params (B, 6): ``(λ, partner box)`` (:mod:`pipeline.data.mixup`). A row with
-    λ < 1 is ``normalise(λ · pixels(image, view) + (1 − λ) · pixels(partner, box))``; the others
-    render as without ``mix`` (their partner is not read). Each row's result depends on that
-    row alone, so any batching of the same (row, view) gives the same input."""
+    and its mix params (B, 6): ``(λ, partner box)``, or (B, 10) with the CutMix box
+    (:mod:`pipeline.data.mixup`). A row with λ < 1 is ``normalise(λ · pixels(image, view) +
+    (1 − λ) · pixels(partner, box))``, or, when it has a CutMix box, its own pixels with that
+    box's pixels copied from the partner's; the others render as without ``mix`` (their
+    partner is not read). Each row's result depends on that row alone, so any batching of the
+    same (row, view) gives the same input."""
     if mix is None:
         x = render_views(images, views, out_size=preprocess.image_size, mean=preprocess.mean, std=preprocess.std,
                          interpolation=preprocess.interpolation)
@@ -97,10 +99,21 @@ def render_inputs(images: Tensor | Sequence[Tensor], views: Tensor, *, preproces
                 chosen: Tensor | list[Tensor] = partners[rows.to(partners.device)]
             else:
                 chosen = [partners[i] for i in rows.tolist()]
-            other = render_pixels(chosen, params[rows, 1:], out_size=size, interpolation=filt, channels=channels)
+            other = render_pixels(chosen, params[rows, 1:len(MIX_FIELDS)], out_size=size, interpolation=filt, channels=channels)
             at = rows.to(pixels.device)
+            other = other.to(pixels.device)
+            if params.shape[1] > len(MIX_FIELDS):  # CutMix views paste their box; the rest blend
+                box = cut_boxes(params[rows], size).to(pixels.device)
+                grid = torch.arange(size, device=pixels.device)
+                inside_y = (grid >= box[:, :1]) & (grid < box[:, :1] + box[:, 2:3])
+                inside_x = (grid >= box[:, 1:2]) & (grid < box[:, 1:2] + box[:, 3:4])
+                pasted = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (R, 1, S, S)
+                blend = (box[:, 2] * box[:, 3] == 0).view(-1, 1, 1, 1)
+            else:
+                pasted = blend = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool, device=pixels.device)
             lam = params[rows, 0].to(pixels.device).view(-1, 1, 1, 1)
-            pixels[at] = lam * pixels[at] + (1.0 - lam) * other.to(pixels.device)
+            mixed = torch.where(blend, lam * pixels[at] + (1.0 - lam) * other, torch.where(pasted, other, pixels[at]))
+            pixels[at] = mixed
         x = normalize(pixels, mean=preprocess.mean, std=preprocess.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

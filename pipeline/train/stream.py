@@ -59,7 +59,7 @@ __all__ = ["StreamBatches"]
 # (5,), label, teacher logits (C,) or their packed arrays (top-k) | None (from_head: made from
 # the embedding), teacher embedding (D,) | None, RDM logits (always None: made from x̂ on the
 # device by RdmHead), RDM x̂ (M, D) | None; then for a cache with mixed views (else None):
-# the partner's uint8 image (None when the worker rendered the mix), the mix params (6,)
+# the partner's uint8 image (None when the worker rendered the mix), the mix params (6,) or (10,)
 # and the partner's label.
 Sample = tuple[int, np.ndarray | Tensor, np.ndarray, int, np.ndarray | None, np.ndarray | None, np.ndarray | None,
                np.ndarray | None, np.ndarray | None, np.ndarray | None, int | None]

@@ -101,3 +101,103 @@ def test_images_of_many_sizes_mix_one_by_one_as_a_batch_does() -> None:
     batch = render_inputs(same, views, preprocess=PRE, mix=(partners, params))
     listed = render_inputs(list(same), views, preprocess=PRE, mix=(list(partners), params))
     torch.testing.assert_close(batch, listed, rtol=0, atol=1e-5)
+
+
+# CutMix views: the last `cutmix` mixed views paste a box of the partner instead of blending.
+
+def _cut_draw(cutmix: int, seed: int = 0, n: int = 16, size: int = 6):
+    sizes = torch.tensor([[8 + i % 5, 9 + i % 3] for i in range(n)])
+    return sizes, *sample_mixup(sizes=sizes, shard_bounds=BOUNDS if n == 16 else [(0, n)], num_views=4, mixed=3,
+                                alpha=0.4, policy=ViewPolicyConfig(kind="rrc", scale=(0.3, 1.0)), image_size=size,
+                                crop_pct=1.0, seed=seed, cutmix=cutmix)
+
+
+def test_cutmix_boxes_are_timms_rand_bbox_with_its_lambda_correction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference is timm's own ``cutmix_bbox_and_lam`` fed the same centres."""
+    from timm.data import mixup as timm_mixup
+
+    from pipeline.data.mixup import _cutmix_boxes
+
+    size, n = 32, 300
+    lam0 = np.random.default_rng(5).beta(1.0, 1.0, size=n).astype(np.float32)
+    lam0[:3] = (0.0, 1.0, 0.5)
+    lam, boxes = _cutmix_boxes(lam0, size, np.random.default_rng(7))
+    twin = np.random.default_rng(7)  # the centres, drawn in the documented order: rows, then columns
+    cy, cx = twin.integers(0, size, size=n), twin.integers(0, size, size=n)
+    for i in range(n):
+        centres = iter([cy[i], cx[i]])
+        monkeypatch.setattr(timm_mixup.np.random, "randint", lambda *a, **k: next(centres))
+        (yl, yu, xl, xu), want = timm_mixup.cutmix_bbox_and_lam((size, size), float(lam0[i]), correct_lam=True)
+        assert tuple(np.round(boxes[i] * size).astype(int)) == (yl, xl, yu - yl, xu - xl), i
+        assert lam[i] == np.float32(want), i
+
+
+def test_a_cutmix_draw_keeps_the_blends_draws_and_lambda_is_the_own_pixels_fraction() -> None:
+    sizes, p0, m0 = _cut_draw(cutmix=0)
+    _, p2, m2 = _cut_draw(cutmix=2)
+    assert m0.shape[-1] == 6 and m2.shape[-1] == 10
+    # Views 0-1 (clean, the blend) are drawn as without CutMix, and view 2's partner before its box.
+    assert np.array_equal(p0[:, :3], p2[:, :3]) and np.array_equal(m0[:, :2], m2[:, :2, :6])
+    assert (m2[:, :2, 6:] == 0).all()
+    cut = np.round(m2[:, 2:, 6:] * 6).astype(int)
+    assert (cut >= 0).all() and (cut[..., 0] + cut[..., 2] <= 6).all() and (cut[..., 1] + cut[..., 3] <= 6).all()
+    np.testing.assert_array_equal(m2[:, 2:, 0], (1 - cut[..., 2] * cut[..., 3] / 36).astype(np.float32))
+    hw = sizes.numpy()[p2[:, 2:]]  # the partner's own box still fits the partner
+    assert (m2[:, 2:, 1] + m2[:, 2:, 3] <= hw[..., 0]).all() and (m2[:, 2:, 2] + m2[:, 2:, 4] <= hw[..., 1]).all()
+    assert (m2[:, 2:, 0] < 1).mean() > 0.5  # most CutMix views paste something
+
+
+def test_bad_cutmix_counts_are_refused() -> None:
+    from schemas.base import ConfigError
+    from schemas.config import MixupConfig
+
+    with pytest.raises(ValueError, match=r"cutmix views = 4: expected 0 <= cutmix <= mixed views \(3\)"):
+        _cut_draw(cutmix=4)
+    with pytest.raises(ConfigError, match=r"cutmix' = 2: expected 0 <= cutmix <= embed.mixup.views \(1\)"):
+        MixupConfig.from_mapping({"views": 1, "cutmix": 2}, section="embed.mixup")
+
+
+def test_a_cutmix_view_is_its_pixels_with_the_partners_box_pasted_then_normalised() -> None:
+    """Exact-copy boxes; the reference pastes with numpy slicing. Rows: a 3 × 2 box, a
+    blend (no box), an unmixed view, and a box covering the whole view (all partner)."""
+    rng = np.random.default_rng(2)
+    images = torch.from_numpy(rng.integers(0, 256, (4, 3, 8, 8), dtype=np.uint8))
+    views = torch.tensor([[1.0, 2.0, 6.0, 6.0, 0.0], [0.0, 0.0, 6.0, 6.0, 0.0], [2.0, 2.0, 6.0, 6.0, 0.0],
+                          [2.0, 1.0, 6.0, 6.0, 0.0]])
+    sixth = [k / 6 for k in range(7)]
+    params = torch.tensor([[1 - 6 / 36, 0.0, 1.0, 6.0, 6.0, 0.0, sixth[1], sixth[2], sixth[3], sixth[2]],
+                           [0.3, 2.0, 0.0, 6.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                           [1.0, 0.0, 0.0, 6.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                           [0.0, 1.0, 2.0, 6.0, 6.0, 0.0, 0.0, 0.0, 1.0, 1.0]])
+    partners = images[torch.tensor([3, 2, 1, 0])]
+    x = render_inputs(images, views, preprocess=PRE, mix=(partners, params))
+    mean, std = np.asarray(PRE.mean)[:, None, None], np.asarray(PRE.std)[:, None, None]
+    for r in range(4):
+        own = _crop(images[r].numpy(), int(views[r, 0]), int(views[r, 1]))
+        other = _crop(partners[r].numpy(), int(params[r, 1]), int(params[r, 2]))
+        if r == 1:
+            lam = np.float32(params[r, 0])
+            expected = lam * own + (np.float32(1) - lam) * other
+        else:
+            expected = own.copy()
+            (t, l_, h, w) = {0: (1, 2, 3, 2), 2: (0, 0, 0, 0), 3: (0, 0, 6, 6)}[r]
+            expected[:, t:t + h, l_:l_ + w] = other[:, t:t + h, l_:l_ + w]
+        np.testing.assert_allclose(x[r].numpy(), (expected - mean) / std, rtol=0, atol=2e-6)
+    for r in range(4):  # each row alone, and as a list (the images-of-many-sizes path), gives the same bits
+        alone = render_inputs(images[r:r + 1], views[r:r + 1], preprocess=PRE, mix=(partners[r:r + 1], params[r:r + 1]))
+        assert torch.equal(alone[0], x[r])
+    listed = render_inputs(list(images), views, preprocess=PRE, mix=(list(partners), params))
+    assert torch.equal(listed, x)
+
+
+def test_a_cutmix_box_lands_on_the_same_region_of_another_input_size() -> None:
+    from pipeline.data.mixup import cut_boxes
+
+    params = torch.zeros(1, 10)
+    params[0, 6:] = torch.tensor([8 / 32, 4 / 32, 16 / 32, 12 / 32])
+    assert cut_boxes(params, 32).tolist() == [[8, 4, 16, 12]] and cut_boxes(params, 16).tolist() == [[4, 2, 8, 6]]
+    k = torch.arange(225, dtype=torch.float64)  # every pixel edge of a 224 view survives float32 storage
+    frac = torch.zeros(225, 10)
+    frac[:, 6], frac[:, 8] = (k / 224).float(), ((224 - k) / 224).float()
+    got = cut_boxes(frac, 224)
+    assert torch.equal(got[:, 0], k.long()) and torch.equal(got[:, 2], (224 - k).long())
