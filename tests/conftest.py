@@ -186,6 +186,33 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory, embed_settings, man
     return path, report
 
 
+@pytest.fixture(scope="session")
+def mixed_caches(tmp_path_factory: pytest.TempPathFactory, embed_settings, manifest, teacher_file):
+    """``get(cutmix) -> store path``: a cache of 4 views whose last 2 are mixed (α = 0.5), the
+    last ``cutmix`` of those CutMix views; each made once per session, read-only for tests."""
+    import dataclasses
+
+    from pipeline.cache.embed import run_embed
+    from schemas.config import MixupConfig
+
+    made: dict[int, Path] = {}
+
+    def get(cutmix: int = 0) -> Path:
+        if cutmix not in made:
+            settings = dataclasses.replace(embed_settings, views=4,
+                                           mixup=MixupConfig(views=2, alpha=0.5, cutmix=cutmix))
+            path = tmp_path_factory.mktemp(f"mixed{cutmix}") / "teacher.zarr"
+            before = torch.get_num_threads()
+            try:
+                run_embed(settings=settings, manifest=manifest, teacher_path=teacher_file, store_path=path)
+            finally:
+                torch.set_num_threads(before)
+            made[cutmix] = path
+        return made[cutmix]
+
+    return get
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Tiny tensors: intra-op threading costs more than it saves on a busy 2-core box."""

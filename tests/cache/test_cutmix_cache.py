@@ -5,44 +5,30 @@ and stream modes alike, and a cache whose mix array disagrees with its provenanc
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from pipeline.cache.embed import run_embed
 from pipeline.cache.reader import open_cache
 from pipeline.data.preprocess import Preprocess
 from pipeline.data.shards import load_split
 from pipeline.data.views import render_pixels
 from pipeline.models import load_model
 from schemas import layout as L
-from schemas.config import MixupConfig
-
-
-def _embed(tmp_path_factory: pytest.TempPathFactory, embed_settings, manifest, teacher_file, cutmix: int):
-    settings = dataclasses.replace(embed_settings, views=4, mixup=MixupConfig(views=2, alpha=0.5, cutmix=cutmix))
-    path = tmp_path_factory.mktemp(f"cut{cutmix}") / "teacher.zarr"
-    before = torch.get_num_threads()
-    try:
-        run_embed(settings=settings, manifest=manifest, teacher_path=teacher_file, store_path=path)
-    finally:
-        torch.set_num_threads(before)
-    return path
 
 
 @pytest.fixture(scope="module")
-def cutmix_cache(tmp_path_factory, embed_settings, manifest, teacher_file):
+def cutmix_cache(mixed_caches):
     """Views 0-1 plain, view 2 a blend (mixup), view 3 CutMix."""
-    return _embed(tmp_path_factory, embed_settings, manifest, teacher_file, cutmix=1)
+    return mixed_caches(1)
 
 
 @pytest.fixture(scope="module")
-def blend_cache(tmp_path_factory, embed_settings, manifest, teacher_file):
+def blend_cache(mixed_caches):
     """The same settings without CutMix: views 2 and 3 both blends."""
-    return _embed(tmp_path_factory, embed_settings, manifest, teacher_file, cutmix=0)
+    return mixed_caches(0)
 
 
 def test_a_cutmix_cache_is_schema_5_and_its_blend_view_is_the_mixup_caches(cutmix_cache, blend_cache) -> None:

@@ -21,15 +21,9 @@ from schemas.config import MixupConfig
 
 
 @pytest.fixture(scope="module")
-def mixed_cache(tmp_path_factory: pytest.TempPathFactory, embed_settings, manifest, teacher_file):
-    settings = dataclasses.replace(embed_settings, views=4, mixup=MixupConfig(views=2, alpha=0.5))
-    path = tmp_path_factory.mktemp("mixed") / "teacher.zarr"
-    before = torch.get_num_threads()
-    try:
-        run_embed(settings=settings, manifest=manifest, teacher_path=teacher_file, store_path=path)
-    finally:
-        torch.set_num_threads(before)
-    return path
+def mixed_cache(mixed_caches):
+    """Views 0-1 plain, views 2-3 blends."""
+    return mixed_caches(0)
 
 
 def test_a_mixed_cache_is_schema_4_and_holds_partners_in_the_same_shard(mixed_cache, manifest) -> None:
