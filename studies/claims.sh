@@ -12,7 +12,8 @@
 #   studies/claims.sh patience                # KD, DGKD, CIFD at 15 and 60 epochs (PATIENCE_PRESET)
 #   studies/claims.sh report                  # dvc exp show --json -> cifd report -> docs/claims/
 #
-# PRESET (default presets/cifar10.yaml) is the pipeline the experiments change; PATIENCE_PRESET
+# VARIANTS (default "v1clean v1rand v4 v8 v8mix") lists the consistency variants, in the order
+# they run. PRESET (default presets/cifar10.yaml) is the pipeline the experiments change; PATIENCE_PRESET
 # (default presets/cifar10_gpu.yaml: all 50,000 images) the one of the patience piece. CKD is
 # the comparative term's weight (default 1.0). OUT is where report writes (default docs/claims).
 set -euo pipefail
@@ -54,7 +55,7 @@ case $piece in
         ;;
     consistency)
         for s in $seeds; do
-            for v in v1clean v1rand v4 v8 v8mix; do
+            for v in ${VARIANTS:-v1clean v1rand v4 v8 v8mix}; do
                 exp "$v-s$s" -S "distill.seed=$s" -S "++distill.views=$(views $v)" "${kd_cifd[@]}"
             done
         done
