@@ -29,6 +29,19 @@ def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _scheduler_address(info: Path, scheduler: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> str:
+    """The address in the scheduler file, once the scheduler has written it whole: the file
+    appears before its JSON is written (seen empty on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert scheduler.poll() is None, log.read_text()
+        try:
+            return str(json.loads(info.read_text())["address"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            time.sleep(0.2)
+    raise AssertionError(f"no scheduler address in {info} after {timeout:.0f} s: {log.read_text()[-2000:]}")
+
+
 @pytest.mark.slow
 def test_a_worker_started_in_another_directory_fills_the_cache(embedded_cache, shards_dir, teacher_file,
                                                                 embed_settings, tmp_path: Path,
@@ -43,11 +56,7 @@ def test_a_worker_started_in_another_directory_fills_the_cache(embedded_cache, s
     processes = [_start(["distributed.cli.dask_scheduler", "--scheduler-file", str(info), "--host", "127.0.0.1",
                          "--port", "0", "--no-dashboard"], elsewhere, tmp_path / "scheduler.log")]
     try:
-        deadline = time.monotonic() + 60
-        while not info.is_file() and time.monotonic() < deadline:
-            assert processes[0].poll() is None, (tmp_path / "scheduler.log").read_text()
-            time.sleep(0.2)
-        address = json.loads(info.read_text())["address"]
+        address = _scheduler_address(info, processes[0], tmp_path / "scheduler.log")
         processes.append(_start(["distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
                                  "--no-dashboard"], elsewhere, tmp_path / "worker.log"))
         monkeypatch.chdir(project)  # the stage's working directory: the project root, as under dvc repro
