@@ -14,7 +14,9 @@
 #
 # VARIANTS (default "v1clean v1rand v4 v8 v8mix") lists the consistency variants, in the order
 # they run. PRESET (default presets/cifar10.yaml) is the pipeline the experiments change; PATIENCE_PRESET
-# (default presets/cifar10_gpu.yaml: all 50,000 images) the one of the patience piece. CKD is
+# (default presets/cifar10_gpu.yaml: all 50,000 images) the one of the patience piece;
+# PATIENCE_VIEWS (a view list such as [0,1,2,3]) runs that piece on this study's 12-view cache
+# and PRESET instead (the CPU-sized run), and PATIENCE_EPOCHS (default "15 60") its schedules. CKD is
 # the comparative term's weight (default 1.0). OUT is where report writes (default docs/claims).
 set -euo pipefail
 
@@ -74,14 +76,17 @@ case $piece in
             done
         done
         ;;
-    patience)  # one seed; the preset's own cache (no view list): only the schedule changes
-        patience=${PATIENCE_PRESET:-presets/cifar10_gpu.yaml}
-        for e in 15 60; do
-            cp "$patience" params.yaml
-            uv run dvc exp run -n "patience_e$e-s0" -S "distill.epochs=$e" \
-                -S 'distill.methods=[kd,dgkd,cifd]' -S 'evaluate.methods=[kd,dgkd,cifd]'
+    patience)  # one seed: only the schedule changes
+        three=(-S 'distill.methods=[kd,dgkd,cifd]' -S 'evaluate.methods=[kd,dgkd,cifd]')
+        for e in ${PATIENCE_EPOCHS:-15 60}; do
+            if [[ -n ${PATIENCE_VIEWS:-} ]]; then  # this study's cache, the view list given
+                exp "patience_e$e-s0" -S "distill.epochs=$e" -S "++distill.views=$PATIENCE_VIEWS" "${three[@]}"
+            else  # the patience preset's own cache (no view list)
+                cp "${PATIENCE_PRESET:-presets/cifar10_gpu.yaml}" params.yaml
+                uv run dvc exp run -n "patience_e$e-s0" -S "distill.epochs=$e" "${three[@]}"
+                cp "$snapshot" params.yaml
+            fi
         done
-        cp "$snapshot" params.yaml
         ;;
     report)
         uv run dvc exp show --json > "${EXPS:-exps_claims.json}"
