@@ -5,7 +5,8 @@ Checked on open: kind, schema version, that the provenance still hashes to the r
 fingerprint (edited attributes are refused), completeness, the integrity layout (NaN / -1
 fill values, a crc32c per chunk) and, when given, the expected teacher, shards and shapes.
 Checked on every read: each chunk's crc32c (by Zarr), and that no value is the fill value
-(a missing chunk or shard) or otherwise non-finite; the error names split, array and rows.
+(a missing chunk or shard) or otherwise non-finite, and mix params in range; the error names
+split, array and rows.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pipeline.cache.store import (
     mixup_of,
     shard_digest,
 )
-from pipeline.data.mixup import mix_fields
+from pipeline.data.mixup import bad_mix_rows, mix_fields
 from pipeline.data.shards import Manifest
 from schemas import layout as L
 
@@ -65,16 +66,9 @@ def _mismatch(path: Path, what: str, found: Any, expected: Any, fix: str) -> Cac
 def format_rows(rows: Sequence[int] | np.ndarray, limit: int = 6) -> str:
     """``"4-7, 12 (5 rows)"``: sorted rows as ranges, the first ``limit`` ranges only."""
     rows = np.unique(np.asarray(rows, dtype=np.int64))
-    ranges: list[tuple[int, int]] = []
-    for r in rows.tolist():
-        if ranges and r == ranges[-1][1] + 1:
-            ranges[-1] = (ranges[-1][0], r)
-        else:
-            ranges.append((r, r))
-    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges[:limit])
-    if len(ranges) > limit:
-        text += ", …"
-    return f"{text} ({len(rows)} row{'s' if len(rows) != 1 else ''})"
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs[:limit])
+    return f"{text}{', …' if len(runs) > limit else ''} ({len(rows)} row{'s' if len(rows) != 1 else ''})"
 
 
 def check_layout(root: zarr.Group, splits: Sequence[str], arrays: Sequence[str], *, label: str, fix: str) -> None:
@@ -234,6 +228,13 @@ class CacheSplit(ShardedSplit):
 
     def _decode(self, name: str, values: np.ndarray) -> np.ndarray:
         return self.logits_format.decode_values(name, values)
+
+    def _checked(self, name: str, values: np.ndarray, start: int) -> np.ndarray:
+        values = super()._checked(name, values, start)
+        if name == L.MIX and len(bad := bad_mix_rows(values)):  # values no draw makes would train silently
+            raise CacheCorruptError(f"{self._where(name)}: rows {format_rows(bad + start)} hold mix params out of "
+                                    f"range (λ in [0, 1]; a pasted box inside the view, of area 1 − λ). {self.fix}")
+        return values
 
     def _encode(self, name: str, values: np.ndarray) -> np.ndarray:
         if self.logits_format.dtype == "bfloat16" and name in (L.LOGITS, L.TOPK_VALUES):

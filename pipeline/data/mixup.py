@@ -30,8 +30,8 @@ from torch import Tensor
 
 from pipeline.data.views import ViewPolicy, sample_views
 
-__all__ = ["CUT_FIELDS", "MIXUP_SEED_TAG", "MIX_FIELDS", "cut_boxes", "is_mixed", "mix_fields", "sample_mixup",
-           "unmixed"]
+__all__ = ["CUT_FIELDS", "MIXUP_SEED_TAG", "MIX_FIELDS", "bad_mix_rows", "cut_boxes", "is_cut", "is_mixed",
+           "label_lambda", "mix_fields", "sample_mixup", "unmixed"]
 
 MIXUP_SEED_TAG = 0x6D6978  # "mix": embed draws mixed views from derived_seed(embed.seed, this)
 MIX_FIELDS = ("lambda", "top", "left", "height", "width", "flip")  # λ, then the partner's view box
@@ -55,12 +55,53 @@ def unmixed(num_rows: int, num_views: int, *, cutmix: bool = False) -> tuple[np.
 
 def cut_boxes(params: Tensor, size: int) -> Tensor:
     """(B, 4) int64 pasted boxes ``(top, left, height, width)`` on a ``size`` × ``size`` view
-    from mix params (B, 10): each edge at the nearest pixel to its stored fraction (exactly
-    the drawn pixels at the size they were drawn for), zero for a blend."""
+    from mix params (B, 10): each edge at the pixel nearest its stored fraction, halves
+    rounded up (exactly the drawn pixels at the size they were drawn for; at another size a
+    box's side then depends on its side, never on where it sits), zero for a blend."""
     cut = params[:, len(MIX_FIELDS):].to(torch.float64)
-    top, left = torch.round(cut[:, 0] * size), torch.round(cut[:, 1] * size)
-    bottom, right = torch.round((cut[:, 0] + cut[:, 2]) * size), torch.round((cut[:, 1] + cut[:, 3]) * size)
+
+    def edge(fraction: Tensor) -> Tensor:
+        return torch.floor(fraction * size + 0.5)
+
+    top, left = edge(cut[:, 0]), edge(cut[:, 1])
+    bottom, right = edge(cut[:, 0] + cut[:, 2]), edge(cut[:, 1] + cut[:, 3])
     return torch.stack([top, left, bottom - top, right - left], dim=1).clamp_(0, size).long()
+
+
+def is_cut(params: Tensor) -> Tensor:
+    """(B,) bool: rows whose mix params paste a box (CutMix views; stored area > 0)."""
+    if params.shape[1] <= len(MIX_FIELDS):
+        return torch.zeros(len(params), dtype=torch.bool, device=params.device)
+    return params[:, len(MIX_FIELDS) + 2] * params[:, len(MIX_FIELDS) + 3] > 0
+
+
+def label_lambda(params: Tensor, size: int) -> Tensor:
+    """(B,) λ, the weight of the row's own label, for views rendered at ``size``: the stored
+    λ for a blend; for a pasted box, the share of the row's own pixels that the box leaves at
+    that size (timm's ``correct_lam``). At the size the box was drawn for, the stored λ."""
+    lam = params[:, 0].to(torch.float32)
+    cut = is_cut(params)
+    if not bool(cut.any()):
+        return lam
+    box = cut_boxes(params, size).to(lam.device)
+    share = 1.0 - (box[:, 2] * box[:, 3]).to(torch.float64) / float(size * size)  # as the draw computes it
+    return torch.where(cut, share.to(torch.float32), lam)
+
+
+def bad_mix_rows(mix: np.ndarray) -> np.ndarray:
+    """Rows of mix params (n, V, 6 or 10) that no draw of :func:`sample_mixup` makes, as a
+    damaged or hostile cache could hold them: λ outside [0, 1], a flip not 0 or 1, a blend's
+    partner box of no area; with CutMix fields, a pasted box not inside the view or whose
+    area is not 1 − λ (up to float32 rounding)."""
+    lam, flip = mix[..., 0], mix[..., len(MIX_FIELDS) - 1]
+    bad = (lam < 0) | (lam > 1) | ((flip != 0) & (flip != 1))
+    bad |= (lam < 1) & ((mix[..., 3] <= 0) | (mix[..., 4] <= 0))
+    if mix.shape[-1] > len(MIX_FIELDS):
+        top, left, height, width = np.moveaxis(mix[..., len(MIX_FIELDS):].astype(np.float64), -1, 0)
+        bad |= (np.minimum.reduce([top, left, height, width]) < 0) | (top + height > 1 + 1e-6) | (left + width > 1 + 1e-6)
+        area = height * width
+        bad |= (area > 0) & (np.abs(1.0 - area - lam) > 1e-5)
+    return np.flatnonzero(bad.reshape(len(mix), -1).any(axis=1))
 
 
 def is_mixed(params: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data.resample import INTERPOLATIONS
-from pipeline.data.mixup import MIX_FIELDS, cut_boxes, is_mixed
+from pipeline.data.mixup import MIX_FIELDS, cut_boxes, is_cut, is_mixed
 from pipeline.data.views import clean_views, normalize, render_pixels, render_views
 from pipeline.models.errors import ModelFileError
 
@@ -108,7 +108,7 @@ def render_inputs(images: Tensor | Sequence[Tensor], views: Tensor, *, preproces
                 inside_y = (grid >= box[:, :1]) & (grid < box[:, :1] + box[:, 2:3])
                 inside_x = (grid >= box[:, 1:2]) & (grid < box[:, 1:2] + box[:, 3:4])
                 pasted = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (R, 1, S, S)
-                blend = (box[:, 2] * box[:, 3] == 0).view(-1, 1, 1, 1)
+                blend = ~is_cut(params[rows]).to(pixels.device).view(-1, 1, 1, 1)  # a box lost at this size: none
             else:
                 pasted = blend = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool, device=pixels.device)
             lam = params[rows, 0].to(pixels.device).view(-1, 1, 1, 1)

@@ -92,4 +92,5 @@ class MemoryBatches:
                 mix = (self._images(self.host_partner[rows, views]), self.host_mix[rows, views])
             x = render_inputs(self._images(rows), boxes, preprocess=self.preprocess, mix=mix)
             rows_d, views_d = rows.to(self.device, non_blocking=True), views.to(self.device, non_blocking=True)
-            yield rows_d, views_d, x.to(self.device, non_blocking=True), gather_targets(self.targets, rows_d, views_d)
+            batch = gather_targets(self.targets, rows_d, views_d, size=self.preprocess.image_size)
+            yield rows_d, views_d, x.to(self.device, non_blocking=True), batch

@@ -44,6 +44,7 @@ from pipeline.cache.logits import LogitsFormat
 from pipeline.cache.rdm_store import RdmHead
 from pipeline.cache.reader import ShardedSplit
 from pipeline.cache.store import CacheError
+from pipeline.data.mixup import label_lambda
 from pipeline.data.preprocess import Preprocess, render_inputs
 from pipeline.data.shards import Manifest, decode_image, read_shard
 from pipeline.data.streaming import check_rows_seen, exact_batches, sample_row, shard_stream
@@ -211,7 +212,7 @@ class StreamBatches:
         x = images if not self.same_size else render_inputs(images, boxes, preprocess=self.preprocess, mix=mix)
         mix_labels = None
         if params is not None and partner_labels is not None:
-            mix_labels = (partner_labels.to(self.device, non_blocking=True), params[:, 0].to(self.device))
+            mix_labels = (partner_labels.to(self.device, non_blocking=True), label_lambda(params, self.preprocess.image_size).to(self.device))
         rdm_emb = None if rdm_emb is None else dev(rdm_emb).transpose(0, 1)  # type: ignore[union-attr]  # (M, B, D)
         rdm_logits = None if rdm_emb is None or self.rdm_head is None else self.rdm_head(rdm_emb)  # (M, B, C)
         if self.logits is None:

@@ -17,6 +17,7 @@ from torch import Tensor
 from pipeline.cache.logits import LogitsFormat
 from pipeline.cache.rdm_store import RdmCache, RdmHead
 from pipeline.cache.reader import TeacherCache
+from pipeline.data.mixup import label_lambda
 from pipeline.train.student import uses_features, uses_rdms
 from schemas import layout as L
 
@@ -107,8 +108,10 @@ class Batch:
     mix_labels: tuple[Tensor, Tensor] | None = None  # mixed views: (partner labels (B,), λ (B,)); CE on the mix
 
 
-def gather_targets(targets: Targets, rows: Tensor, views: Tensor) -> Batch:
-    """Targets of (row, view) pairs; ``rows``/``views`` (B,) on the targets' device."""
+def gather_targets(targets: Targets, rows: Tensor, views: Tensor, *, size: int | None = None) -> Batch:
+    """Targets of (row, view) pairs; ``rows``/``views`` (B,) on the targets' device. ``size``:
+    the side the views are rendered at, so a CutMix label weighs the pixels pasted there
+    (None: the stored λ, right at the teacher's size)."""
     rdm_emb = targets.rdm_emb[rows, views].transpose(0, 1) if targets.rdm_emb is not None else None  # (M, B, D)
     rdm_logits = targets.rdm_head(rdm_emb) if rdm_emb is not None and targets.rdm_head is not None else None
     teacher_emb = targets.teacher_emb[rows, views] if targets.teacher_emb is not None else None
@@ -117,7 +120,9 @@ def gather_targets(targets: Targets, rows: Tensor, views: Tensor) -> Batch:
         logits, kept = targets.logits.unpack(logits)
     mix_labels = None
     if targets.mix_partner is not None and targets.mix is not None:
-        mix_labels = (targets.labels[targets.mix_partner[rows, views]], targets.mix[rows, views, 0])
+        params = targets.mix[rows, views]
+        lam = params[:, 0] if size is None else label_lambda(params, size)
+        mix_labels = (targets.labels[targets.mix_partner[rows, views]], lam)
     return Batch(labels=targets.labels[rows], teacher_logits=logits, teacher_emb=teacher_emb, rdm_logits=rdm_logits,
                  rdm_emb=rdm_emb, teacher_kept=kept, mix_labels=mix_labels)
 

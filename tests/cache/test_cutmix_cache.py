@@ -149,3 +149,22 @@ def test_a_cache_whose_mix_array_disagrees_with_its_provenance_is_refused(blend_
     zarr.consolidate_metadata(str(bad))
     with pytest.raises(CacheError, match=r"split train's mix fields is \(6,\), expected \(10,\)"):
         open_cache(bad)
+
+
+def test_mix_params_no_draw_makes_are_refused_when_read(cutmix_cache, tmp_path) -> None:
+    """A λ above 1 written into a copy (a fresh crc32c, so only the range check can tell): the
+    read that would train on it fails with one line naming split, array and row."""
+    import shutil
+
+    from pipeline.cache.store import CacheCorruptError
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(cutmix_cache, bad)
+    mix = zarr.open_group(bad, mode="r+", use_consolidated=False)["train"][L.MIX]
+    row = np.asarray(mix[5:6])
+    row[0, -1, 0] = 1.5
+    mix[5:6] = row
+    split = open_cache(bad).split("train")
+    split.read(0, 5, [L.MIX])  # the rows before it still read
+    with pytest.raises(CacheCorruptError, match=r"split train array mix: rows 5 \(1 row\) hold mix params out of range"):
+        split.read(0, split.num_rows, [L.MIX])

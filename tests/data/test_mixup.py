@@ -201,3 +201,72 @@ def test_a_cutmix_box_lands_on_the_same_region_of_another_input_size() -> None:
     frac[:, 6], frac[:, 8] = (k / 224).float(), ((224 - k) / 224).float()
     got = cut_boxes(frac, 224)
     assert torch.equal(got[:, 0], k.long()) and torch.equal(got[:, 2], (224 - k).long())
+
+
+def test_a_box_keeps_its_side_at_half_the_size_wherever_it_sits() -> None:
+    """Every even-sided box of a 32 view, at every position: on the 16 grid its side is half
+    (round-half-to-even would grow or shrink it by a pixel depending on where it sits)."""
+    from pipeline.data.mixup import cut_boxes
+
+    rows = [(t, s) for s in range(2, 33, 2) for t in range(0, 33 - s)]
+    params = torch.zeros(len(rows), 10)
+    for i, (t, s) in enumerate(rows):
+        params[i, 6:] = torch.tensor([t / 32, t / 32, s / 32, s / 32])
+    got = cut_boxes(params, 16)
+    half = torch.tensor([s // 2 for _, s in rows])
+    assert torch.equal(got[:, 2], half) and torch.equal(got[:, 3], half)
+
+
+def _pasted_share(params: torch.Tensor, size: int) -> np.ndarray:
+    """The share of each row's own pixels in its view rendered at ``size``: the row all 0, the
+    partner all 255, counted on the render."""
+    pre = Preprocess(image_size=size, crop_pct=1.0, interpolation="bilinear", mean=(0.0,), std=(1.0,))
+    own = torch.zeros(len(params), 1, size, size, dtype=torch.uint8)
+    views = torch.tensor([[0.0, 0.0, size, size, 0.0]]).repeat(len(params), 1)
+    params = params.clone()
+    params[:, 1:6] = views  # the partner's view: all of its 255s
+    x = render_inputs(own, views, preprocess=pre, mix=(torch.full_like(own, 255), params))
+    return (x == 0).float().mean(dim=(1, 2, 3)).numpy()
+
+
+def test_cutmix_labels_weigh_the_pixels_pasted_at_the_size_rendered() -> None:
+    """λ for the labels is the stored λ at the drawn size and the own pixels' share of the
+    render at another size (timm's correct_lam there); a box lost at that size pastes nothing
+    (the view is the row's own, not a blend) and its label is the row's alone."""
+    from pipeline.data.mixup import label_lambda
+
+    _, _, mix = _cut_draw(cutmix=2)
+    params = torch.from_numpy(mix[:, 2:].reshape(-1, mix.shape[-1]).copy())
+    assert torch.equal(label_lambda(params, 6), params[:, 0])
+    drawn = np.zeros((4, 10), dtype=np.float32)  # boxes drawn on a 32 grid, λ = 1 − area
+    drawn[:, 6:] = np.asarray([[1, 1, 30, 30], [1, 1, 1, 1], [3, 5, 7, 9], [0, 0, 32, 32]]) / 32
+    drawn[:, 0] = 1 - drawn[:, 8] * drawn[:, 9]
+    drawn[:, 3:5] = 32
+    params = torch.cat([params, torch.from_numpy(drawn)])
+    for size in (6, 16, 32):
+        np.testing.assert_allclose(label_lambda(params, size).numpy(), _pasted_share(params, size), rtol=0, atol=1e-6)
+    assert float(label_lambda(params, 16)[-3]) == 1.0  # the 1-pixel box is lost at 16: the own label only
+
+
+def test_mix_params_no_draw_makes_are_found() -> None:
+    from pipeline.data.mixup import bad_mix_rows
+
+    _, _, mix = _cut_draw(cutmix=2)
+    assert len(bad_mix_rows(mix)) == 0 and len(bad_mix_rows(_draw()[2])) == 0
+    cut = mix[:, -1]  # the last view is a CutMix view in every row
+    edits = {
+        0: (0, 1.5),  # λ above 1
+        1: (0, -0.5),  # λ below 0
+        2: (5, 0.5),  # a flip that is neither
+        3: (9, -0.25),  # a box of negative width
+        4: (8, 2.0),  # a box twice the view
+        5: (6, 0.9),  # a box reaching off the view
+        6: (0, float(cut[6, 0]) - 0.1),  # λ that is not 1 − the box's area
+    }
+    hostile = mix.copy()
+    for row, (field, value) in edits.items():
+        hostile[row, -1, field] = value
+    assert bad_mix_rows(hostile).tolist() == sorted(edits)
+    blend = _draw()[2].copy()
+    blend[3, -1, 3] = 0.0  # a blend's partner box of no area
+    assert bad_mix_rows(blend).tolist() == [3]
