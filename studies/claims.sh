@@ -17,7 +17,8 @@
 # (default presets/cifar10_gpu.yaml: all 50,000 images) the one of the patience piece;
 # PATIENCE_VIEWS (a view list such as [0,1,2,3]) runs that piece on this study's 12-view cache
 # and PRESET instead (the CPU-sized run), and PATIENCE_EPOCHS (default "15 60") its schedules. CKD is
-# the comparative term's weight (default 1.0). OUT is where report writes (default docs/claims).
+# the comparative term's weight (default 1.0), CKD_FULL (default "v1clean v4 v8") the all-images
+# view lists it runs in the calls piece. OUT is where report writes (default docs/claims).
 set -euo pipefail
 
 preset=${PRESET:-presets/cifar10.yaml}
@@ -70,7 +71,7 @@ case $piece in
                 exp "ckd_r$r-s$s" -S "distill.seed=$s" -S '++distill.views=[0]' -S "++distill.rows_fraction=0.$r" \
                     -S "++distill.ckd_weight=${CKD:-1.0}" "${only_kd[@]}"
             done
-            for v in v1clean v4 v8; do
+            for v in ${CKD_FULL:-v1clean v4 v8}; do
                 exp "ckd_$v-s$s" -S "distill.seed=$s" -S "++distill.views=$(views $v)" \
                     -S "++distill.ckd_weight=${CKD:-1.0}" "${only_kd[@]}"
             done
