@@ -16,7 +16,8 @@
 # they run. PRESET (default presets/cifar10.yaml) is the pipeline the experiments change; PATIENCE_PRESET
 # (default presets/cifar10_gpu.yaml: all 50,000 images) the one of the patience piece;
 # PATIENCE_VIEWS (a view list such as [0,1,2,3]) runs that piece on this study's 12-view cache
-# and PRESET instead (the CPU-sized run), and PATIENCE_EPOCHS (default "15 60") its schedules. CKD is
+# and PRESET instead (the CPU-sized run), PATIENCE_EPOCHS (default "15 60") its schedules and
+# PATIENCE_METHODS (default kd,dgkd,cifd) its students. CKD is
 # the comparative term's weight (default 1.0), CKD_FULL (default "v1clean v4 v8") the all-images
 # view lists it runs in the calls piece. OUT is where report writes (default docs/claims).
 set -euo pipefail
@@ -78,7 +79,8 @@ case $piece in
         done
         ;;
     patience)  # one seed: only the schedule changes
-        three=(-S 'distill.methods=[kd,dgkd,cifd]' -S 'evaluate.methods=[kd,dgkd,cifd]')
+        methods=${PATIENCE_METHODS:-kd,dgkd,cifd}
+        three=(-S "distill.methods=[$methods]" -S "evaluate.methods=[$methods]")
         for e in ${PATIENCE_EPOCHS:-15 60}; do
             if [[ -n ${PATIENCE_VIEWS:-} ]]; then  # this study's cache, the view list given
                 exp "patience_e$e-s0" -S "distill.epochs=$e" -S "++distill.views=$PATIENCE_VIEWS" "${three[@]}"
