@@ -206,8 +206,9 @@ def _cells(row: Summary, ratio: float | None, *, scale: float, spread: bool) -> 
 
 
 def markdown_table(rows: Iterable[Summary], *, percent: bool = True) -> str:
-    """A Markdown table: variant, method, seeds, top-1, agreement and KL as mean ± std, wall
-    time and its ratio to KD's; a row whose seeds all diverged says so instead of numbers."""
+    """A Markdown table: variant, method, seeds, top-1, agreement and KL as mean ± std (one
+    seed: its figures, no spread to show), wall time and its ratio to KD's; a row whose seeds
+    all diverged says so instead of numbers."""
     rows = list(rows)
     ratios = cost_vs_kd(rows)
     scale = 100.0 if percent else 1.0
@@ -216,7 +217,7 @@ def markdown_table(rows: Iterable[Summary], *, percent: bool = True) -> str:
              "time / KD |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        cells = _cells(row, ratios.get((row.variant, row.method)), scale=scale, spread=True)
+        cells = _cells(row, ratios.get((row.variant, row.method)), scale=scale, spread=len(row.seeds) > 1)
         lines.append(f"| {row.variant} | {row.method} | {len(row.seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

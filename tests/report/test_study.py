@@ -89,6 +89,8 @@ def test_parse_groups_seeds_and_skips_failed_or_unnamed() -> None:
     assert kd.seconds == (10.0, 0.0)
     table = markdown_table(summarize(experiments))
     assert "| main | kd | 2 | 62.00 ± 2.83 | 64.00 ± 2.83 | 0.1000 ± 0.0000 | 10 ± 0 | 1.00 |" in table
+    one = next(line for line in table.splitlines() if line.startswith("| rdm1 | cifd | 1 |"))
+    assert "±" not in one  # one seed has no spread: "± 0.00" would claim one
 
 
 def test_a_running_experiment_is_not_counted() -> None:
