@@ -221,3 +221,9 @@ def test_teacher_budgets_give_a_budget_plot(tmp_path: Path) -> None:
     assert (tmp_path / "study" / "study_budget.png").stat().st_size > 1000 and "study_budget.png" in result.output
     saved = {(r["variant"], r["method"]): r for r in json.loads((tmp_path / "study" / "study.json").read_text())["rows"]}
     assert saved[("v8", "cifd")]["teacher_forwards"] == 8000
+    from report.plots import budget_figure
+
+    axis = budget_figure(list(rows.values())).axes[0]
+    axis.figure.canvas.draw()
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["1,000", "4,000", "8,000"]  # the budgets, written out
+    assert not any(t.get_text() for t in axis.get_xticklabels(minor=True))
