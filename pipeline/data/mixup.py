@@ -80,12 +80,11 @@ def label_lambda(params: Tensor, size: int) -> Tensor:
     λ for a blend; for a pasted box, the share of the row's own pixels that the box leaves at
     that size (timm's ``correct_lam``). At the size the box was drawn for, the stored λ."""
     lam = params[:, 0].to(torch.float32)
-    cut = is_cut(params)
-    if not bool(cut.any()):
+    if params.shape[1] <= len(MIX_FIELDS):  # decided by shape: no device synchronisation per batch
         return lam
-    box = cut_boxes(params, size).to(lam.device)
+    box = cut_boxes(params, size)
     share = 1.0 - (box[:, 2] * box[:, 3]).to(torch.float64) / float(size * size)  # as the draw computes it
-    return torch.where(cut, share.to(torch.float32), lam)
+    return torch.where(is_cut(params), share.to(torch.float32), lam)
 
 
 def bad_mix_rows(mix: np.ndarray) -> np.ndarray:
