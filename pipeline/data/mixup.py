@@ -92,9 +92,10 @@ def bad_mix_rows(mix: np.ndarray) -> np.ndarray:
     damaged or hostile cache could hold them: λ outside [0, 1], a flip not 0 or 1, a blend's
     partner box of no area; with CutMix fields, a pasted box not inside the view or whose
     area is not 1 − λ (up to float32 rounding)."""
-    lam, flip = mix[..., 0], mix[..., len(MIX_FIELDS) - 1]
+    field = {name: mix[..., i] for i, name in enumerate(MIX_FIELDS)}
+    lam, flip = field["lambda"], field["flip"]
     bad = (lam < 0) | (lam > 1) | ((flip != 0) & (flip != 1))
-    bad |= (lam < 1) & ((mix[..., 3] <= 0) | (mix[..., 4] <= 0))
+    bad |= (lam < 1) & ((field["height"] <= 0) | (field["width"] <= 0))
     if mix.shape[-1] > len(MIX_FIELDS):
         top, left, height, width = np.moveaxis(mix[..., len(MIX_FIELDS):].astype(np.float64), -1, 0)
         bad |= (np.minimum.reduce([top, left, height, width]) < 0) | (top + height > 1 + 1e-6) | (left + width > 1 + 1e-6)
