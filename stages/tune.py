@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pipeline.runtime import resolve_device
 from pipeline.train.distill import EpochLog, TrainingDiverged, train_student
 from pipeline.tune.holdout import carve_holdout
 from pipeline.tune.report import best_params_yaml, set_param_flags, study_summary, write_plot
-from pipeline.tune.search import StudyBusy, StudyMismatch, enqueue, objective_value, open_study, run_study
+from pipeline.tune.search import StudyBusy, StudyMismatch, enqueue, finished, objective_value, open_study, run_study
 from schemas.base import ConfigError
 from schemas.config import METHODS, DistillConfig, Paths, TuneConfig, load_stage
 from stages._io import write_json
@@ -117,19 +118,41 @@ def run(params: Path, method: str) -> dict[str, Any]:
     def score(log: EpochLog) -> float:
         return objective_value(log.val_top1, log.val_kl, tune.objective)
 
+    # One bar over the epochs still to train (trials to run × epochs); a pruned or diverged
+    # trial's unrun epochs are counted at its end, so the bar ends full. Made by the first
+    # trial, so a refused run (a busy study) prints only its error.
+    todo_epochs = max(0, tune.trials - finished(study)) * base.epochs
+    bars: list[tqdm] = []
+
+    def progress() -> tqdm:
+        with build:
+            if not bars:
+                bars.append(tqdm(total=todo_epochs, desc=f"tune {method}", unit="epoch", dynamic_ncols=True))
+        return bars[0]
+
     def trial_fn(settings: dict[str, Any], report: Callable[[int, float], None]) -> float:
         cfg = with_overrides(base, settings)
+        bar, seen = progress(), 0
+
+        def on_epoch(h: EpochLog) -> None:
+            nonlocal seen
+            seen += 1
+            bar.update(1)
+            bar.set_postfix(epoch=h.epoch, score=f"{score(h):.4f}")
+            report(h.epoch, score(h))
+
         try:
             history, _ = train_trial(paths, cfg, method, fraction=tune.holdout_fraction,
-                                     split_seed=tune.holdout_seed, device=device, build_lock=build,
-                                     on_epoch=lambda h: report(h.epoch, score(h)))
+                                     split_seed=tune.holdout_seed, device=device, build_lock=build, on_epoch=on_epoch)
         except TrainingDiverged:
             return 0.0  # a setting that diverges scores as badly as a guess
+        finally:
+            bar.update(max(0, base.epochs - seen))
         return score(history[-1])
 
     def on_trial(t: Any) -> None:
-        print(f"tune {method}: trial {t.number} {t.state.name} "
-              f"{'' if t.value is None else f'{t.value:.4f} '}{t.user_attrs.get('settings')}", flush=True)
+        progress().write(f"tune {method}: trial {t.number} {t.state.name} "
+                         f"{'' if t.value is None else f'{t.value:.4f} '}{t.user_attrs.get('settings')}")
 
     jobs = tune.n_jobs or default_jobs(base, device)
     try:
@@ -137,6 +160,9 @@ def run(params: Path, method: str) -> dict[str, Any]:
                         n_jobs=jobs, on_trial=on_trial)
     except StudyBusy as exc:
         raise ConfigError(str(exc)) from exc
+    finally:
+        for bar in bars:
+            bar.close()
     summary = study_summary(study, method=method, identity=identity)
     summary["ran_now"], summary["n_jobs"] = ran, jobs
     write_json(where / f"{method}.json", summary)

@@ -138,7 +138,8 @@ def test_enqueued_trials_run_once_each_with_two_jobs(tmp_path: Path) -> None:
     assert seen[:2] == [0.05, 0.01] and seen.count(0.05) == 1 and seen.count(0.01) == 1 and len(seen) == 6
 
 
-def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(project, tmp_path: Path) -> None:
+def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(project, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:
     from stages import tune as stage
 
     where = tmp_path / "study"
@@ -167,6 +168,12 @@ def test_tune_stage_prunes_a_trial_writes_its_outputs_and_resumes_after_a_kill(p
     summary = stage.run(params, "kd")
     states = [t["state"] for t in summary["trials"]]
     assert states[0] == "COMPLETE" and states[1] in ("PRUNED", "FAIL")  # the lr=1e-9 trial, or the killed one
+    # The progress bar counts the epochs of the trials still to run, and ends full (a pruned
+    # trial's unrun epochs are counted when it stops); every finished trial gets a line.
+    todo = (3 - before.count("COMPLETE") - before.count("PRUNED")) * 12
+    out, err = capsys.readouterr()
+    assert f"{todo}/{todo}" in err and f"{todo + 1}/{todo}" not in err
+    assert out.count("tune kd: trial ") == summary["ran_now"]
     assert states.count("COMPLETE") + states.count("PRUNED") == 3
     assert "PRUNED" in states  # lr = 1e-9 learns nothing: below the median within a few epochs
     # The enqueued lr = 1e-9 trial is pruned (or was the one killed); a sampled lr that also
