@@ -27,21 +27,59 @@ from pipeline.models.errors import ModelFileError
 from pipeline.models.files import read_document, read_tensor_file, write_tensor_file
 from pipeline.models.weights import state_dict_sha256
 
-__all__ = ["CHECKPOINT_FORMAT", "VOLATILE_KEYS", "Checkpoint", "code_fingerprint", "config_fingerprint",
-           "load_checkpoint", "resumable_seconds", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "STEP_MODULES", "VOLATILE_KEYS", "Checkpoint", "code_fingerprint",
+           "config_fingerprint", "import_closure", "load_checkpoint", "resumable_seconds", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "cifd.checkpoint/1"
 
 # Config keys that change how fast a run goes, never what it computes.
 VOLATILE_KEYS = ("device", "threads", "loader_workers", "methods", "eval_batch_size")
 
-# Modules whose source decides what a training step computes.
-STEP_MODULES = (
-    "pipeline.data.preprocess", "pipeline.data.views", "pipeline.losses.comparative", "pipeline.losses.core",
-    "pipeline.losses.kd", "pipeline.losses.multi_target", "pipeline.rd.entropy", "pipeline.rd.ibm",
-    "pipeline.train.batches", "pipeline.train.distill", "pipeline.train.objective", "pipeline.train.optim",
-    "pipeline.train.stream", "pipeline.train.student", "pipeline.train.targets",
-)
+# The training step's entry points; every module of ``pipeline.models`` too, since the student's
+# module is imported by name (``distill.student``).
+STEP_ROOTS = ("pipeline.train.distill", "pipeline.train.stream", "pipeline.train.batches", "pipeline.models")
+_PACKAGE = Path(__file__).resolve().parents[1]  # the ``pipeline`` directory
+
+
+def _source(name: str) -> Path | None:
+    """The file of ``pipeline`` module or package ``name``, None for a name that is not one
+    (an imported function or class)."""
+    base = _PACKAGE.parent.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def import_closure(roots: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``pipeline`` modules ``roots`` import, directly or not (read from their source with
+    ``ast``, imports inside functions included; nothing is imported), with every package they
+    sit in and every module of a root package, sorted."""
+    import ast
+
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        path = _source(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        todo.extend(".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1))  # its packages
+        if path.name == "__init__.py" and name in roots:
+            todo.extend(f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__")
+        for node in ast.walk(ast.parse(path.read_bytes())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "pipeline":
+                todo.append(node.module or "")
+                todo.extend(f"{node.module}.{alias.name}" for alias in node.names)  # a submodule by name
+            elif isinstance(node, ast.Import):
+                todo.extend(alias.name for alias in node.names if alias.name.split(".")[0] == "pipeline")
+    return tuple(sorted(seen))
+
+
+# Modules whose source decides what a training step computes: found from the imports, so a
+# module added to the step later (the mixed-view render, the row streams) cannot be forgotten.
+STEP_MODULES = import_closure(STEP_ROOTS)
 
 
 def code_fingerprint() -> str:

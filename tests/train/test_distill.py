@@ -6,6 +6,7 @@ cache before training."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -648,6 +649,32 @@ def test_fingerprint_changes_with_the_training_code(monkeypatch, tmp_path: Path)
 
     monkeypatch.undo()
     assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before
+
+
+def test_step_modules_cover_every_module_the_training_step_imports() -> None:
+    """The fingerprinted modules are found from the imports; the reference is what Python
+    really loads: a fresh interpreter importing the step's entry points and every student
+    module lists its pipeline.* modules in sys.modules."""
+    import subprocess
+    import sys
+
+    from pipeline.train import checkpoint
+
+    probe = ("import importlib, json, pkgutil, sys, pipeline.models as m\n"
+             "for name in ('pipeline.train.distill', 'pipeline.train.stream', 'pipeline.train.batches'):\n"
+             "    importlib.import_module(name)\n"
+             "for info in pkgutil.iter_modules(m.__path__):\n"
+             "    importlib.import_module('pipeline.models.' + info.name)\n"
+             "print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] == 'pipeline')))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                       cwd=Path(__file__).resolve().parents[2]).stdout)
+    assert set(loaded) <= set(checkpoint.STEP_MODULES), set(loaded) - set(checkpoint.STEP_MODULES)
+    # The mixed-view render, the row streams, the box resampling and the students were
+    # missing from the hand-written list this replaced: a resumed run could mix their old code.
+    assert {"pipeline.data.mixup", "pipeline.data.streaming", "pipeline.data.resample",
+            "pipeline.models.cifar_resnet"} <= set(checkpoint.STEP_MODULES)
+    # Nothing off the step: editing the tuner or the project checks does not void a checkpoint.
+    assert not any(n.startswith(("pipeline.tune", "pipeline.project")) for n in checkpoint.STEP_MODULES)
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_finite_checkpoint(project, tmp_path: Path) -> None:
