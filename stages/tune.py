@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -123,6 +124,7 @@ def run(params: Path, method: str) -> dict[str, Any]:
     # trial, so a refused run (a busy study) prints only its error.
     todo_epochs = max(0, tune.trials - finished(study)) * base.epochs
     bars: list[tqdm] = []
+    tick = threading.Lock()  # trials in threads update one bar (tqdm's update is not atomic)
 
     def progress() -> tqdm:
         with build:
@@ -133,12 +135,17 @@ def run(params: Path, method: str) -> dict[str, Any]:
     def trial_fn(settings: dict[str, Any], report: Callable[[int, float], None]) -> float:
         cfg = with_overrides(base, settings)
         bar, seen = progress(), 0
+        if cfg.epochs != base.epochs:  # epochs is in the space
+            with tick:
+                bar.total += cfg.epochs - base.epochs
+                bar.refresh()
 
         def on_epoch(h: EpochLog) -> None:
             nonlocal seen
             seen += 1
-            bar.update(1)
-            bar.set_postfix(epoch=h.epoch, score=f"{score(h):.4f}")
+            with tick:
+                bar.update(1)
+                bar.set_postfix(epoch=h.epoch, score=f"{score(h):.4f}")
             report(h.epoch, score(h))
 
         try:
@@ -147,12 +154,16 @@ def run(params: Path, method: str) -> dict[str, Any]:
         except TrainingDiverged:
             return 0.0  # a setting that diverges scores as badly as a guess
         finally:
-            bar.update(max(0, base.epochs - seen))
+            with tick:
+                bar.update(max(0, cfg.epochs - seen))
         return score(history[-1])
 
     def on_trial(t: Any) -> None:
-        progress().write(f"tune {method}: trial {t.number} {t.state.name} "
-                         f"{'' if t.value is None else f'{t.value:.4f} '}{t.user_attrs.get('settings')}")
+        bar = progress()
+        with tick:
+            bar.write(f"tune {method}: trial {t.number} {t.state.name} "
+                             f"{'' if t.value is None else f'{t.value:.4f} '}{t.user_attrs.get('settings')}")
+        sys.stdout.flush()  # tqdm.write does not flush: a log file would get the lines at exit
 
     jobs = tune.n_jobs or default_jobs(base, device)
     try:

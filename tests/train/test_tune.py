@@ -263,3 +263,22 @@ def test_tune_trials_are_scored_by_the_objective(project, tmp_path: Path) -> Non
     n = len(holdout_rows(27, TUNE_FRACTION, 0)[1])  # the session shards' 27 train rows
     top1 = round(value * n) / n  # the top-1 is a multiple of 1/n; the bonus is far below 1/(2n)
     assert 0 < value - top1 <= 1e-6
+
+
+def test_the_progress_bar_follows_epochs_drawn_by_the_search(project, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``epochs`` in the space: each trial trains its own number of epochs, and the bar's total
+    follows (two trials of 3 epochs against the section's 2: 6 epochs, not 4)."""
+    from stages import tune as stage
+
+    space = {"kd": {"optim.lr": {"low": 0.01, "high": 0.1}, "epochs": {"choices": [1, 3]}}}
+    params = project.params(tmp_path, tune={**TUNE, "epochs": 2, "pruner": "none", "space": space,
+                                            "enqueue": [{"optim.lr": 0.03, "epochs": 3},
+                                                        {"optim.lr": 0.02, "epochs": 3}]},
+                            paths={**project.base["paths"], "tune": str(tmp_path / "study")})
+    summary = stage.run(params, "kd")
+    assert [len(t["epochs"]) for t in summary["trials"]] == [3, 3]
+    out, err = capsys.readouterr()
+    assert "6/6" in err.rstrip().split("\r")[-1]  # the bar's last state
+    assert not any(f"{n}/4" in err for n in (5, 6))  # never past a total that ignored the drawn epochs
+    assert out.count("tune kd: trial ") == 2
