@@ -31,7 +31,7 @@ from pipeline.evaluate import ValSet, ValSource
 from pipeline.models import build_model, load_model, save_model, state_dict_sha256
 from pipeline.runtime import resolve_device
 from pipeline.train.batches import BatchSource, MemoryBatches
-from pipeline.train.checkpoint import config_fingerprint, resumable_seconds
+from pipeline.train.checkpoint import config_fingerprint, resumable_seconds, student_fingerprint
 from pipeline.train.distill import (
     DistillRun,
     EpochLog,
@@ -224,7 +224,8 @@ def build_inputs(paths: Paths, cfg: DistillConfig, method: str, *, rank: int = 0
                       checkpoint=Path(paths.checkpoints) / f"{method}.safetensors",
                       # The schedule and each rank's rows depend on the world size and steps per epoch.
                       fingerprint=config_fingerprint(cfg.to_dict(), method, {"cache": cache.fingerprint, **rdm_info,
-                                                                             "world": world, "steps": batches.steps}))
+                                                                             "world": world, "steps": batches.steps,
+                                                                             "student": student_fingerprint(cfg.student)}))
     return DistillInputs(student=student, run=run_, info=info, targets=targets, batches=batches, val=val, manifest=manifest,
                          teacher_spec=spec, cache_fingerprint=cache.fingerprint)
 

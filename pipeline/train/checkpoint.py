@@ -28,7 +28,8 @@ from pipeline.models.files import read_document, read_tensor_file, write_tensor_
 from pipeline.models.weights import state_dict_sha256
 
 __all__ = ["CHECKPOINT_FORMAT", "STEP_MODULES", "VOLATILE_KEYS", "Checkpoint", "code_fingerprint",
-           "config_fingerprint", "import_closure", "load_checkpoint", "resumable_seconds", "save_checkpoint"]
+           "config_fingerprint", "import_closure", "load_checkpoint", "resumable_seconds", "save_checkpoint",
+           "student_fingerprint"]
 
 CHECKPOINT_FORMAT = "cifd.checkpoint/1"
 
@@ -92,6 +93,24 @@ def code_fingerprint() -> str:
         module = sys.modules.get(name) or importlib.import_module(name)
         digest.update(Path(module.__file__ or "").read_bytes())
     return digest.hexdigest()
+
+
+def student_fingerprint(spec: str) -> str:
+    """What of a student's code the :data:`STEP_MODULES` do not cover: for a
+    ``package.module:function`` outside ``pipeline``, the sha256 of that module's source (a user's
+    edited network must not resume an old checkpoint); for a timm name, timm's version."""
+    import importlib
+
+    module_name, colon, _ = spec.partition(":")
+    if not colon:
+        import timm
+
+        return f"timm {timm.__version__}"
+    if module_name in STEP_MODULES:
+        return "pipeline"
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    source = Path(module.__file__ or "")
+    return hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else f"no source: {module_name}"
 
 
 def config_fingerprint(config: dict[str, Any], method: str, extra: dict[str, Any]) -> str:

@@ -651,6 +651,28 @@ def test_fingerprint_changes_with_the_training_code(monkeypatch, tmp_path: Path)
     assert checkpoint.config_fingerprint(cfg, "cifd", {"cache": "x"}) == before
 
 
+def test_a_users_student_module_is_part_of_the_fingerprint(monkeypatch, tmp_path: Path) -> None:
+    """A student from the user's own module (``mynet:build``): its source is hashed, so an edited
+    network does not resume an old checkpoint; a timm student is tied to timm's version."""
+    import hashlib
+    import sys
+
+    import timm
+
+    from pipeline.train.checkpoint import student_fingerprint
+
+    module = tmp_path / "mynet_for_fingerprint.py"
+    module.write_text("def build(num_classes):\n    raise AssertionError('not called')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mynet_for_fingerprint", raising=False)
+    before = student_fingerprint("mynet_for_fingerprint:build")
+    assert before == hashlib.sha256(module.read_bytes()).hexdigest()  # known value
+    module.write_text(module.read_text() + "# widened\n")
+    assert student_fingerprint("mynet_for_fingerprint:build") != before  # the file, not the imported copy
+    assert student_fingerprint("mobilenetv3_small_050") == f"timm {timm.__version__}"
+    assert student_fingerprint("pipeline.models.cifar_resnet:resnet8") == "pipeline"  # in STEP_MODULES
+
+
 def test_step_modules_cover_every_module_the_training_step_imports() -> None:
     """The fingerprinted modules are found from the imports; the reference is what Python
     really loads: a fresh interpreter importing the step's entry points and every student
