@@ -47,7 +47,7 @@ def _overrides(script: str) -> list[list[tuple[str, Any]]]:
     return calls
 
 
-@pytest.mark.parametrize("preset", ["cifar10.yaml", "cifar10_takd.yaml", "cifar10_gpu.yaml"])
+@pytest.mark.parametrize("preset", ["cifar10.yaml", "cifar10_takd.yaml", "cifar10_gpu.yaml", "cifar10_mobilenet.yaml"])
 def test_presets_pass_every_stage_schema(preset: str) -> None:
     _validate(yaml.safe_load((ROOT / "presets" / preset).read_text()))
 
