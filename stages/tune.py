@@ -162,7 +162,7 @@ def run(params: Path, method: str) -> dict[str, Any]:
         bar = progress()
         with tick:
             bar.write(f"tune {method}: trial {t.number} {t.state.name} "
-                             f"{'' if t.value is None else f'{t.value:.4f} '}{t.user_attrs.get('settings')}")
+                      f"{'' if t.value is None else f'{t.value:.4f} '}{t.user_attrs.get('settings')}")
         sys.stdout.flush()  # tqdm.write does not flush: a log file would get the lines at exit
 
     jobs = tune.n_jobs or default_jobs(base, device)
