@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from schemas import metrics as M
@@ -170,6 +170,83 @@ def summarize(experiments: Iterable[Experiment]) -> list[Summary]:
                 continue
             by_key.setdefault((experiment.variant, method), []).append((experiment.seed, row))
     return [summary(variant, method, rows) for (variant, method), rows in by_key.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    """Top-1 of one (variant, method) minus its reference's, seed by seed: the seeds both ran
+    and neither diverged. Seeds pair runs that share a seed's draws (init, batch order), so
+    the spread of the differences is what decides whether the two differ, not each row's own
+    spread. ``interval``: the 95 % Student-t interval of the mean difference (two seeds or more)."""
+
+    variant: str
+    method: str
+    reference: str  # "<variant>/<method>" of the row subtracted
+    seeds: tuple[int, ...]
+    differences: tuple[float, ...]  # top-1 points (fractions, like the rows)
+    mean: float
+    std: float  # sample std of the differences (0 for one seed)
+    interval: tuple[float, float] | None
+
+
+def _top1_by_seed(experiments: Iterable[Experiment]) -> dict[tuple[str, str], dict[int, float]]:
+    table: dict[tuple[str, str], dict[int, float]] = {}
+    for experiment in experiments:
+        for method, row in experiment.evaluate().items():
+            if method != "teacher" and not diverged(row):
+                table.setdefault((experiment.variant, method), {})[experiment.seed] = float(row[M.EVAL_TOP1])
+    return table
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Student-t interval of the mean of ``values`` (None for fewer than two)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return None
+    mean, std = mean_std(values)
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def paired(experiments: Iterable[Experiment], *, variant: str | None = None,
+           method: str | None = None) -> list[Paired]:
+    """Paired top-1 differences of every (variant, method) against the same method in
+    ``variant``, or against ``method`` in the same variant (exactly one of the two). Rows
+    with no reference, or no seed in common with it, are left out."""
+    if (variant is None) == (method is None):
+        raise StudyError("pair against a variant or a method, not both or neither")
+    table = _top1_by_seed(experiments)
+    known = sorted({v for v, _ in table}) if variant is not None else sorted({m for _, m in table})
+    if (variant if variant is not None else method) not in known:
+        kind, name = ("variant", variant) if variant is not None else ("method", method)
+        raise StudyError(f"no {kind} '{name}' to pair against; the listing has {kind}s {known}")
+    out = []
+    for (v, m), seeds in table.items():
+        ref = (variant, m) if variant is not None else (v, method)
+        if (v, m) == ref or ref not in table:
+            continue
+        common = tuple(sorted(set(seeds) & set(table[ref])))
+        if not common:
+            continue
+        diffs = tuple(seeds[s] - table[ref][s] for s in common)
+        mean, std = mean_std(diffs)
+        out.append(Paired(variant=v, method=m, reference=f"{ref[0]}/{ref[1]}", seeds=common,
+                          differences=diffs, mean=mean, std=std, interval=t_interval(diffs)))
+    return out
+
+
+def paired_table(pairs: Iterable[Paired]) -> str:
+    """A Markdown table of paired differences in top-1 points (percent)."""
+    lines = ["| variant | method | minus | seeds | top-1 difference (points) | 95 % interval | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        spread = f" ± {100 * p.std:.2f}" if len(p.seeds) > 1 else ""
+        interval = "n/a" if p.interval is None else f"[{100 * p.interval[0]:+.2f}, {100 * p.interval[1]:+.2f}]"
+        per_seed = ", ".join(f"s{s} {100 * d:+.2f}" for s, d in zip(p.seeds, p.differences))
+        lines.append(f"| {p.variant} | {p.method} | {p.reference} | {len(p.seeds)} | {100 * p.mean:+.2f}{spread} | "
+                     f"{interval} | {per_seed} |")
+    return "\n".join(lines) + "\n"
 
 
 def teacher_top1(experiments: Iterable[Experiment]) -> dict[str, float]:

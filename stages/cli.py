@@ -156,7 +156,14 @@ def evaluate(params: Path) -> None:
 @PARAMS
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/study"),
               show_default=True, help="With LISTINGS: directory for study.json, study.md and study_top1.png.")
-def report(listings: tuple[Path, ...], params: Path, out: Path) -> None:
+@click.option("--against-variant", metavar="VARIANT", default=None,
+              help="With LISTINGS: also the paired top-1 differences of every row against the same method "
+                   "in VARIANT, seed by seed (mean ± std and a 95 % t-interval), e.g. the naive cache v1clean.")
+@click.option("--against-method", metavar="METHOD", default=None,
+              help="With LISTINGS: also the paired top-1 differences of every row against METHOD in the "
+                   "same variant, seed by seed (e.g. kd).")
+def report(listings: tuple[Path, ...], params: Path, out: Path, against_variant: str | None,
+           against_method: str | None) -> None:
     """The method table: top-1, agreement with the teacher, KL(teacher ‖ student), distill
     wall time and its ratio to KD, within 120 columns; a diverged run is marked, not averaged.
 
@@ -167,7 +174,19 @@ def report(listings: tuple[Path, ...], params: Path, out: Path) -> None:
     """
     from stages import report as stage
 
-    _run(lambda: stage.run(listings, out) if listings else stage.workspace(params))
+    def go() -> None:
+        from report.study import StudyError
+
+        if not listings and (against_variant or against_method):
+            raise StudyError("--against-variant / --against-method pair the seeds of experiments: pass `dvc exp "
+                             "show --json` listings (`dvc exp show --json > exps.json && cifd report exps.json "
+                             "--against-method kd`)")
+        if listings:
+            stage.run(listings, out, against_variant=against_variant, against_method=against_method)
+        else:
+            stage.workspace(params)
+
+    _run(go)
 
 
 @main.command("init")

@@ -18,6 +18,8 @@ from report.study import (
     StudyError,
     cost_vs_kd,
     markdown_table,
+    paired,
+    paired_table,
     parse_exp_show,
     summarize,
     summary,
@@ -65,7 +67,8 @@ def _read(path: Path) -> object:
                          f"write it with `dvc exp show --json > exps.json`") from exc
 
 
-def run(listings: Sequence[Path], out: Path) -> None:
+def run(listings: Sequence[Path], out: Path, *, against_variant: str | None = None,
+        against_method: str | None = None) -> None:
     experiments = []
     for path in listings:
         listing = _read(path)
@@ -82,15 +85,22 @@ def run(listings: Sequence[Path], out: Path) -> None:
     rows = summarize(experiments)
     teachers = teacher_top1(experiments)
     ratios = cost_vs_kd(rows)
+    pairs = {kind: paired(experiments, **{kind: name}) for kind, name in
+             (("variant", against_variant), ("method", against_method)) if name is not None}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "study.json", {
         "experiments": {e.name: {"variant": e.variant, "seed": e.seed} for e in experiments},
         "teacher_top1": teachers,
         "rows": [_finite(dataclasses.asdict(r)) | {"time_vs_kd": ratios.get((r.variant, r.method))} for r in rows],
+        **({"paired": {kind: [dataclasses.asdict(p) for p in found] for kind, found in pairs.items()}} if pairs else {}),
     })
-    (out / "study.md").write_text(markdown_table(rows))
+    sections = [f"\nPaired top-1 differences against the same {kind} "
+                f"'{against_variant if kind == 'variant' else against_method}', seed by seed:\n\n" + paired_table(found)
+                for kind, found in pairs.items()]
+    (out / "study.md").write_text(markdown_table(rows) + "".join(sections))
     plot_study(rows, teacher_top1=teachers, path=out / "study_top1.png")
     budget = plot_budget(rows, path=out / "study_budget.png")
     print(text_table(rows), end="")
+    print("".join(sections), end="")
     plots = "study_top1.png" + (", study_budget.png" if budget else "")
     print(f"report: {len(experiments)} experiments, {len(rows)} rows -> {out} (study.md, study.json, {plots})")

@@ -93,7 +93,8 @@ case $piece in
         ;;
     report)
         uv run dvc exp show --json > "${EXPS:-exps_claims.json}"
-        uv run cifd report "${EXPS:-exps_claims.json}" --out "${OUT:-docs/claims}"
+        uv run cifd report "${EXPS:-exps_claims.json}" --out "${OUT:-docs/claims}" \
+            --against-variant v1clean --against-method kd  # paired differences: the naive cache, KD
         ;;
     *)
         echo "unknown piece '$piece'; expected base, consistency, calls, patience or report" >&2

@@ -227,3 +227,68 @@ def test_teacher_budgets_give_a_budget_plot(tmp_path: Path) -> None:
     axis.figure.canvas.draw()
     assert [t.get_text() for t in axis.get_xticklabels()] == ["1,000", "4,000", "8,000"]  # the budgets, written out
     assert not any(t.get_text() for t in axis.get_xticklabels(minor=True))
+
+
+def _three_seeds() -> list[dict[str, Any]]:
+    """Two variants × two methods × seeds 0–2 (top-1 in fractions), seed 2 of b/kd diverged."""
+    top1 = {("a", "kd"): [0.70, 0.71, 0.72], ("a", "cifd"): [0.69, 0.69, 0.70],
+            ("b", "kd"): [0.72, 0.74, math.nan], ("b", "cifd"): [0.70, 0.72, 0.73]}
+    revs = []
+    for variant in ("a", "b"):
+        for seed in range(3):
+            table = {m: _row(top1[(variant, m)][seed], 0.8) for m in ("kd", "cifd")} | {"teacher": TEACHER}
+            revs.append(_rev(f"{variant}-s{seed}", seed, table))
+    return _listing(*revs)
+
+
+def test_paired_differences_by_hand() -> None:
+    """Differences seed by seed against a variant and against a method; a diverged seed drops
+    out of its pair only; the 95 % interval is mean ± t(0.975, n−1)·sd/√n with the tabulated t."""
+    from report.study import paired
+
+    experiments = parse_exp_show(_three_seeds())
+    by_variant = {(p.variant, p.method): p for p in paired(experiments, variant="a")}
+    assert set(by_variant) == {("b", "kd"), ("b", "cifd")}
+    cifd = by_variant[("b", "cifd")]
+    assert cifd.reference == "a/cifd" and cifd.seeds == (0, 1, 2)
+    assert cifd.differences == pytest.approx((0.01, 0.03, 0.03))
+    mean, sd = 0.07 / 3, math.sqrt(((0.01 - 0.07 / 3) ** 2 + 2 * (0.03 - 0.07 / 3) ** 2) / 2)
+    assert (cifd.mean, cifd.std) == pytest.approx((mean, sd))
+    half = 4.302653 * sd / math.sqrt(3)  # t(0.975, 2), from a printed table
+    assert cifd.interval == pytest.approx((mean - half, mean + half), abs=1e-6)
+    kd = by_variant[("b", "kd")]
+    assert kd.seeds == (0, 1) and kd.differences == pytest.approx((0.02, 0.03))
+    assert kd.interval == pytest.approx((0.025 - 12.7062 * (0.01 / math.sqrt(2)) / math.sqrt(2),
+                                         0.025 + 12.7062 * (0.01 / math.sqrt(2)) / math.sqrt(2)), abs=1e-5)
+    by_method = {(p.variant, p.method): p for p in paired(experiments, method="kd")}
+    assert set(by_method) == {("a", "cifd"), ("b", "cifd")}
+    assert by_method[("a", "cifd")].differences == pytest.approx((-0.01, -0.02, -0.02))
+    assert by_method[("b", "cifd")].seeds == (0, 1)
+
+
+def test_paired_refuses_an_unknown_reference() -> None:
+    from report.study import paired
+
+    experiments = parse_exp_show(_three_seeds())
+    with pytest.raises(StudyError, match=r"no variant 'v9'.*\['a', 'b'\]"):
+        paired(experiments, variant="v9")
+    with pytest.raises(StudyError, match="not both"):
+        paired(experiments, variant="a", method="kd")
+
+
+def test_report_cli_writes_the_paired_tables(tmp_path: Path) -> None:
+    listing = tmp_path / "exps.json"
+    listing.write_text(json.dumps(_three_seeds()))
+    out = tmp_path / "study"
+    result = CliRunner().invoke(main, ["report", str(listing), "--out", str(out), "--against-variant", "a",
+                                       "--against-method", "kd"])
+    assert result.exit_code == 0, result.output
+    md = (out / "study.md").read_text()
+    assert "against the same variant 'a'" in md and "against the same method 'kd'" in md
+    assert "| b | cifd | a/cifd | 3 | +2.33 ± 1.15 | [-0.54, +5.20] | s0 +1.00, s1 +3.00, s2 +3.00 |" in md
+    study = json.loads((out / "study.json").read_text())
+    assert {p["variant"] for p in study["paired"]["method"]} == {"a", "b"}
+    bad = CliRunner().invoke(main, ["report", str(listing), "--out", str(out), "--against-method", "dgkd"])
+    assert bad.exit_code == 2 and "no method 'dgkd'" in bad.output and "Traceback" not in bad.output
+    alone = CliRunner().invoke(main, ["report", "--against-method", "kd"])
+    assert alone.exit_code == 2 and "listings" in alone.output
