@@ -2,7 +2,9 @@
 under ``paths.metrics``); with ``dvc exp show --json`` listings, of the experiments (mean ± std
 over seeds), also written to ``--out`` as study.json, study.md and study_top1.png (and
 study_budget.png, top-1 against teacher forwards, when the experiments span several
-budgets: ``distill.views`` / ``distill.rows_fraction``)."""
+budgets: ``distill.views`` / ``distill.rows_fraction``). ``--against-variant`` /
+``--against-method`` add paired differences seed by seed (``report.study.paired``) to
+study.md and study.json, and as study_paired_variant.png / study_paired_method.png."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from report.forest import plot_paired
 from report.plots import plot_budget, plot_study
 from report.study import (
     StudyError,
@@ -98,9 +101,14 @@ def run(listings: Sequence[Path], out: Path, *, against_variant: str | None = No
                 f"'{against_variant if kind == 'variant' else against_method}', seed by seed:\n\n" + paired_table(found)
                 for kind, found in pairs.items()]
     (out / "study.md").write_text(markdown_table(rows) + "".join(sections))
+    for kind, found in pairs.items():
+        name = against_variant if kind == "variant" else against_method
+        plot_paired(found, title=f"paired top-1 differences against {kind} '{name}'",
+                    path=out / f"study_paired_{kind}.png")
     plot_study(rows, teacher_top1=teachers, path=out / "study_top1.png")
     budget = plot_budget(rows, path=out / "study_budget.png")
     print(text_table(rows), end="")
     print("".join(sections), end="")
-    plots = "study_top1.png" + (", study_budget.png" if budget else "")
+    plots = "study_top1.png" + (", study_budget.png" if budget else "") + "".join(
+        f", study_paired_{kind}.png" for kind in pairs)
     print(f"report: {len(experiments)} experiments, {len(rows)} rows -> {out} (study.md, study.json, {plots})")

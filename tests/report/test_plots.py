@@ -63,3 +63,24 @@ def test_integer_ticks_for_short_and_long_runs(epochs: int) -> None:
     fig.canvas.draw()
     ax = fig.axes[0]
     assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_forest_plot_draws_each_interval_and_marks_one_seed_hollow() -> None:
+    from report.forest import paired_figure
+    from report.study import Paired
+
+    pairs = [Paired(variant="v8", method="kd", reference="v1clean/kd", seeds=(0, 1, 2),
+                    differences=(0.01, 0.02, 0.03), mean=0.02, std=0.01, interval=(-0.005, 0.045)),
+             Paired(variant="v4", method="cifd", reference="v1clean/cifd", seeds=(0,),
+                    differences=(-0.014,), mean=-0.014, std=0.0, interval=None)]
+    fig = paired_figure(pairs, title="t")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["v4 cifd − v1clean/cifd (n=1)", "v8 kd − v1clean/kd (n=3)"]  # first pair on top
+    bars = [c for c in ax.collections if c.get_segments()]
+    assert len(bars) == 1
+    (segment,) = bars[0].get_segments()
+    assert [round(x, 6) for x in segment[:, 0]] == [-0.5, 4.5] and list(segment[:, 1]) == [1.0, 1.0]
+    hollow = [line for line in ax.lines if line.get_marker() == "o" and line.get_markerfacecolor() == "white"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [pytest.approx(-1.4)]
+    assert any(list(line.get_xdata()) == [0.0, 0.0] for line in ax.lines)  # the zero line

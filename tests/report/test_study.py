@@ -286,6 +286,8 @@ def test_report_cli_writes_the_paired_tables(tmp_path: Path) -> None:
     md = (out / "study.md").read_text()
     assert "against the same variant 'a'" in md and "against the same method 'kd'" in md
     assert "| b | cifd | a/cifd | 3 | +2.33 ± 1.15 | [-0.54, +5.20] | s0 +1.00, s1 +3.00, s2 +3.00 |" in md
+    assert (out / "study_paired_variant.png").stat().st_size > 1000
+    assert (out / "study_paired_method.png").stat().st_size > 1000
     study = json.loads((out / "study.json").read_text())
     assert {p["variant"] for p in study["paired"]["method"]} == {"a", "b"}
     bad = CliRunner().invoke(main, ["report", str(listing), "--out", str(out), "--against-method", "dgkd"])
