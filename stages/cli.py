@@ -162,8 +162,10 @@ def evaluate(params: Path) -> None:
 @click.option("--against-method", metavar="METHOD", default=None,
               help="With LISTINGS: also the paired top-1 differences of every row against METHOD in the "
                    "same variant, seed by seed (e.g. kd).")
+@click.option("--variants", metavar="V1,V2,...", default="",
+              help="With LISTINGS: only these variants, in this order (tables and plots).")
 def report(listings: tuple[Path, ...], params: Path, out: Path, against_variant: str | None,
-           against_method: str | None) -> None:
+           against_method: str | None, variants: str) -> None:
     """The method table: top-1, agreement with the teacher, KL(teacher ‖ student), distill
     wall time and its ratio to KD, within 120 columns; a diverged run is marked, not averaged.
 
@@ -177,12 +179,13 @@ def report(listings: tuple[Path, ...], params: Path, out: Path, against_variant:
     def go() -> None:
         from report.study import StudyError
 
-        if not listings and (against_variant or against_method):
-            raise StudyError("--against-variant / --against-method pair the seeds of experiments: pass `dvc exp "
+        if not listings and (against_variant or against_method or variants):
+            raise StudyError("--against-variant, --against-method and --variants read experiments: pass `dvc exp "
                              "show --json` listings (`dvc exp show --json > exps.json && cifd report exps.json "
                              "--against-method kd`)")
         if listings:
-            stage.run(listings, out, against_variant=against_variant, against_method=against_method)
+            stage.run(listings, out, against_variant=against_variant, against_method=against_method,
+                      variants=[v.strip() for v in variants.split(",") if v.strip()])
         else:
             stage.workspace(params)
 

@@ -71,7 +71,7 @@ def _read(path: Path) -> object:
 
 
 def run(listings: Sequence[Path], out: Path, *, against_variant: str | None = None,
-        against_method: str | None = None) -> None:
+        against_method: str | None = None, variants: Sequence[str] = ()) -> None:
     experiments = []
     for path in listings:
         listing = _read(path)
@@ -85,6 +85,13 @@ def run(listings: Sequence[Path], out: Path, *, against_variant: str | None = No
     if not experiments:
         raise StudyError("no experiments named '<variant>-s<seed>' in the listing(s); name them with "
                          "`dvc exp run -n main-s0 ...`")
+    if variants:  # only these variants, in this order
+        known = sorted({e.variant for e in experiments})
+        missing = [v for v in variants if v not in known]
+        if missing:
+            raise StudyError(f"--variants {','.join(missing)}: not in the listing(s), which have {known}")
+        experiments = sorted((e for e in experiments if e.variant in variants),
+                             key=lambda e: (list(variants).index(e.variant), e.seed))
     rows = summarize(experiments)
     teachers = teacher_top1(experiments)
     ratios = cost_vs_kd(rows)

@@ -292,5 +292,12 @@ def test_report_cli_writes_the_paired_tables(tmp_path: Path) -> None:
     assert {p["variant"] for p in study["paired"]["method"]} == {"a", "b"}
     bad = CliRunner().invoke(main, ["report", str(listing), "--out", str(out), "--against-method", "dgkd"])
     assert bad.exit_code == 2 and "no method 'dgkd'" in bad.output and "Traceback" not in bad.output
+    only = CliRunner().invoke(main, ["report", str(listing), "--out", str(tmp_path / "only"), "--variants", "b,a",
+                                     "--against-variant", "a"])
+    assert only.exit_code == 0, only.output
+    md = (tmp_path / "only" / "study.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in md[2:6]] == ["| b", "| b", "| a", "| a"]  # the order asked for
+    unknown = CliRunner().invoke(main, ["report", str(listing), "--out", str(out), "--variants", "a,zz"])
+    assert unknown.exit_code == 2 and "--variants zz: not in the listing" in unknown.output
     alone = CliRunner().invoke(main, ["report", "--against-method", "kd"])
     assert alone.exit_code == 2 and "listings" in alone.output
