@@ -10,7 +10,8 @@
 #   studies/claims.sh consistency [SEEDS...]  # KD, CIFD: V = 1 clean / 1 random / 4 / 8 / 8 with mixup
 #   studies/claims.sh calls [SEEDS...]        # few teacher calls: KD, KD + comparative term, CIFD
 #   studies/claims.sh patience                # KD, DGKD, CIFD at 15 and 60 epochs (PATIENCE_PRESET)
-#   studies/claims.sh report                  # dvc exp show --json -> cifd report -> docs/claims/
+#   studies/claims.sh report                  # dvc exp show --json -> cifd report -> docs/claims/ (paired with KD),
+#                                             # docs/claims/consistency/ (the five variants paired with v1clean)
 #
 # VARIANTS (default "v1clean v1rand v4 v8 v8mix") lists the consistency variants, in the order
 # they run. PRESET (default presets/cifar10.yaml) is the pipeline the experiments change; PATIENCE_PRESET
@@ -93,8 +94,10 @@ case $piece in
         ;;
     report)
         uv run dvc exp show --json > "${EXPS:-exps_claims.json}"
-        uv run cifd report "${EXPS:-exps_claims.json}" --out "${OUT:-docs/claims}" \
-            --against-variant v1clean --against-method kd  # paired differences: the naive cache, KD
+        uv run cifd report "${EXPS:-exps_claims.json}" --out "${OUT:-docs/claims}" --against-method kd
+        # the consistency piece alone, each variant paired seed by seed with the naive cache
+        uv run cifd report "${EXPS:-exps_claims.json}" --out "${OUT:-docs/claims}/consistency" \
+            --variants "$(echo ${VARIANTS:-v1clean v1rand v4 v8 v8mix} | tr ' ' ,)" --against-variant v1clean
         ;;
     *)
         echo "unknown piece '$piece'; expected base, consistency, calls, patience or report" >&2
