@@ -98,6 +98,9 @@ case $piece in
         # the consistency piece alone, each variant paired seed by seed with the naive cache
         uv run cifd report "${EXPS:-exps_claims.json}" --out "${OUT:-docs/claims}/consistency" \
             --variants "$(echo ${VARIANTS:-v1clean v1rand v4 v8 v8mix} | tr ' ' ,)" --against-variant v1clean
+        # the calls piece alone: its budget plot without the other pieces' points
+        uv run cifd report "${EXPS:-exps_claims.json}" --out "${OUT:-docs/claims}/calls" --against-method kd \
+            --variants "r25,r50,v1clean,v4,v8,ckd_r25,ckd_r50$(printf ',ckd_%s' ${CKD_FULL:-v1clean v4 v8})"
         ;;
     *)
         echo "unknown piece '$piece'; expected base, consistency, calls, patience or report" >&2
