@@ -40,10 +40,7 @@ def paired_figure(pairs: Sequence[Paired], *, title: str) -> Any:
 
 
 def plot_paired(pairs: Sequence[Paired], *, title: str, path: Path) -> None:
-    """:func:`paired_figure`, saved as a PNG at ``path``."""
-    import matplotlib.pyplot as plt
+    """:func:`paired_figure`, saved as a PNG at ``path`` (as every study plot is saved)."""
+    from report.plots import _save
 
-    fig = paired_figure(pairs, title=title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    _save(paired_figure(pairs, title=title), path)
